@@ -1,0 +1,176 @@
+//! Types shared between the XDP program (`sentinel-ebpf`) and the daemon
+//! (`sentinel-user`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, built from fixed-width integers
+//! and byte arrays with explicit padding, because the kernel and userspace
+//! exchange these values as raw bytes through BPF maps. A change to any of
+//! them is a change to the pinned map layout and must bump
+//! [`LAYOUT_VERSION`], so that a daemon never reinterprets maps pinned by an
+//! incompatible build.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Version of the layout of every pinned map. Stored in the `SENTINEL_META`
+/// map; a daemon refuses to reuse pinned maps that carry another version.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps in the eBPF object. Userspace pins the shared ones under
+/// the configured pin path with these names.
+pub mod maps {
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const DENY_V4: &str = "DENY_V4";
+    pub const DENY_V6: &str = "DENY_V6";
+    pub const PORT_POLICY: &str = "PORT_POLICY";
+    pub const META: &str = "SENTINEL_META";
+    /// Per-CPU counters; one instance per attached interface, never pinned.
+    pub const STATS: &str = "XDP_STATS";
+
+    /// Maps shared by every program instance and kept across restarts.
+    pub const PINNED: [&str; 6] = [ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, PORT_POLICY, META];
+}
+
+/// Default capacities; the daemon overrides them from the `kernel` block.
+pub const DEFAULT_DENY_V4_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_DENY_V6_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
+pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 65_536;
+
+/// Why the program decided what it did. Index into the `XDP_STATS` per-CPU
+/// array; the action follows from the reason.
+pub mod reason {
+    /// Source matched the allowlist: passed without further checks.
+    pub const ALLOWLIST: u32 = 0;
+    /// Source matched a live denylist entry: dropped.
+    pub const DENYLIST: u32 = 1;
+    /// Destination port denied by the port policy: dropped.
+    pub const PORT: u32 = 2;
+    /// Nothing matched: passed.
+    pub const PASS: u32 = 3;
+    /// Truncated or malformed headers: passed to the stack, which will make
+    /// its own decision, and counted.
+    pub const MALFORMED: u32 = 4;
+    /// Number of reasons; size of the stats array.
+    pub const COUNT: u32 = 5;
+
+    /// Label used in metrics and the CLI.
+    pub const fn name(reason: u32) -> &'static str {
+        match reason {
+            ALLOWLIST => "allowlist",
+            DENYLIST => "denylist",
+            PORT => "port",
+            PASS => "pass",
+            MALFORMED => "malformed",
+            _ => "unknown",
+        }
+    }
+
+    /// `"drop"` or `"pass"`.
+    pub const fn action(reason: u32) -> &'static str {
+        match reason {
+            DENYLIST | PORT => "drop",
+            _ => "pass",
+        }
+    }
+}
+
+/// Index of a protocol's block in `PORT_POLICY`: entry `proto * 65536 + port`.
+pub mod proto {
+    pub const TCP: u32 = 0;
+    pub const UDP: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Number of entries of the `PORT_POLICY` array.
+pub const PORT_POLICY_ENTRIES: u32 = proto::COUNT * 65_536;
+
+/// Value of `PORT_POLICY`: non-zero denies the port.
+pub type PortVerdict = u8;
+
+/// Per-CPU packet and byte counter for one reason.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Length of the `source` field of a rule: who added it ("config", "admin",
+/// "agent:<name>"). Longer text is truncated on a UTF-8 boundary.
+pub const SOURCE_LEN: usize = 32;
+/// Length of the `reason` field of a rule. Longer text is truncated on a
+/// UTF-8 boundary.
+pub const REASON_LEN: usize = 64;
+
+/// Value of every allowlist and denylist LPM trie entry.
+///
+/// The program reads `expires_at_ns` and `prefix_len` and updates `hits` and
+/// `last_hit_ns` in place; the rest is for operators and survives restarts
+/// with the entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleValue {
+    /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) at which the
+    /// entry stops matching; 0 means never.
+    pub expires_at_ns: u64,
+    /// Packets that matched this entry (atomic add in the program).
+    pub hits: u64,
+    /// `CLOCK_BOOTTIME` nanoseconds of the last match; 0 means never.
+    pub last_hit_ns: u64,
+    /// Wall-clock seconds since the Unix epoch when the entry was written.
+    pub created_at_unix_s: u64,
+    /// Prefix length of the key this value is stored under, so that the
+    /// program can look past an expired entry to a shorter live one.
+    pub prefix_len: u32,
+    pub _pad: u32,
+    /// NUL-padded UTF-8.
+    pub source: [u8; SOURCE_LEN],
+    /// NUL-padded UTF-8.
+    pub reason: [u8; REASON_LEN],
+}
+
+impl RuleValue {
+    pub const fn zeroed() -> Self {
+        Self {
+            expires_at_ns: 0,
+            hits: 0,
+            last_hit_ns: 0,
+            created_at_unix_s: 0,
+            prefix_len: 0,
+            _pad: 0,
+            source: [0; SOURCE_LEN],
+            reason: [0; REASON_LEN],
+        }
+    }
+
+    /// Whether the entry has expired at `now_ns` (`CLOCK_BOOTTIME`).
+    #[inline(always)]
+    pub const fn is_expired(&self, now_ns: u64) -> bool {
+        self.expires_at_ns != 0 && now_ns >= self.expires_at_ns
+    }
+}
+
+/// Value of the one-entry `SENTINEL_META` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// [`LAYOUT_VERSION`] of the build that created the pinned maps.
+    pub layout_version: u32,
+    pub _pad: u32,
+}
+
+// The kernel sees these as raw bytes: pin their sizes so that an accidental
+// change fails the build instead of corrupting pinned maps.
+const _: () = assert!(size_of::<Counters>() == 16);
+const _: () = assert!(size_of::<RuleValue>() == 40 + SOURCE_LEN + REASON_LEN);
+const _: () = assert!(size_of::<Meta>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: these types are `repr(C)`, contain only integers and byte arrays,
+    // have explicit padding fields, and every bit pattern is valid.
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::Meta {}
+}

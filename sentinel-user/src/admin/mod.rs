@@ -1,0 +1,109 @@
+//! The admin API: newline-delimited JSON over a Unix socket (mode 0600)
+//! served by the daemon. One request per line, one response per line; a
+//! connection may carry many. The CLI is its main client, but any tool can
+//! speak it (docs/operations.md shows it with `socat`).
+
+pub mod client;
+pub mod server;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{kernel::InterfaceStats, net::RuleList};
+
+/// Largest request line accepted (an import chunk of 50,000 prefixes is
+/// about 1.5 MB).
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
+/// A request, tagged by `op`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Add or replace one entry.
+    Add {
+        list: RuleList,
+        prefix: String,
+        /// Milliseconds; absent: the configured default TTL.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Add or replace many entries with batched map updates.
+    Import {
+        list: RuleList,
+        prefixes: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    Remove {
+        list: RuleList,
+        prefix: String,
+    },
+    List {
+        list: RuleList,
+    },
+    /// Kernel counters per interface.
+    Stats,
+    /// What the daemon runs with: version, pin path, metrics address,
+    /// attached interfaces.
+    Status,
+}
+
+/// A response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+/// Result of `add`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Added {
+    pub prefix: IpNet,
+    /// `false` when an existing entry was replaced.
+    pub created: bool,
+    /// `None`: never expires.
+    pub ttl_seconds: Option<f64>,
+}
+
+/// Result of `import`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImportResult {
+    pub created: usize,
+    pub replaced: usize,
+}
+
+/// Result of `remove`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Removed {
+    pub prefix: IpNet,
+}
+
+/// One entry of `list`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Entry {
+    pub prefix: IpNet,
+    pub source: String,
+    pub reason: String,
+    /// Seconds left; `None`: never expires.
+    pub ttl_remaining_seconds: Option<f64>,
+    pub hits: u64,
+    /// RFC 3339 UTC; `None`: never hit.
+    pub last_hit: Option<String>,
+    /// RFC 3339 UTC.
+    pub created: String,
+}
+
+/// Result of `stats`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub interfaces: Vec<InterfaceStats>,
+    pub denylist_entries: usize,
+    pub allowlist_entries: usize,
+}

@@ -1,0 +1,552 @@
+//! Configuration: KDL in the seed's style (`sentinel-agents-config.txt`),
+//! read with the `kdl` crate. Every problem in a file is reported at once,
+//! each with its file, line and column.
+//!
+//! Defaults are written once, next to the field they belong to, and listed
+//! in docs/configuration.md.
+
+mod walk;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use kdl::{KdlDocument, KdlNode, KdlValue};
+
+pub use walk::{Problem, Source};
+use walk::{Walker, span::Span};
+
+use crate::net::{RuleList, validate_prefix};
+
+/// Errors from loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render(.problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+fn render(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("error: {p}")).collect();
+    lines.join("\n")
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub kernel: KernelConfig,
+    pub admin: AdminConfig,
+    pub observability: ObservabilityConfig,
+}
+
+/// How the XDP program is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode: works on every interface, after the skb exists.
+    Generic,
+}
+
+impl XdpMode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+/// Capacities of the kernel maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub denylist_v4: u32,
+    pub denylist_v6: u32,
+    pub allowlist_v4: u32,
+    pub allowlist_v6: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            denylist_v4: sentinel_common::DEFAULT_DENY_V4_ENTRIES,
+            denylist_v6: sentinel_common::DEFAULT_DENY_V6_ENTRIES,
+            allowlist_v4: sentinel_common::DEFAULT_ALLOW_V4_ENTRIES,
+            allowlist_v6: sentinel_common::DEFAULT_ALLOW_V6_ENTRIES,
+        }
+    }
+}
+
+/// An allowlist or denylist entry written in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticRule {
+    pub prefix: IpNet,
+    pub reason: String,
+}
+
+/// Destination ports dropped at XDP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortPolicy {
+    pub deny_tcp: Vec<(u16, u16)>,
+    pub deny_udp: Vec<(u16, u16)>,
+}
+
+/// The `kernel { ... }` block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelConfig {
+    /// Interfaces the XDP program is attached to. Default: none (maps and
+    /// the admin API still work; nothing is filtered).
+    pub interfaces: Vec<String>,
+    /// Default: `auto`.
+    pub xdp_mode: XdpMode,
+    /// Directory on a bpffs where the shared maps are pinned.
+    /// Default: `/sys/fs/bpf/sentinel`.
+    pub pin_path: PathBuf,
+    pub capacity: Capacity,
+    /// TTL given to a deny or allow entry added without one; 0 means the
+    /// entry never expires. Default: 0.
+    pub default_ttl_seconds: u64,
+    /// Longest TTL accepted from the CLI or an agent. Default: 30 days.
+    pub max_ttl_seconds: u64,
+    /// How often userspace removes expired entries. The program ignores
+    /// expired entries itself, so this only bounds how long they occupy
+    /// memory and listings. Default: 1000 ms.
+    pub reap_interval_ms: u64,
+    pub allowlist: Vec<StaticRule>,
+    pub denylist: Vec<StaticRule>,
+    pub port_policy: PortPolicy,
+}
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sentinel";
+pub const DEFAULT_MAX_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Upper bound of `max-ttl-seconds`: ten years.
+pub const MAX_TTL_CEILING_SECONDS: u64 = 10 * 365 * 24 * 3600;
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::Auto,
+            pin_path: PathBuf::from(DEFAULT_PIN_PATH),
+            capacity: Capacity::default(),
+            default_ttl_seconds: 0,
+            max_ttl_seconds: DEFAULT_MAX_TTL_SECONDS,
+            reap_interval_ms: 1000,
+            allowlist: Vec::new(),
+            denylist: Vec::new(),
+            port_policy: PortPolicy::default(),
+        }
+    }
+}
+
+/// The `admin { ... }` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Unix socket of the admin API (mode 0600). Default:
+    /// `/run/sentinel/admin.sock`.
+    pub socket: PathBuf,
+}
+
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sentinel/admin.sock";
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_ADMIN_SOCKET),
+        }
+    }
+}
+
+/// The `observability { ... }` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservabilityConfig {
+    /// Address of the Prometheus endpoint (`/metrics`); `None` disables it.
+    /// Default: `127.0.0.1:9090`.
+    pub metrics_address: Option<SocketAddr>,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            kernel: KernelConfig::default(),
+            admin: AdminConfig::default(),
+            observability: ObservabilityConfig::default(),
+        }
+    }
+}
+
+const TOP_LEVEL: &[&str] = &["kernel", "admin", "observability"];
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&Source::new(path, &text))
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(source: &Source) -> Result<Self, ConfigError> {
+        let mut walker = Walker::new(source);
+        let doc = match source.text.parse::<KdlDocument>() {
+            Ok(doc) => doc,
+            Err(error) => {
+                for diag in &error.diagnostics {
+                    let message = diag
+                        .message
+                        .clone()
+                        .or_else(|| diag.label.clone())
+                        .unwrap_or_else(|| "invalid KDL".to_owned());
+                    let message = match &diag.help {
+                        Some(help) => format!("{message} ({help})"),
+                        None => message,
+                    };
+                    walker.at_offset(diag.span.offset(), message);
+                }
+                if walker.problems.is_empty() {
+                    walker.at_offset(0, "invalid KDL document");
+                }
+                return Err(ConfigError::Invalid {
+                    problems: walker.problems,
+                });
+            }
+        };
+
+        let mut config = Config::default();
+        let mut seen: Vec<String> = Vec::new();
+        for node in doc.nodes() {
+            let name = node.name().value();
+            if TOP_LEVEL.contains(&name) {
+                if seen.iter().any(|s| s == name) {
+                    walker.error(node, format!("block '{name}' appears more than once"));
+                    continue;
+                }
+                seen.push(name.to_owned());
+            }
+            match name {
+                "kernel" => kernel(&mut walker, node, &mut config.kernel),
+                "admin" => admin(&mut walker, node, &mut config.admin),
+                "observability" => observability(&mut walker, node, &mut config.observability),
+                _ => walker.unknown(node, "block", TOP_LEVEL),
+            }
+        }
+        if walker.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                problems: walker.problems,
+            })
+        }
+    }
+}
+
+const KERNEL_OPTIONS: &[&str] = &[
+    "interfaces",
+    "xdp-mode",
+    "pin-path",
+    "capacity",
+    "default-ttl-seconds",
+    "max-ttl-seconds",
+    "reap-interval-ms",
+    "allowlist",
+    "denylist",
+    "port-policy",
+];
+
+fn kernel(w: &mut Walker<'_>, node: &KdlNode, out: &mut KernelConfig) {
+    let mut default_ttl_at = None;
+    w.block(node, KERNEL_OPTIONS, |w, name, child| {
+        match name {
+            "interfaces" => {
+                out.interfaces.clear();
+                for (iface, offset) in w.strings(child) {
+                    if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                        w.at_offset(offset, format!("'{iface}' is not a valid interface name"));
+                    } else if out.interfaces.contains(&iface) {
+                        w.at_offset(offset, format!("interface '{iface}' is listed twice"));
+                    } else {
+                        out.interfaces.push(iface);
+                    }
+                }
+            }
+            "xdp-mode" => {
+                if let Some(mode) = w.string(child) {
+                    match mode.as_str() {
+                        "auto" => out.xdp_mode = XdpMode::Auto,
+                        "native" => out.xdp_mode = XdpMode::Native,
+                        "generic" => out.xdp_mode = XdpMode::Generic,
+                        other => w.error(
+                            child,
+                            format!("'xdp-mode' must be \"auto\", \"native\" or \"generic\", found \"{other}\""),
+                        ),
+                    }
+                }
+            }
+            "pin-path" => {
+                if let Some(path) = w.string(child) {
+                    let path = PathBuf::from(path);
+                    if path.is_absolute() {
+                        out.pin_path = path;
+                    } else {
+                        w.error(child, "'pin-path' must be an absolute path");
+                    }
+                }
+            }
+            "capacity" => capacity(w, child, &mut out.capacity),
+            "default-ttl-seconds" => {
+                if let Some(v) = w.integer(child, 0, MAX_TTL_CEILING_SECONDS) {
+                    out.default_ttl_seconds = v;
+                    default_ttl_at = Some(child.offset());
+                }
+            }
+            "max-ttl-seconds" => {
+                if let Some(v) = w.integer(child, 1, MAX_TTL_CEILING_SECONDS) {
+                    out.max_ttl_seconds = v;
+                }
+            }
+            "reap-interval-ms" => {
+                if let Some(v) = w.integer(child, 10, 3_600_000) {
+                    out.reap_interval_ms = v;
+                }
+            }
+            "allowlist" => out.allowlist = rules(w, child, RuleList::Allow),
+            "denylist" => out.denylist = rules(w, child, RuleList::Deny),
+            "port-policy" => port_policy(w, child, &mut out.port_policy),
+            _ => return false,
+        }
+        true
+    });
+    if let Some(at) = default_ttl_at
+        && out.default_ttl_seconds > out.max_ttl_seconds
+    {
+        w.at_offset(
+            at,
+            format!(
+                "'default-ttl-seconds' ({}) is longer than 'max-ttl-seconds' ({})",
+                out.default_ttl_seconds, out.max_ttl_seconds
+            ),
+        );
+    }
+}
+
+fn capacity(w: &mut Walker<'_>, node: &KdlNode, out: &mut Capacity) {
+    const OPTIONS: &[&str] = &["denylist-v4", "denylist-v6", "allowlist-v4", "allowlist-v6"];
+    // LPM tries allocate per entry, so a large capacity costs nothing until
+    // it is used; the ceiling keeps a typo from promising what memory
+    // cannot hold.
+    const MAX: u64 = 16 * 1024 * 1024;
+    w.block(node, OPTIONS, |w, name, child| {
+        let slot = match name {
+            "denylist-v4" => &mut out.denylist_v4,
+            "denylist-v6" => &mut out.denylist_v6,
+            "allowlist-v4" => &mut out.allowlist_v4,
+            "allowlist-v6" => &mut out.allowlist_v6,
+            _ => return false,
+        };
+        if let Some(v) = w.integer(child, 1, MAX) {
+            *slot = v as u32;
+        }
+        true
+    });
+}
+
+/// `allowlist { prefix "10.0.0.0/8" reason="..." }`.
+fn rules(w: &mut Walker<'_>, node: &KdlNode, list: RuleList) -> Vec<StaticRule> {
+    let mut out: Vec<StaticRule> = Vec::new();
+    w.block(node, &["prefix"], |w, name, child| {
+        if name != "prefix" {
+            return false;
+        }
+        let mut prefix = None;
+        let mut reason = String::from("config");
+        let mut positional = 0;
+        for entry in child.entries() {
+            match entry.name().map(|n| n.value()) {
+                None => {
+                    positional += 1;
+                    if positional > 1 {
+                        w.error(
+                            entry,
+                            "'prefix' takes one CIDR; write one 'prefix' per entry",
+                        );
+                        continue;
+                    }
+                    let Some(text) = w.entry_string("prefix", entry) else {
+                        continue;
+                    };
+                    match validate_prefix(&text, list) {
+                        Ok(net) => prefix = Some(net),
+                        Err(e) => w.error(entry, e.to_string()),
+                    }
+                }
+                Some("reason") => {
+                    if let Some(r) = w.entry_string("reason", entry) {
+                        reason = r;
+                    }
+                }
+                Some(other) => {
+                    let msg = match walk::did_you_mean(other, &["reason"]) {
+                        Some(best) => {
+                            format!("unknown property '{other}' (did you mean '{best}'?)")
+                        }
+                        None => format!("unknown property '{other}'"),
+                    };
+                    w.error(entry, msg);
+                }
+            }
+        }
+        if positional == 0 {
+            w.error(child, "'prefix' needs a CIDR such as \"192.0.2.0/24\"");
+        }
+        if let Some(prefix) = prefix {
+            if out.iter().any(|r| r.prefix == prefix) {
+                w.error(child, format!("prefix {prefix} is listed twice"));
+            } else {
+                out.push(StaticRule { prefix, reason });
+            }
+        }
+        true
+    });
+    out
+}
+
+/// `port-policy { deny-tcp 23 "6000-6063"; deny-udp 19 }`.
+fn port_policy(w: &mut Walker<'_>, node: &KdlNode, out: &mut PortPolicy) {
+    w.block(node, &["deny-tcp", "deny-udp"], |w, name, child| {
+        let slot = match name {
+            "deny-tcp" => &mut out.deny_tcp,
+            "deny-udp" => &mut out.deny_udp,
+            _ => return false,
+        };
+        if child.entries().is_empty() {
+            w.error(
+                child,
+                format!("'{name}' needs at least one port or \"low-high\" range"),
+            );
+        }
+        for entry in child.entries() {
+            if entry.name().is_some() {
+                w.error(entry, format!("'{name}' takes ports, not properties"));
+                continue;
+            }
+            match port_range(entry.value()) {
+                Ok(range) => slot.push(range),
+                Err(msg) => w.error(entry, format!("'{name}': {msg}")),
+            }
+        }
+        true
+    });
+}
+
+fn port_range(value: &KdlValue) -> Result<(u16, u16), String> {
+    let port = |v: i128| -> Result<u16, String> {
+        u16::try_from(v)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{v} is not a port (1-65535)"))
+    };
+    match value {
+        KdlValue::Integer(i) => port(*i).map(|p| (p, p)),
+        KdlValue::String(s) => {
+            let (lo, hi) = s
+                .split_once('-')
+                .ok_or_else(|| format!("\"{s}\" is not a \"low-high\" range"))?;
+            let parse = |t: &str| -> Result<u16, String> {
+                t.trim()
+                    .parse::<i128>()
+                    .map_err(|_| format!("\"{s}\" is not a \"low-high\" range"))
+                    .and_then(port)
+            };
+            let (lo, hi) = (parse(lo)?, parse(hi)?);
+            if lo > hi {
+                return Err(format!("range \"{s}\" is empty (low above high)"));
+            }
+            Ok((lo, hi))
+        }
+        other => Err(format!(
+            "expected a port or a \"low-high\" range, found {}",
+            walk::kind(other)
+        )),
+    }
+}
+
+fn admin(w: &mut Walker<'_>, node: &KdlNode, out: &mut AdminConfig) {
+    w.block(node, &["socket"], |w, name, child| {
+        if name != "socket" {
+            return false;
+        }
+        if let Some(path) = w.string(child) {
+            let path = PathBuf::from(path);
+            if path.is_absolute() {
+                out.socket = path;
+            } else {
+                w.error(child, "'socket' must be an absolute path");
+            }
+        }
+        true
+    });
+}
+
+fn observability(w: &mut Walker<'_>, node: &KdlNode, out: &mut ObservabilityConfig) {
+    w.block(node, &["metrics"], |w, name, child| {
+        if name != "metrics" {
+            return false;
+        }
+        let mut enabled = true;
+        w.block(child, &["address", "enabled"], |w, name, leaf| {
+            match name {
+                "address" => {
+                    if let Some(addr) = w.string(leaf) {
+                        match addr.parse::<SocketAddr>() {
+                            Ok(a) => out.metrics_address = Some(a),
+                            Err(_) => w.error(
+                                leaf,
+                                format!("'address' must be IP:PORT such as \"127.0.0.1:9090\", found \"{addr}\""),
+                            ),
+                        }
+                    }
+                }
+                "enabled" => {
+                    if let Some(entry) = w.single(leaf) {
+                        match entry.value() {
+                            KdlValue::Bool(b) => enabled = *b,
+                            other => w.error(
+                                entry,
+                                format!("'enabled' must be #true or #false, found {}", walk::kind(other)),
+                            ),
+                        }
+                    }
+                }
+                _ => return false,
+            }
+            true
+        });
+        if !enabled {
+            out.metrics_address = None;
+        }
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! `sentinel run`: wires configuration, kernel, admin API and metrics
+//! together, and handles signals.
+//!
+//! SIGTERM and SIGINT stop the daemon: the XDP program is detached and the
+//! admin socket removed; pinned maps stay, so the next start finds every
+//! entry with its expiry. SIGHUP reloads the configuration: a file that does
+//! not validate is logged and ignored; a valid one re-applies the static
+//! lists, the port policy, TTL limits and the set of interfaces.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin,
+    config::{Config, KernelConfig},
+    kernel::{Kernel, SOURCE_CONFIG, clock},
+    metrics::{self, Metrics},
+    net::RuleList,
+};
+
+/// TTL limits from the `kernel` block.
+#[derive(Debug, Clone, Copy)]
+pub struct TtlPolicy {
+    /// `None`: entries added without a TTL never expire.
+    pub default: Option<Duration>,
+    pub max: Duration,
+}
+
+impl TtlPolicy {
+    fn from_config(cfg: &KernelConfig) -> Self {
+        Self {
+            default: (cfg.default_ttl_seconds > 0)
+                .then(|| Duration::from_secs(cfg.default_ttl_seconds)),
+            max: Duration::from_secs(cfg.max_ttl_seconds),
+        }
+    }
+}
+
+/// What the admin API and metrics share.
+pub struct State {
+    pub kernel: Arc<Mutex<Kernel>>,
+    pub metrics: Metrics,
+    ttl: RwLock<TtlPolicy>,
+    pub status: RwLock<Status>,
+}
+
+/// Answer of the admin `status` request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub config: PathBuf,
+    pub pin_path: PathBuf,
+    /// The bound metrics address (useful when configured with port 0).
+    pub metrics_address: Option<SocketAddr>,
+    /// Attached interfaces and their XDP mode.
+    pub interfaces: Vec<(String, String)>,
+}
+
+impl State {
+    /// The kernel, even if a thread panicked while holding it: its maps are
+    /// kernel objects whose state is consistent after every syscall.
+    pub fn lock_kernel(&self) -> MutexGuard<'_, Kernel> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ttl_policy(&self) -> TtlPolicy {
+        *self.ttl.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Applies the parts of the `kernel` block that can change at run time.
+fn apply_kernel_config(state: &State, cfg: &KernelConfig) -> anyhow::Result<()> {
+    *state.ttl.write().unwrap_or_else(|p| p.into_inner()) = TtlPolicy::from_config(cfg);
+    let mut kernel = state.lock_kernel();
+    for (list, rules) in [
+        (RuleList::Allow, &cfg.allowlist),
+        (RuleList::Deny, &cfg.denylist),
+    ] {
+        let report = kernel
+            .sync_static(list, rules)
+            .with_context(|| format!("cannot apply the static {list}"))?;
+        state
+            .metrics
+            .update(list, SOURCE_CONFIG, "added", report.added as u64);
+        state
+            .metrics
+            .update(list, SOURCE_CONFIG, "replaced", report.kept as u64);
+        state
+            .metrics
+            .update(list, SOURCE_CONFIG, "removed", report.removed as u64);
+        info!(%list, added = report.added, kept = report.kept, removed = report.removed, "static entries applied");
+    }
+    kernel.set_port_policy(&cfg.port_policy)?;
+    state.metrics.set_entries(&kernel.tables);
+
+    // Interfaces: attach new ones, detach those no longer listed.
+    let attached = kernel.attached();
+    for (iface, _) in &attached {
+        if !cfg.interfaces.contains(iface) {
+            kernel.detach(iface);
+        }
+    }
+    for iface in &cfg.interfaces {
+        kernel
+            .attach(iface, cfg.xdp_mode)
+            .with_context(|| format!("cannot protect interface '{iface}'"))?;
+    }
+    let interfaces = kernel
+        .attached()
+        .into_iter()
+        .map(|(i, m)| (i, m.to_owned()))
+        .collect();
+    state
+        .status
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .interfaces = interfaces;
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let kernel = tokio::task::block_in_place(|| Kernel::open(&config.kernel))?;
+    let kernel = Arc::new(Mutex::new(kernel));
+    let metrics = Metrics::new();
+    metrics.register_kernel(kernel.clone());
+
+    let metrics_listener = match config.observability.metrics_address {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+        ),
+        None => None,
+    };
+    let state = Arc::new(State {
+        kernel,
+        metrics: metrics.clone(),
+        ttl: RwLock::new(TtlPolicy::from_config(&config.kernel)),
+        status: RwLock::new(Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            config: config_path.to_owned(),
+            pin_path: config.kernel.pin_path.clone(),
+            metrics_address: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            interfaces: Vec::new(),
+        }),
+    });
+    tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
+
+    let admin_path = config.admin.socket.clone();
+    let admin_listener = admin::server::bind(&admin_path)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(admin::server::serve(
+        admin_listener,
+        state.clone(),
+        shutdown_rx.clone(),
+    )));
+    if let Some(listener) = metrics_listener {
+        info!(address = %listener.local_addr()?, "metrics at /metrics");
+        tasks.push(tokio::spawn(metrics::serve(
+            listener,
+            metrics,
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(reaper(
+        state.clone(),
+        Duration::from_millis(config.kernel.reap_interval_ms),
+        shutdown_rx.clone(),
+    )));
+    info!(admin = %admin_path.display(), "sentinel running");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&state, config_path, &config),
+        }
+    }
+
+    info!("shutting down");
+    let _ = shutdown_tx.send(true);
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    state.lock_kernel().detach_all();
+    let _ = std::fs::remove_file(&admin_path);
+    info!("stopped; pinned maps kept for the next start");
+    Ok(())
+}
+
+/// SIGHUP: validate the file, then apply what can change at run time.
+fn reload(state: &State, path: &Path, running: &Config) {
+    info!(config = %path.display(), "reloading configuration");
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            error!("configuration not reloaded, the running one stays:\n{e}");
+            return;
+        }
+    };
+    if config.kernel.pin_path != running.kernel.pin_path
+        || config.kernel.capacity != running.kernel.capacity
+    {
+        warn!("kernel.pin-path and kernel.capacity take effect at the next start");
+    }
+    if config.admin != running.admin || config.observability != running.observability {
+        warn!("the admin socket and metrics address take effect at the next start");
+    }
+    match tokio::task::block_in_place(|| apply_kernel_config(state, &config.kernel)) {
+        Ok(()) => info!("configuration reloaded"),
+        Err(e) => error!("configuration reload failed part way: {e:#}"),
+    }
+}
+
+/// Removes expired entries every `every`.
+async fn reaper(state: Arc<State>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let state = state.clone();
+        let reaped = tokio::task::spawn_blocking(move || {
+            let mut kernel = state.lock_kernel();
+            let result = kernel.tables.reap(clock::boottime_ns());
+            state.metrics.set_entries(&kernel.tables);
+            drop(kernel);
+            match result {
+                Ok(reaped) => {
+                    for (list, prefix) in &reaped {
+                        state.metrics.update(*list, "reaper", "expired", 1);
+                        info!(%list, %prefix, "expired entry removed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "reaping expired entries failed"),
+            }
+        })
+        .await;
+        if let Err(e) = reaped {
+            warn!(error = %e, "reaper task failed");
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The bpffs directory where shared maps are pinned, and the check that maps
+//! found there have the layout this build expects.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::{ffi::OsStrExt, fs::PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{MapData, MapType};
+use sentinel_common::{Meta, PortVerdict, RuleValue, maps};
+use tracing::info;
+
+use super::KernelError;
+
+/// `BPF_FS_MAGIC` from `include/uapi/linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` writes into the zeroed struct we pass and reads the
+    // NUL-terminated path.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+fn mount_bpffs(at: &Path) -> Result<(), KernelError> {
+    fs::create_dir_all(at).map_err(|source| KernelError::PinDir {
+        path: at.to_owned(),
+        source,
+    })?;
+    let target = CString::new(at.as_os_str().as_bytes()).map_err(|_| KernelError::PinDir {
+        path: at.to_owned(),
+        source: std::io::Error::other("path contains a NUL byte"),
+    })?;
+    let fstype = c"bpf";
+    let options = c"mode=0700";
+    // SAFETY: all pointers are valid NUL-terminated strings for the call.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(KernelError::Mount {
+            path: at.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    info!(path = %at.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Makes sure `pin_path` is a directory on a bpffs, mounting one when none
+/// is there: at `/sys/fs/bpf` when the pin path is below it (the kernel's
+/// conventional place, empty until something mounts it), otherwise at the
+/// pin path itself.
+pub fn prepare(pin_path: &Path) -> Result<(), KernelError> {
+    let conventional = Path::new("/sys/fs/bpf");
+    let mount_point = if pin_path.starts_with(conventional) {
+        conventional
+    } else {
+        pin_path
+    };
+    let probe = if pin_path.exists() {
+        pin_path
+    } else {
+        mount_point
+    };
+    if !(probe.exists() && is_bpffs(probe)) {
+        mount_bpffs(mount_point)?;
+    }
+    fs::create_dir_all(pin_path).map_err(|source| KernelError::PinDir {
+        path: pin_path.to_owned(),
+        source,
+    })?;
+    let _ = fs::set_permissions(pin_path, fs::Permissions::from_mode(0o700));
+    if !is_bpffs(pin_path) {
+        return Err(KernelError::NotBpffs {
+            path: pin_path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// What a pinned map must look like for this build.
+struct Expected {
+    name: &'static str,
+    map_type: MapType,
+    key_size: u32,
+    value_size: u32,
+}
+
+fn expected() -> [Expected; 6] {
+    use std::mem::size_of;
+    let lpm = |name, bits: u32| Expected {
+        name,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + bits / 8,
+        value_size: size_of::<RuleValue>() as u32,
+    };
+    [
+        lpm(maps::ALLOW_V4, 32),
+        lpm(maps::ALLOW_V6, 128),
+        lpm(maps::DENY_V4, 32),
+        lpm(maps::DENY_V6, 128),
+        Expected {
+            name: maps::PORT_POLICY,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size_of::<PortVerdict>() as u32,
+        },
+        Expected {
+            name: maps::META,
+            map_type: MapType::Array,
+            key_size: 4,
+            value_size: size_of::<Meta>() as u32,
+        },
+    ]
+}
+
+/// Pinned map path for `name`.
+pub fn map_path(pin_path: &Path, name: &str) -> PathBuf {
+    pin_path.join(name)
+}
+
+/// Refuses pinned maps whose type, key or value size differ from this
+/// build's, or whose recorded layout version is another. Maps that are not
+/// pinned yet are fine: the loader creates them.
+///
+/// aya reuses a pinned map by name without comparing its definition, so
+/// without this check a daemon from another version would read and write
+/// foreign bytes.
+pub fn check_layout(pin_path: &Path) -> Result<Vec<(&'static str, u32)>, KernelError> {
+    let incompatible = |detail: String| KernelError::Incompatible {
+        path: pin_path.to_owned(),
+        detail,
+    };
+    let mut capacities = Vec::new();
+    let mut any_pinned = false;
+    for want in expected() {
+        let path = map_path(pin_path, want.name);
+        if !path.exists() {
+            continue;
+        }
+        any_pinned = true;
+        let map = MapData::from_pin(&path)
+            .map_err(|e| incompatible(format!("cannot open {}: {e}", path.display())))?;
+        let info = map
+            .info()
+            .map_err(|e| incompatible(format!("cannot inspect {}: {e}", path.display())))?;
+        let map_type = info
+            .map_type()
+            .map_err(|e| incompatible(format!("{}: {e}", want.name)))?;
+        if map_type != want.map_type
+            || info.key_size() != want.key_size
+            || info.value_size() != want.value_size
+        {
+            return Err(incompatible(format!(
+                "{} is a {:?} map with {}-byte keys and {}-byte values; this build expects a {:?} map with {}-byte keys and {}-byte values",
+                want.name,
+                map_type,
+                info.key_size(),
+                info.value_size(),
+                want.map_type,
+                want.key_size,
+                want.value_size
+            )));
+        }
+        if want.name == maps::META {
+            let meta = aya::maps::Array::<_, Meta>::try_from(aya::maps::Map::Array(map))
+                .and_then(|a| a.get(&0, 0))
+                .map_err(|e| incompatible(format!("cannot read {}: {e}", want.name)))?;
+            // 0: created by a daemon that stopped before stamping it; the
+            // sizes above already match this build.
+            if meta.layout_version != 0 && meta.layout_version != sentinel_common::LAYOUT_VERSION {
+                return Err(incompatible(format!(
+                    "they carry layout version {}, this build uses {}",
+                    meta.layout_version,
+                    sentinel_common::LAYOUT_VERSION
+                )));
+            }
+        }
+        capacities.push((want.name, info.max_entries()));
+    }
+    if any_pinned && !map_path(pin_path, maps::META).exists() {
+        return Err(incompatible(format!(
+            "{} is missing, so their layout version is unknown",
+            maps::META
+        )));
+    }
+    Ok(capacities)
+}

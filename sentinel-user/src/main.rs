@@ -1,0 +1,49 @@
+//! The `sentinel` binary: the daemon (`sentinel run`) and its CLI.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use sentinel::cli::{self, Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = || {
+        cli.config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(cli::DEFAULT_CONFIG))
+    };
+
+    if cli.validate || matches!(cli.command, Some(Command::Validate)) {
+        return ExitCode::from(cli::validate(&config()) as u8);
+    }
+    let result = match &cli.command {
+        None => {
+            eprintln!("error: no command given; see `sentinel --help`");
+            return ExitCode::from(2);
+        }
+        Some(Command::Run) => run_daemon(config()),
+        Some(command) => cli::client_command(&cli, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SENTINEL_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sentinel")
+        .build()?;
+    runtime.block_on(sentinel::daemon::run(&config))
+}

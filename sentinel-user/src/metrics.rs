@@ -1,0 +1,278 @@
+//! Prometheus metrics: every family is registered here, and served as text
+//! at `/metrics` on the observability address.
+//!
+//! Kernel counters are per-CPU map values; they are read and summed at scrape
+//! time by [`XdpCollector`], so the fast path never pays for metrics beyond
+//! its per-CPU increments.
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus::{
+    Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, warn};
+
+use crate::{
+    kernel::{Kernel, RuleTables},
+    net::RuleList,
+};
+
+/// Every metric family of the daemon.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    denylist_entries: IntGauge,
+    allowlist_entries: IntGauge,
+    denylist_updates: IntCounterVec,
+    allowlist_updates: IntCounterVec,
+}
+
+// Metric definitions below are constants: building them cannot fail at run
+// time, so their construction errors are programming errors.
+const STATIC: &str = "static metric definition is valid";
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let denylist_entries = IntGauge::new(
+            "sentinel_denylist_entries",
+            "Entries in the kernel denylist (IPv4 and IPv6), expired ones included until reaped",
+        )
+        .expect(STATIC);
+        let allowlist_entries = IntGauge::new(
+            "sentinel_allowlist_entries",
+            "Entries in the kernel allowlist (IPv4 and IPv6)",
+        )
+        .expect(STATIC);
+        let denylist_updates = IntCounterVec::new(
+            Opts::new(
+                "sentinel_denylist_updates_total",
+                "Denylist changes by source (config, admin, agent, reaper) and result",
+            ),
+            &["source", "result"],
+        )
+        .expect(STATIC);
+        let allowlist_updates = IntCounterVec::new(
+            Opts::new(
+                "sentinel_allowlist_updates_total",
+                "Allowlist changes by source (config, admin, reaper) and result",
+            ),
+            &["source", "result"],
+        )
+        .expect(STATIC);
+        for collector in [
+            Box::new(denylist_entries.clone()) as Box<dyn Collector>,
+            Box::new(allowlist_entries.clone()),
+            Box::new(denylist_updates.clone()),
+            Box::new(allowlist_updates.clone()),
+        ] {
+            registry.register(collector).expect(STATIC);
+        }
+        Self {
+            registry,
+            denylist_entries,
+            allowlist_entries,
+            denylist_updates,
+            allowlist_updates,
+        }
+    }
+
+    /// Registers the scrape-time reader of the XDP counters.
+    pub fn register_kernel(&self, kernel: Arc<Mutex<Kernel>>) {
+        self.registry
+            .register(Box::new(XdpCollector::new(kernel)))
+            .expect(STATIC);
+    }
+
+    /// Counts `n` list changes. `source` and `result` come from a fixed set
+    /// (see docs/operations.md), never from input.
+    pub fn update(&self, list: RuleList, source: &str, result: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let family = match list {
+            RuleList::Deny => &self.denylist_updates,
+            RuleList::Allow => &self.allowlist_updates,
+        };
+        family.with_label_values(&[source, result]).inc_by(n);
+    }
+
+    pub fn set_entries(&self, tables: &RuleTables) {
+        self.denylist_entries
+            .set(tables.count(RuleList::Deny) as i64);
+        self.allowlist_entries
+            .set(tables.count(RuleList::Allow) as i64);
+    }
+
+    /// The text exposition of every family.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            warn!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads `XDP_STATS` of every attached interface at scrape time.
+struct XdpCollector {
+    kernel: Arc<Mutex<Kernel>>,
+    packets: IntCounterVec,
+    bytes: IntCounterVec,
+}
+
+impl XdpCollector {
+    fn new(kernel: Arc<Mutex<Kernel>>) -> Self {
+        let (packets, bytes) = Self::families();
+        Self {
+            kernel,
+            packets,
+            bytes,
+        }
+    }
+
+    fn families() -> (IntCounterVec, IntCounterVec) {
+        let labels = &["interface", "action", "reason"];
+        let packets = IntCounterVec::new(
+            Opts::new(
+                "sentinel_xdp_packets_total",
+                "Packets seen by the XDP program, by interface, action (pass, drop) and reason",
+            ),
+            labels,
+        )
+        .expect(STATIC);
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "sentinel_xdp_bytes_total",
+                "Bytes seen by the XDP program, by interface, action (pass, drop) and reason",
+            ),
+            labels,
+        )
+        .expect(STATIC);
+        (packets, bytes)
+    }
+}
+
+impl Collector for XdpCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = self.packets.desc();
+        descs.extend(self.bytes.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stats = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .stats();
+        // Fresh vectors each scrape: the kernel holds the totals.
+        let (packets, bytes) = Self::families();
+        for iface in &stats {
+            for r in &iface.reasons {
+                let labels = [
+                    iface.interface.as_str(),
+                    r.action.as_str(),
+                    r.reason.as_str(),
+                ];
+                packets.with_label_values(&labels).inc_by(r.packets);
+                bytes.with_label_values(&labels).inc_by(r.bytes);
+            }
+        }
+        let mut families = packets.collect();
+        families.extend(bytes.collect());
+        families
+    }
+}
+
+/// Serves `/metrics` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(error) => {
+                        warn!(%error, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| respond(req, metrics.clone()));
+                    if let Err(error) = http1::Builder::new()
+                        .header_read_timeout(Duration::from_secs(10))
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        debug!(%error, "metrics connection ended");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    metrics: Metrics,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, content_type: &str, body: Vec<u8>| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            // Scraping reads maps with syscalls and may wait for the kernel
+            // lock: keep it off the async workers.
+            let body = tokio::task::spawn_blocking(move || metrics.encode())
+                .await
+                .unwrap_or_default();
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body,
+            )
+        }
+        (_, "/metrics") => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            b"use GET\n".to_vec(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"not found; metrics are at /metrics\n".to_vec(),
+        ),
+    })
+}
