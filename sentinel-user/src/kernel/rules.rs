@@ -1,12 +1,14 @@
 //! The allowlist and denylist LPM tries, as userspace sees them.
 //!
 //! Only the daemon writes these maps, so it keeps two things beside them
-//! that the kernel cannot give cheaply: the number of entries in each, and
-//! an index of entries by expiry time, so that reaping costs the number of
-//! expired entries rather than a walk over a million.
+//! that the kernel cannot give cheaply: the set of prefixes present in each
+//! (exact counts, and knowing whether an import creates or replaces without
+//! a syscall per prefix), and an index of entries by expiry time, so that
+//! reaping costs the number of expired entries rather than a walk over a
+//! million.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashSet},
     io,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     time::Duration,
@@ -129,7 +131,8 @@ pub struct RuleTables {
     deny_v4: Trie<[u8; 4]>,
     deny_v6: Trie<[u8; 16]>,
     capacity: [u32; 4],
-    counts: [usize; 4],
+    /// Prefixes present in each trie.
+    present: [HashSet<IpNet>; 4],
     /// (expires_at_ns, slot, prefix) for every entry with a TTL.
     expiry: BTreeSet<(u64, Slot, IpNet)>,
 }
@@ -206,11 +209,14 @@ fn exact<K: Pod>(map: &Trie<K>, key: &Key<K>) -> Result<Option<RuleValue>, MapEr
 
 /// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+). Returns how many elements were
 /// written before the first failure, and that failure.
+///
+/// The kernel accepts no flag but `BPF_F_LOCK` per element here (so no
+/// `BPF_NOEXIST`), and on an early error (`EINVAL`, `ENOTSUPP`) it does not
+/// write `count` back: those mean nothing was written.
 fn update_batch<K: Copy, V: Copy>(
     fd: BorrowedFd<'_>,
     keys: &[K],
     values: &[V],
-    elem_flags: u64,
 ) -> (usize, Option<io::Error>) {
     // `struct { ... } batch` of `union bpf_attr`, include/uapi/linux/bpf.h.
     #[repr(C)]
@@ -233,7 +239,7 @@ fn update_batch<K: Copy, V: Copy>(
         values: values.as_ptr() as u64,
         count: keys.len().min(values.len()) as u32,
         map_fd: fd.as_raw_fd() as u32,
-        elem_flags,
+        elem_flags: 0,
         flags: 0,
     };
     // SAFETY: `attr` points at `count` contiguous keys and values that
@@ -247,10 +253,15 @@ fn update_batch<K: Copy, V: Copy>(
         )
     };
     if rc == 0 {
-        (keys.len(), None)
-    } else {
-        (attr.count as usize, Some(io::Error::last_os_error()))
+        return (keys.len(), None);
     }
+    let error = io::Error::last_os_error();
+    let written = if batch_unsupported(&error) {
+        0
+    } else {
+        attr.count as usize
+    };
+    (written.min(keys.len()), Some(error))
 }
 
 /// Whether the kernel lacks batch operations for this map type.
@@ -286,19 +297,19 @@ impl RuleTables {
             deny_v4,
             deny_v6,
             capacity,
-            counts: [0; 4],
+            present: Default::default(),
             expiry: BTreeSet::new(),
         };
         tables.rescan()?;
         Ok(tables)
     }
 
-    /// Rebuilds counts and the expiry index from the maps (at start, when
-    /// the maps may hold entries from an earlier run).
+    /// Rebuilds the prefix sets and the expiry index from the maps (at
+    /// start, when the maps may hold entries from an earlier run).
     fn rescan(&mut self) -> Result<(), KernelError> {
         self.expiry.clear();
         for slot in Slot::ALL {
-            let mut count = 0;
+            let mut present = HashSet::new();
             let mut expiring = Vec::new();
             with_trie!(self, slot, |map, _key, prefix| {
                 for item in map.iter() {
@@ -307,15 +318,14 @@ impl RuleTables {
                         list: slot.list(),
                         source,
                     })?;
-                    count += 1;
-                    if value.expires_at_ns != 0
-                        && let Some(p) = prefix(&key)
-                    {
+                    let Some(p) = prefix(&key) else { continue };
+                    present.insert(p);
+                    if value.expires_at_ns != 0 {
                         expiring.push((value.expires_at_ns, slot, p));
                     }
                 }
             });
-            self.counts[slot as usize] = count;
+            self.present[slot as usize] = present;
             self.expiry.extend(expiring);
         }
         Ok(())
@@ -323,14 +333,11 @@ impl RuleTables {
 
     /// Entries in `list`, both families.
     pub fn count(&self, list: RuleList) -> usize {
-        match list {
-            RuleList::Allow => {
-                self.counts[Slot::AllowV4 as usize] + self.counts[Slot::AllowV6 as usize]
-            }
-            RuleList::Deny => {
-                self.counts[Slot::DenyV4 as usize] + self.counts[Slot::DenyV6 as usize]
-            }
-        }
+        let (v4, v6) = match list {
+            RuleList::Allow => (Slot::AllowV4, Slot::AllowV6),
+            RuleList::Deny => (Slot::DenyV4, Slot::DenyV6),
+        };
+        self.present[v4 as usize].len() + self.present[v6 as usize].len()
     }
 
     fn full(&self, slot: Slot) -> KernelError {
@@ -374,8 +381,11 @@ impl RuleTables {
             list,
             source,
         };
-        let previous = with_trie!(self, slot, |map, key, _prefix| exact(map, &key(prefix)))
-            .map_err(map_err)?;
+        let previous = if self.present[slot as usize].contains(prefix) {
+            with_trie!(self, slot, |map, key, _prefix| exact(map, &key(prefix))).map_err(map_err)?
+        } else {
+            None
+        };
         if let Some(old) = &previous {
             value.hits = old.hits;
             value.last_hit_ns = old.last_hit_ns;
@@ -393,9 +403,8 @@ impl RuleTables {
         }
         if let Some(old) = &previous {
             self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
-        } else {
-            self.counts[slot as usize] += 1;
         }
+        self.present[slot as usize].insert(*prefix);
         if value.expires_at_ns != 0 {
             self.expiry.insert((value.expires_at_ns, slot, *prefix));
         }
@@ -425,7 +434,7 @@ impl RuleTables {
             Err(e) if is_errno(&e, libc::ENOENT) => return Ok(false),
             Err(e) => return Err(map_err(e)),
         }
-        self.counts[slot as usize] = self.counts[slot as usize].saturating_sub(1);
+        self.present[slot as usize].remove(prefix);
         self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
         Ok(true)
     }
@@ -454,55 +463,59 @@ impl RuleTables {
     }
 
     /// Writes many prefixes with batched map updates, falling back to one
-    /// update per prefix where the kernel has no batch support. Entries that
-    /// already exist are replaced one by one, keeping their hit counts.
+    /// update per prefix where the kernel has no batch support. Prefixes
+    /// already present are replaced one by one, keeping their hit counts.
     pub fn import(&mut self, list: RuleList, prefixes: &[IpNet], rule: &NewRule) -> Imported {
         let mut out = Imported::default();
         let now = clock::boottime_ns();
-        for family_v4 in [true, false] {
-            let family: Vec<&IpNet> = prefixes
+        let expires = rule.value(0, now).expires_at_ns;
+        let mut seen = HashSet::with_capacity(prefixes.len());
+        let mut existing = Vec::new();
+        for slot in [
+            Slot::of(list, &IpNet::V4(Default::default())),
+            Slot::of(list, &IpNet::V6(Default::default())),
+        ] {
+            let fresh: Vec<IpNet> = prefixes
                 .iter()
-                .filter(|p| matches!(p, IpNet::V4(_)) == family_v4)
-                .collect();
-            let Some(first) = family.first() else {
-                continue;
-            };
-            let slot = Slot::of(list, first);
-            let done = with_trie!(self, slot, |map, key, _prefix| {
-                import_family(map, key, &family, rule, now)
-            });
-            let (created, pending, stopped) = done;
-            out.created += created.len();
-            self.counts[slot as usize] += created.len();
-            if let Some(ttl_expiry) = rule.ttl.map(|_| rule.value(0, now).expires_at_ns) {
-                self.expiry
-                    .extend(created.iter().map(|p| (ttl_expiry, slot, **p)));
-            }
-            let stopped = match stopped {
-                Some(BatchStop::Full) => Some(self.full(slot)),
-                Some(BatchStop::Error(source)) => Some(KernelError::Map {
-                    op: "write",
-                    list,
-                    source,
-                }),
-                None => None,
-            };
-            // Prefixes that were already present, one by one.
-            if stopped.is_none() {
-                for prefix in pending {
-                    match self.upsert(list, prefix, rule) {
-                        Ok(Upsert::Created) => out.created += 1,
-                        Ok(Upsert::Replaced) => out.replaced += 1,
-                        Err(e) => {
-                            out.stopped = Some(e);
-                            return out;
-                        }
+                .filter(|p| Slot::of(list, p) == slot && seen.insert(**p))
+                .filter(|p| {
+                    let known = self.present[slot as usize].contains(*p);
+                    if known {
+                        existing.push(**p);
                     }
-                }
+                    !known
+                })
+                .copied()
+                .collect();
+            let (written, stop) = with_trie!(self, slot, |map, key, _prefix| {
+                write_new(map, key, &fresh, rule, now)
+            });
+            out.created += written;
+            self.present[slot as usize].extend(fresh[..written].iter().copied());
+            if expires != 0 {
+                self.expiry
+                    .extend(fresh[..written].iter().map(|p| (expires, slot, *p)));
             }
-            if stopped.is_some() {
-                out.stopped = stopped;
+            if let Some(stop) = stop {
+                out.stopped = Some(match stop {
+                    BatchStop::Full => self.full(slot),
+                    BatchStop::Error(source) => KernelError::Map {
+                        op: "write",
+                        list,
+                        source,
+                    },
+                });
                 return out;
+            }
+        }
+        for prefix in existing {
+            match self.upsert(list, &prefix, rule) {
+                Ok(Upsert::Created) => out.created += 1,
+                Ok(Upsert::Replaced) => out.replaced += 1,
+                Err(e) => {
+                    out.stopped = Some(e);
+                    return out;
+                }
             }
         }
         out
@@ -537,22 +550,20 @@ enum BatchStop {
     Error(MapError),
 }
 
-/// Inserts one family's prefixes with `BPF_NOEXIST` batches. Returns the
-/// prefixes created, those that already existed (left for the caller), and
-/// why it stopped early, if it did.
-fn import_family<'p, K: Pod>(
+/// Writes prefixes known to be absent, in batches. Returns how many were
+/// written (a prefix of `prefixes`) and why it stopped early, if it did.
+fn write_new<K: Pod>(
     map: &mut Trie<K>,
     key_of: fn(&IpNet) -> Key<K>,
-    prefixes: &[&'p IpNet],
+    prefixes: &[IpNet],
     rule: &NewRule,
     now: u64,
-) -> (Vec<&'p IpNet>, Vec<&'p IpNet>, Option<BatchStop>) {
-    let mut created = Vec::with_capacity(prefixes.len());
-    let mut existing = Vec::new();
+) -> (usize, Option<BatchStop>) {
     let template = rule.value(0, now);
+    let mut written = 0;
     let mut batch_ok = true;
     for chunk in prefixes.chunks(BATCH) {
-        let keys: Vec<Key<K>> = chunk.iter().map(|p| key_of(p)).collect();
+        let keys: Vec<Key<K>> = chunk.iter().map(key_of).collect();
         let values: Vec<RuleValue> = chunk
             .iter()
             .map(|p| {
@@ -561,52 +572,34 @@ fn import_family<'p, K: Pod>(
                 value
             })
             .collect();
-        let mut at = 0;
-        while at < chunk.len() {
-            if batch_ok {
-                let fd = map.map().fd().as_fd();
-                let (written, error) = update_batch(fd, &keys[at..], &values[at..], BPF_NOEXIST);
-                created.extend(&chunk[at..at + written]);
-                at += written;
-                match error {
-                    None => continue,
-                    Some(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        existing.push(chunk[at]);
-                        at += 1;
-                        continue;
-                    }
-                    Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                        return (created, existing, Some(BatchStop::Full));
-                    }
-                    Some(e) if written == 0 && batch_unsupported(&e) => {
-                        tracing::debug!(error = %e, "no batch updates for this map; writing one by one");
-                        batch_ok = false;
-                    }
-                    Some(e) => {
-                        return (
-                            created,
-                            existing,
-                            Some(BatchStop::Error(MapError::SyscallError(
-                                aya::sys::SyscallError {
-                                    call: "bpf_map_update_batch",
-                                    io_error: e,
-                                },
-                            ))),
-                        );
-                    }
+        if batch_ok {
+            let (done, error) = update_batch(map.map().fd().as_fd(), &keys, &values);
+            written += done;
+            match error {
+                None => continue,
+                Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return (written, Some(BatchStop::Full));
                 }
-            } else {
-                match map.insert(&keys[at], values[at], BPF_NOEXIST) {
-                    Ok(()) => created.push(chunk[at]),
-                    Err(e) if is_errno(&e, libc::EEXIST) => existing.push(chunk[at]),
-                    Err(e) if is_errno(&e, libc::ENOSPC) => {
-                        return (created, existing, Some(BatchStop::Full));
-                    }
-                    Err(e) => return (created, existing, Some(BatchStop::Error(e))),
+                Some(e) if done == 0 && batch_unsupported(&e) => {
+                    tracing::debug!(error = %e, "no batch updates for this map; writing one by one");
+                    batch_ok = false;
                 }
-                at += 1;
+                Some(e) => {
+                    let source = MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error: e,
+                    });
+                    return (written, Some(BatchStop::Error(source)));
+                }
+            }
+        }
+        for (key, value) in keys.iter().zip(&values) {
+            match map.insert(key, value, 0) {
+                Ok(()) => written += 1,
+                Err(e) if is_errno(&e, libc::ENOSPC) => return (written, Some(BatchStop::Full)),
+                Err(e) => return (written, Some(BatchStop::Error(e))),
             }
         }
     }
-    (created, existing, None)
+    (written, None)
 }
