@@ -137,11 +137,11 @@ pub fn client_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         Command::Deny(cmd) => list_command(cli, RuleList::Deny, cmd),
         Command::Allow(cmd) => list_command(cli, RuleList::Allow, cmd),
         Command::Stats { json } => {
-            let stats: Stats = connect(cli)?.call(&Request::Stats)?;
+            let stats: Stats = connect(cli)?.call(&Request::Stats {})?;
             print_stats(&stats, *json)
         }
         Command::Status { json } => {
-            let status: Status = connect(cli)?.call(&Request::Status)?;
+            let status: Status = connect(cli)?.call(&Request::Status {})?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -343,8 +343,15 @@ pub fn validate(path: &Path) -> i32 {
             0
         }
         Err(e) => {
-            eprintln!("{e}");
+            print_config_error(&e);
             1
         }
+    }
+}
+
+/// Prints a configuration error, one `error:` line per problem.
+pub fn print_config_error(error: &config::ConfigError) {
+    for line in error.to_string().lines() {
+        eprintln!("error: {line}");
     }
 }

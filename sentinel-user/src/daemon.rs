@@ -135,6 +135,22 @@ fn apply_kernel_config(state: &State, cfg: &KernelConfig) -> anyhow::Result<()> 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
+    // Claim the admin socket first: a second daemon on the same socket
+    // must stop before it touches the shared kernel state.
+    let admin_path = config.admin.socket.clone();
+    let admin_listener = admin::server::bind(&admin_path)?;
+    let started = start(config_path, &config, admin_listener).await;
+    if started.is_err() {
+        let _ = std::fs::remove_file(&admin_path);
+    }
+    started
+}
+
+async fn start(
+    config_path: &Path,
+    config: &Config,
+    admin_listener: tokio::net::UnixListener,
+) -> anyhow::Result<()> {
     let kernel = tokio::task::block_in_place(|| Kernel::open(&config.kernel))?;
     let kernel = Arc::new(Mutex::new(kernel));
     let metrics = Metrics::new();
@@ -164,7 +180,6 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
 
     let admin_path = config.admin.socket.clone();
-    let admin_listener = admin::server::bind(&admin_path)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 
     let mut tasks = Vec::new();
@@ -195,7 +210,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&state, config_path, &config),
+            _ = hup.recv() => reload(&state, config_path, config),
         }
     }
 

@@ -28,7 +28,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            match error.downcast_ref::<sentinel::config::ConfigError>() {
+                Some(config_error) => cli::print_config_error(config_error),
+                None => eprintln!("error: {}", one_line(&error)),
+            }
             ExitCode::FAILURE
         }
     }
@@ -46,4 +49,18 @@ fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
         .thread_name("sentinel")
         .build()?;
     runtime.block_on(sentinel::daemon::run(&config))
+}
+
+/// The error and its causes on one line, leaving out causes whose text the
+/// message already carries (many of our messages name their cause).
+fn one_line(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -46,10 +46,10 @@ pub enum Request {
         list: RuleList,
     },
     /// Kernel counters per interface.
-    Stats,
+    Stats {},
     /// What the daemon runs with: version, pin path, metrics address,
     /// attached interfaces.
-    Status,
+    Status {},
 }
 
 /// A response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
@@ -106,4 +106,71 @@ pub struct Stats {
     pub interfaces: Vec<InterfaceStats>,
     pub denylist_entries: usize,
     pub allowlist_entries: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The requests shown in docs/operations.md parse as documented.
+    #[test]
+    fn documented_requests_parse() {
+        let cases = [
+            (
+                r#"{"op":"add","list":"deny","prefix":"192.0.2.0/24","ttl_ms":600000,"reason":"scanner"}"#,
+                Request::Add {
+                    list: RuleList::Deny,
+                    prefix: "192.0.2.0/24".into(),
+                    ttl_ms: Some(600_000),
+                    reason: Some("scanner".into()),
+                },
+            ),
+            (
+                r#"{"op":"import","list":"deny","prefixes":["192.0.2.1","198.51.100.0/24"],"ttl_ms":3600000}"#,
+                Request::Import {
+                    list: RuleList::Deny,
+                    prefixes: vec!["192.0.2.1".into(), "198.51.100.0/24".into()],
+                    ttl_ms: Some(3_600_000),
+                    reason: None,
+                },
+            ),
+            (
+                r#"{"op":"remove","list":"deny","prefix":"192.0.2.0/24"}"#,
+                Request::Remove {
+                    list: RuleList::Deny,
+                    prefix: "192.0.2.0/24".into(),
+                },
+            ),
+            (
+                r#"{"op":"list","list":"allow"}"#,
+                Request::List {
+                    list: RuleList::Allow,
+                },
+            ),
+            (r#"{"op":"stats"}"#, Request::Stats {}),
+            (r#"{"op":"status"}"#, Request::Status {}),
+        ];
+        for (text, want) in cases {
+            let got: Request = serde_json::from_str(text).unwrap();
+            assert_eq!(got, want, "{text}");
+            // And what the CLI sends reads back the same.
+            let again: Request =
+                serde_json::from_str(&serde_json::to_string(&got).unwrap()).unwrap();
+            assert_eq!(again, want);
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_errors() {
+        for text in [
+            r#"{"op":"explode"}"#,
+            r#"{"op":"add","list":"maybe","prefix":"192.0.2.0/24"}"#,
+            r#"{"op":"add","list":"deny"}"#,
+            r#"{"op":"add","list":"deny","prefix":"192.0.2.0/24","ttl_ms":-5}"#,
+            r#"{"op":"stats","extra":1}"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(text).is_err(), "{text}");
+        }
+    }
 }

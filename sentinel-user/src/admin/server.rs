@@ -188,14 +188,14 @@ pub fn handle(state: &State, request: Request) -> Response {
         } => import(state, list, &prefixes, ttl_ms, reason),
         Request::Remove { list, prefix } => remove(state, list, &prefix),
         Request::List { list } => entries(state, list),
-        Request::Status => success(
+        Request::Status {} => success(
             state
                 .status
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         ),
-        Request::Stats => {
+        Request::Stats {} => {
             let kernel = state.lock_kernel();
             success(Stats {
                 interfaces: kernel.stats(),

@@ -33,13 +33,14 @@ pub enum ConfigError {
     Invalid { problems: Vec<Problem> },
 }
 
+/// One problem per line, `file:line:column: message`.
 fn render(problems: &[Problem]) -> String {
-    let lines: Vec<String> = problems.iter().map(|p| format!("error: {p}")).collect();
+    let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
     lines.join("\n")
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
     pub kernel: KernelConfig,
     pub admin: AdminConfig,
@@ -179,16 +180,6 @@ impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            kernel: KernelConfig::default(),
-            admin: AdminConfig::default(),
-            observability: ObservabilityConfig::default(),
         }
     }
 }

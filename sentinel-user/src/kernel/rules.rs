@@ -532,13 +532,11 @@ impl RuleTables {
             let list = slot.list();
             // Only delete what is still the expired entry: it may have been
             // replaced with a new TTL since it was indexed.
-            match self.get(list, &prefix)? {
-                Some(value) if value.expires_at_ns == expires => {
-                    if self.remove(list, &prefix)? {
-                        reaped.push((list, prefix));
-                    }
-                }
-                _ => {}
+            let still_expired = self
+                .get(list, &prefix)?
+                .is_some_and(|value| value.expires_at_ns == expires);
+            if still_expired && self.remove(list, &prefix)? {
+                reaped.push((list, prefix));
             }
         }
         Ok(reaped)
