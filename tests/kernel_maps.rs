@@ -15,13 +15,11 @@ use sentinel::{
 use sentinel_tests::{
     harness::{Harness, XDP_DROP, XDP_PASS, unique_pin_path},
     packet::Packet,
-    privileged,
 };
 
 macro_rules! require_root {
     () => {
-        if !privileged() {
-            eprintln!("SKIPPED: {}: needs root to create BPF maps", module_path!());
+        if sentinel_tests::skip_unless_root("needs root to create BPF maps") {
             return;
         }
     };

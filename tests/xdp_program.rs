@@ -9,16 +9,11 @@ use sentinel::{config::PortPolicy, net::RuleList};
 use sentinel_tests::{
     harness::{Harness, XDP_DROP, XDP_PASS},
     packet::{ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP, Ext, IPPROTO_ICMPV6, Packet},
-    privileged,
 };
 
 macro_rules! require_root {
     () => {
-        if !privileged() {
-            eprintln!(
-                "SKIPPED: {}: needs root to load BPF programs",
-                module_path!()
-            );
+        if sentinel_tests::skip_unless_root("needs root to load BPF programs") {
             return;
         }
     };

@@ -34,7 +34,12 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// The binary under test: `$SENTINEL_BIN`, else the workspace's debug build.
 pub fn bin() -> PathBuf {
     let path = std::env::var_os("SENTINEL_BIN").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/debug/sentinel")),
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/debug/sentinel"
+            ))
+        },
         PathBuf::from,
     );
     assert!(
@@ -76,7 +81,11 @@ pub fn parse_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
                 && labels
                     .iter()
                     .all(|(k, v)| series_labels.iter().any(|(sk, sv)| sk == k && sv == v));
-            if same { value.trim().parse().ok() } else { None }
+            if same {
+                value.trim().parse().ok()
+            } else {
+                None
+            }
         })
 }
 
@@ -242,7 +251,10 @@ impl Daemon {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 self.child = None;
-                panic!("the daemon exited with {status} at start; its log:\n{}", self.log());
+                panic!(
+                    "the daemon exited with {status} at start; its log:\n{}",
+                    self.log()
+                );
             }
             let out = self.cli(&["status", "--json"]);
             if out.status.success() {
@@ -310,8 +322,12 @@ impl Daemon {
     /// Like [`Daemon::cli_ok`], parsing the output as JSON.
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let text = self.cli_ok(args);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("`sentinel {}` printed invalid JSON ({e}): {text}", args.join(" ")))
+        serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!(
+                "`sentinel {}` printed invalid JSON ({e}): {text}",
+                args.join(" ")
+            )
+        })
     }
 
     /// `sentinel status --json`.
@@ -393,7 +409,9 @@ impl Daemon {
             "GET /metrics answered: {head}"
         );
         assert!(
-            !head.to_ascii_lowercase().contains("transfer-encoding: chunked"),
+            !head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
             "unexpected chunked metrics response: {head}"
         );
         body.to_owned()

@@ -1,11 +1,33 @@
-//! Test support.
+//! Test support shared by the test binaries of `sentinel-tests`:
+//! [`netns`] (throwaway network namespaces joined by a veth pair),
+//! [`daemon`] (the real `sentinel` binary with a generated configuration),
+//! `harness` and `packet` (the fast path in-process, crafted frames).
 
+pub mod daemon;
 pub mod harness;
+pub mod netns;
 pub mod packet;
 
+use std::io::Write as _;
+
 /// Whether privileged tests (BPF, network namespaces) can run: they need
-/// root. Tests that cannot run print `SKIPPED: ...` and return.
+/// root.
 pub fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// `true` when the calling test must be skipped for lack of root, after
+/// saying so: `SKIPPED: <test>: <why>`. Written straight to the standard
+/// error descriptor, which libtest does not capture, so the line shows
+/// even though the test is reported as passed (libtest has no run-time
+/// skip); `cargo xtask test` also says which tests skip and why.
+pub fn skip_unless_root(why: &str) -> bool {
+    if privileged() {
+        return false;
+    }
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+    true
 }

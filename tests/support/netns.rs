@@ -7,18 +7,26 @@
 //! documentation ranges only, a /30 and a /64 of their own, so that tests
 //! running in parallel, in one binary or several, never share a route.
 //! Everything is removed on drop, also when the test panics.
+//!
+//! Traffic helpers live here too: a TCP exchange and UDP datagrams sent
+//! from inside the namespace, and an echo server for the root side.
 
 use std::{
     fs::{self, File},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// The IPv4 documentation ranges (RFC 5737), carved into /30s.
 const V4_RANGES: [[u8; 3]; 3] = [[192, 0, 2], [198, 51, 100], [203, 0, 113]];
@@ -60,20 +68,46 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Addresses configured in the root namespace, both families.
-fn root_addresses() -> Vec<IpAddr> {
-    let out = Command::new("ip")
-        .args(["-o", "addr", "show"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2): {e}"));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            words.find(|w| *w == "inet" || *w == "inet6")?;
-            words.next()?.split('/').next()?.parse().ok()
-        })
-        .collect()
+/// Networks the root namespace already reaches: its addresses with their
+/// prefix length, and the destinations of its routes (default routes
+/// aside). A test network must overlap none of them, or it could capture
+/// traffic meant for the host's own links (this machine's uplink may use a
+/// documentation range itself).
+fn root_networks() -> Vec<IpNet> {
+    let run = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `ip` (iproute2): {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut nets = Vec::new();
+    for line in run(&["-o", "addr", "show"]).lines() {
+        let mut words = line.split_whitespace();
+        if words.any(|w| w == "inet" || w == "inet6")
+            && let Some(net) = words.next().and_then(|w| w.parse::<IpNet>().ok())
+        {
+            nets.push(net);
+        }
+    }
+    for args in [&["-4", "route", "show"], &["-6", "route", "show"]] {
+        for line in run(args).lines() {
+            let Some(dest) = line.split_whitespace().next() else {
+                continue;
+            };
+            let net = dest
+                .parse::<IpNet>()
+                .ok()
+                .or_else(|| dest.parse::<IpAddr>().ok().map(IpNet::from));
+            nets.extend(net);
+        }
+    }
+    nets.retain(|n| n.prefix_len() > 0);
+    nets
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 fn link_exists(name: &str) -> bool {
@@ -110,7 +144,7 @@ impl NetNs {
     pub fn new() -> Self {
         let pid = std::process::id();
         let lock = allocation_lock();
-        let taken = root_addresses();
+        let taken = root_networks();
         let start = pid.wrapping_mul(7);
         for _ in 0..V4_SLOTS {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -125,10 +159,12 @@ impl NetNs {
             let name = format!("sentinel-t-{pid}-{n}");
             let host_if = format!("sv{}x{n}", pid % 10_000);
             let peer_if = format!("sc{}x{n}", pid % 10_000);
-            if taken.iter().any(|t| {
-                [IpAddr::V4(host_v4), IpAddr::V4(peer_v4)].contains(t)
-                    || [IpAddr::V6(host_v6), IpAddr::V6(peer_v6)].contains(t)
-            }) || link_exists(&host_if)
+            let v4_net = Ipv4Net::new(Ipv4Addr::new(a, b, c, base), 30).expect("/30 is valid");
+            let v6_net = Ipv6Net::new(v6_base, 64).expect("/64 is valid");
+            if taken
+                .iter()
+                .any(|t| overlaps(t, &IpNet::V4(v4_net)) || overlaps(t, &IpNet::V6(v6_net)))
+                || link_exists(&host_if)
                 || link_exists(&peer_if)
                 || netns_path(&name).exists()
             {
@@ -139,10 +175,10 @@ impl NetNs {
                 name,
                 host_if,
                 peer_if,
-                v4_net: Ipv4Net::new(Ipv4Addr::new(a, b, c, base), 30).expect("/30 is valid"),
+                v4_net,
                 host_v4,
                 peer_v4,
-                v6_net: Ipv6Net::new(v6_base, 64).expect("/64 is valid"),
+                v6_net,
                 host_v6,
                 peer_v6,
             };
@@ -171,7 +207,9 @@ impl NetNs {
         ip(&["link", "set", host, "up"]);
         ip(&["-n", name, "link", "set", "lo", "up"]);
         ip(&["-n", name, "addr", "add", &peer_v4, "dev", peer]);
-        ip(&["-n", name, "-6", "addr", "add", &peer_v6, "dev", peer, "nodad"]);
+        ip(&[
+            "-n", name, "-6", "addr", "add", &peer_v6, "dev", peer, "nodad",
+        ]);
         ip(&["-n", name, "link", "set", peer, "up"]);
     }
 
@@ -224,6 +262,124 @@ impl NetNs {
             }
         })
     }
+
+    /// One TCP connection from inside the namespace to `to`: connects
+    /// (waiting at most `connect_timeout`), sends a few bytes and reads them
+    /// back, as an [`EchoServer`] answers.
+    pub fn tcp_exchange(&self, to: SocketAddr, connect_timeout: Duration) -> Attempt {
+        self.run(move || {
+            let mut stream = match TcpStream::connect_timeout(&to, connect_timeout) {
+                Ok(s) => s,
+                Err(e) if e.kind() == ErrorKind::TimedOut => return Attempt::TimedOut,
+                Err(e) => return Attempt::Failed(format!("connect: {e}")),
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let message = b"sentinel end-to-end";
+            if let Err(e) = stream.write_all(message) {
+                return Attempt::Failed(format!("write: {e}"));
+            }
+            let mut back = [0u8; 19];
+            match stream.read_exact(&mut back) {
+                Ok(()) if &back == message => Attempt::Exchanged,
+                Ok(()) => Attempt::Failed(format!("echo mismatch: {back:?}")),
+                Err(e) => Attempt::Failed(format!("read: {e}")),
+            }
+        })
+    }
+
+    /// Sends `count` UDP datagrams of `payload` bytes from inside the
+    /// namespace, from its veth address of `to`'s family, to `to`.
+    pub fn send_udp(&self, to: SocketAddr, count: usize, payload: usize) {
+        let from: IpAddr = match to {
+            SocketAddr::V4(_) => self.peer_v4.into(),
+            SocketAddr::V6(_) => self.peer_v6.into(),
+        };
+        self.run(move || {
+            let socket = UdpSocket::bind((from, 0)).expect("bind the UDP client");
+            let data = vec![0x5a; payload];
+            for _ in 0..count {
+                socket.send_to(&data, to).expect("send a datagram");
+            }
+        });
+    }
+}
+
+/// How a [`NetNs::tcp_exchange`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Connected and got the bytes back.
+    Exchanged,
+    /// No answer to the SYN before the timeout: what a silent drop looks
+    /// like.
+    TimedOut,
+    /// Anything else (refused, reset, wrong bytes...).
+    Failed(String),
+}
+
+/// A TCP echo server (one read, echoed back, per connection) on an address
+/// of the root namespace; stops on drop.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `ip`, port chosen by the kernel.
+    pub fn start(ip: impl Into<IpAddr>) -> Self {
+        let listener = TcpListener::bind((ip.into(), 0)).expect("bind the echo server");
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let addr = listener.local_addr().expect("echo server address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        std::thread::spawn(move || echo(stream));
+                    }
+                    // WouldBlock, or a transient accept error: poll again.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut buf = [0u8; 256];
+    if let Ok(n) = stream.read(&mut buf) {
+        let _ = stream.write_all(&buf[..n]);
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Datagrams `socket` receives until none arrives for 500 ms.
+pub fn udp_received(socket: &UdpSocket) -> usize {
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("set a read timeout");
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while socket.recv_from(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
 }
 
 impl Default for NetNs {

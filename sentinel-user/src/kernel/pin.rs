@@ -76,8 +76,13 @@ pub fn prepare(pin_path: &Path) -> Result<(), KernelError> {
     } else {
         mount_point
     };
-    if !(probe.exists() && is_bpffs(probe)) {
-        mount_bpffs(mount_point)?;
+    {
+        // Two daemons starting together must not both see "no bpffs" and
+        // both mount: the second mount would hide the first one's pins.
+        let _lock = MountLock::take();
+        if !(probe.exists() && is_bpffs(probe)) {
+            mount_bpffs(mount_point)?;
+        }
     }
     fs::create_dir_all(pin_path).map_err(|source| KernelError::PinDir {
         path: pin_path.to_owned(),
@@ -90,6 +95,30 @@ pub fn prepare(pin_path: &Path) -> Result<(), KernelError> {
         });
     }
     Ok(())
+}
+
+/// An exclusive `flock` on a file in /run, held while checking for and
+/// mounting bpffs. Best effort: without /run the check runs unlocked.
+struct MountLock {
+    // Held for its descriptor: closing it releases the lock.
+    _file: Option<fs::File>,
+}
+
+impl MountLock {
+    fn take() -> Self {
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/sentinel-bpffs.lock")
+            .ok();
+        if let Some(file) = &file {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a descriptor we own; released on close.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        }
+        Self { _file: file }
+    }
 }
 
 /// What a pinned map must look like for this build.

@@ -1,0 +1,290 @@
+//! The CLI's answers to bad input, through the real binary: a non-zero
+//! exit, exactly one `error: ...` line on stderr, and no change to the
+//! daemon's lists.
+//!
+//! The cases without a daemon (validation, an unreachable daemon, input
+//! refused before any request) run as any user; those against a running
+//! daemon need root (it loads the XDP program, attached to nothing).
+
+use std::{path::Path, process::Command};
+
+use sentinel_tests::{
+    self as support,
+    daemon::{self, Daemon, DaemonConfig},
+};
+use serde_json::Value;
+
+/// A `sentinel` invocation with no usable daemon behind `--admin-socket`.
+fn sentinel(admin_socket: &Path, args: &[&str]) -> std::process::Output {
+    let mut command = Command::new(daemon::bin());
+    command
+        .arg("--admin-socket")
+        .arg(admin_socket)
+        .args(args)
+        .env_remove("SENTINEL_ADMIN_SOCKET");
+    daemon::output(command)
+}
+
+/// Asserts exit status 1 and a single `error:` line containing `expected`.
+fn assert_refused(out: &std::process::Output, args: &[&str], expected: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let shown = format!("`sentinel {}`", args.join(" "));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{shown} should exit 1; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{shown} should print one line: {stderr:?}");
+    assert!(
+        lines[0].starts_with("error: "),
+        "{shown} printed: {}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(expected),
+        "{shown}: expected {expected:?} in: {}",
+        lines[0]
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{shown} printed on stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Bad input the CLI refuses itself, with what its message must say.
+fn client_side_cases() -> Vec<(Vec<String>, &'static str)> {
+    let long_reason = "r".repeat(65);
+    let case = |args: &[&str], expected| (args.iter().map(|a| a.to_string()).collect(), expected);
+    vec![
+        case(&["deny", "add", "banana"], "'banana' is not a CIDR prefix"),
+        case(
+            &["deny", "add", "300.1.1.1/8"],
+            "'300.1.1.1/8' is not a CIDR prefix",
+        ),
+        case(&["allow", "add", "banana"], "'banana' is not a CIDR prefix"),
+        case(
+            &["deny", "remove", "banana"],
+            "'banana' is not a CIDR prefix",
+        ),
+        case(
+            &["deny", "add", "10.0.0.1/8"],
+            "10.0.0.1/8 has host bits set (did you mean 10.0.0.0/8?)",
+        ),
+        case(
+            &["deny", "add", "0.0.0.0/0"],
+            "it would drop all IPv4 traffic",
+        ),
+        case(&["deny", "add", "::/0"], "it would drop all IPv6 traffic"),
+        case(
+            &["deny", "add", "198.51.100.0/24", "--ttl", "0s"],
+            "out of range",
+        ),
+        case(
+            &["deny", "add", "198.51.100.0/24", "--ttl", "100y"],
+            "out of range",
+        ),
+        case(
+            &["deny", "add", "198.51.100.0/24", "--ttl", "soon"],
+            "'soon' is not a duration",
+        ),
+        case(
+            &["deny", "add", "198.51.100.0/24", "--reason", &long_reason],
+            "reason is 65 bytes; at most 64 are stored",
+        ),
+        case(
+            &[
+                "deny",
+                "add",
+                "198.51.100.0/24",
+                "--ttl",
+                "1h",
+                "--reason",
+                &long_reason,
+            ],
+            "reason is 65 bytes; at most 64 are stored",
+        ),
+    ]
+}
+
+#[test]
+fn unreachable_daemon_is_reported() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("absent.sock");
+    for args in [
+        &["deny", "list"][..],
+        &["deny", "add", "198.51.100.0/24"],
+        &["allow", "remove", "198.51.100.0/24"],
+        &["stats", "--json"],
+        &["status"],
+    ] {
+        let out = sentinel(&socket, args);
+        assert_refused(&out, args, "cannot reach the sentinel daemon");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&socket.display().to_string()),
+            "the message should name the socket: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_refused_before_any_request() {
+    // With no daemon at all, these must fail on the input, not on the
+    // connection: the CLI checks before it sends anything.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("absent.sock");
+    for (args, expected) in client_side_cases() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&sentinel(&socket, &args), &args, expected);
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("absent.sock");
+    for args in [
+        &["deny", "add"][..],
+        &["deny", "frobnicate"],
+        &["deny", "add", "198.51.100.0/24", "--tll", "1s"],
+    ] {
+        let out = sentinel(&socket, args);
+        assert_eq!(out.status.code(), Some(2), "`sentinel {}`", args.join(" "));
+        assert!(String::from_utf8_lossy(&out.stderr).starts_with("error:"));
+    }
+}
+
+#[test]
+fn validate_accepts_the_shipped_config() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/sentinel.kdl");
+    let mut command = Command::new(daemon::bin());
+    command.args(["validate", "--config", path]);
+    let out = daemon::output(command);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
+}
+
+#[test]
+fn validate_points_at_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let cases = [
+        // A bad value: one problem, on line 2, column 5.
+        (
+            "value.kdl",
+            "kernel {\n    xdp-mode \"turbo\"\n}\n",
+            ":2:5: ",
+        ),
+        // A bad option name.
+        (
+            "option.kdl",
+            "kernel {\n    pin-path \"/sys/fs/bpf/x\"\n    turbo 1\n}\n",
+            ":3:5: ",
+        ),
+        // Not KDL at all: an unclosed block.
+        ("syntax.kdl", "kernel {\n    interfaces \"lo\"\n", ":1:"),
+    ];
+    for (name, text, position) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write the configuration");
+        let mut command = Command::new(daemon::bin());
+        command.arg("validate").arg("--config").arg(&path);
+        let out = daemon::output(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        let expected = format!("error: {}{position}", path.display());
+        assert!(
+            first.starts_with(&expected),
+            "{name}: expected a line starting with {expected:?}, got: {stderr}"
+        );
+        assert!(
+            stderr.lines().all(|l| l.starts_with("error: ")),
+            "{name}: every line should be an error: {stderr}"
+        );
+    }
+}
+
+/// `deny list --json` and `allow list --json`.
+fn lists(daemon: &Daemon) -> (Value, Value) {
+    (
+        daemon.cli_json(&["deny", "list", "--json"]),
+        daemon.cli_json(&["allow", "list", "--json"]),
+    )
+}
+
+#[test]
+fn bad_input_changes_nothing_in_a_running_daemon() {
+    if support::skip_unless_root("needs root (a running daemon loads BPF)") {
+        return;
+    }
+    let daemon = Daemon::start(DaemonConfig::default().with_kernel("max-ttl-seconds 3600"));
+    // Permanent entries only, so that the listings do not change by
+    // themselves while the cases run.
+    daemon.cli_ok(&["deny", "add", "198.51.100.0/24", "--reason", "baseline"]);
+    daemon.cli_ok(&["deny", "add", "2001:db8:1::/48"]);
+    daemon.cli_ok(&["allow", "add", "198.51.100.7/32"]);
+    let before = lists(&daemon);
+
+    let mut cases = client_side_cases();
+    let owned = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    // Only the daemon knows its max-ttl-seconds (3600): these reach it.
+    cases.push((
+        owned(&["deny", "add", "203.0.113.0/24", "--ttl", "2h"]),
+        "ttl 2h is out of range: it must be between 1s and 1h",
+    ));
+    // An existing entry with a refused TTL must keep its old one.
+    cases.push((
+        owned(&["deny", "add", "198.51.100.0/24", "--ttl", "3601s"]),
+        "out of range: it must be between 1s and 1h",
+    ));
+    cases.push((
+        owned(&["allow", "add", "203.0.113.0/24", "--ttl", "2h"]),
+        "out of range: it must be between 1s and 1h",
+    ));
+    cases.push((
+        owned(&["deny", "remove", "203.0.113.0/24"]),
+        "203.0.113.0/24 is not in the denylist",
+    ));
+    cases.push((
+        owned(&["deny", "remove", "2001:db8:1::/64"]),
+        "2001:db8:1::/64 is not in the denylist",
+    ));
+    cases.push((
+        owned(&["allow", "remove", "198.51.100.0/24"]),
+        "198.51.100.0/24 is not in the allowlist",
+    ));
+
+    for (args, expected) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_refused(&daemon.cli(&args), &args, expected);
+        assert_eq!(
+            lists(&daemon),
+            before,
+            "`sentinel {}` changed the lists",
+            args.join(" ")
+        );
+    }
+
+    // What reached the daemon is counted by result; nothing was added.
+    let updates = |result| {
+        daemon.metric_value(
+            "sentinel_denylist_updates_total",
+            &[("source", "admin"), ("result", result)],
+        )
+    };
+    assert_eq!(updates("added"), Some(2.0));
+    assert_eq!(updates("invalid"), Some(2.0));
+    assert_eq!(updates("not_found"), Some(2.0));
+    assert_eq!(updates("replaced"), None);
+    assert_eq!(
+        daemon.metric_value("sentinel_denylist_entries", &[]),
+        Some(2.0)
+    );
+}
