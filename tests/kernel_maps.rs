@@ -92,11 +92,21 @@ fn full_map_is_an_error_not_silence() {
         Some(KernelError::Full { capacity: 100, .. })
     ));
     assert_eq!(h.kernel.tables.count(RuleList::Deny), 100);
-    let err = h.add(RuleList::Deny, "192.0.2.0/24", None).unwrap_err();
+    let err = h.add(RuleList::Deny, "192.0.2.1/32", None).unwrap_err();
     assert_eq!(
         err.to_string(),
         "the denylist is full (100 entries): remove entries or raise kernel.capacity.denylist-v4"
     );
+    // Prefixes have a map of the same capacity of their own.
+    for i in 0..100u32 {
+        h.add(RuleList::Deny, &format!("172.16.{i}.0/24"), None)
+            .unwrap();
+    }
+    assert!(matches!(
+        h.add(RuleList::Deny, "172.17.0.0/24", None),
+        Err(KernelError::Full { capacity: 100, .. })
+    ));
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), 200);
     // Replacing an existing entry still works when full.
     assert_eq!(
         h.add(RuleList::Deny, "10.1.0.5/32", Some(Duration::from_secs(60)))
@@ -147,7 +157,7 @@ fn reaper_removes_only_what_expired() {
     )
     .unwrap();
     sleep(Duration::from_millis(200));
-    let reaped = h.kernel.tables.reap(clock::boottime_ns()).unwrap();
+    let reaped = h.kernel.tables.reap(clock::now_ns()).unwrap();
     let mut reaped: Vec<String> = reaped.iter().map(|(l, p)| format!("{l} {p}")).collect();
     reaped.sort();
     assert_eq!(
@@ -159,7 +169,7 @@ fn reaper_removes_only_what_expired() {
     assert!(
         h.kernel
             .tables
-            .reap(clock::boottime_ns())
+            .reap(clock::now_ns())
             .unwrap()
             .is_empty()
     );
@@ -198,7 +208,7 @@ fn entries_survive_reloading_the_program() {
             .unwrap();
         assert_eq!(action, XDP_DROP);
     }
-    let mut kernel = Kernel::open(&cfg).unwrap();
+    let kernel = Kernel::open(&cfg).unwrap();
     let p: IpNet = "203.0.113.0/24".parse().unwrap();
     let value = kernel
         .tables

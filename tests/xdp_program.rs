@@ -466,3 +466,33 @@ fn truncated_at_every_boundary() {
         assert_eq!(h.run(&frame[..len]), expected, "cut at {len}");
     }
 }
+
+#[test]
+fn allow_prefix_beats_deny_host() {
+    require_root!();
+    let mut h = Harness::new();
+    h.deny("192.0.2.10/32");
+    h.allow("192.0.2.0/24");
+    assert_eq!(h.run(&v4().tcp(1, 80).build()), pass("allowlist"));
+    h.deny("2001:db8:1::10/128");
+    h.allow("2001:db8:1::/48");
+    assert_eq!(h.run(&v6().tcp(1, 80).build()), pass("allowlist"));
+}
+
+/// The program skips maps userspace marks empty: the mark must follow the
+/// first add and the last remove of each map, or entries would be ignored.
+#[test]
+fn emptied_and_refilled_maps_are_looked_up_again() {
+    require_root!();
+    let mut h = Harness::new();
+    let frame = v4().tcp(1, 80).build();
+    for prefix in ["192.0.2.10/32", "192.0.2.0/24"] {
+        let parsed = prefix.parse().unwrap();
+        for _ in 0..2 {
+            h.deny(prefix);
+            assert_eq!(h.run(&frame), drop("denylist"), "{prefix} added");
+            assert!(h.kernel.tables.remove(RuleList::Deny, &parsed).unwrap());
+            assert_eq!(h.run(&frame), pass("pass"), "{prefix} removed");
+        }
+    }
+}

@@ -13,22 +13,59 @@ use core::mem::size_of;
 
 /// Version of the layout of every pinned map. Stored in the `SENTINEL_META`
 /// map; a daemon refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps in the eBPF object. Userspace pins the shared ones under
 /// the configured pin path with these names.
+///
+/// Each list is four maps: host entries (/32, /128) in hash maps, found in
+/// one lookup whatever their number, and shorter prefixes in LPM tries,
+/// whose cost grows with their depth. Agents and feeds mostly name hosts.
 pub mod maps {
+    /// Allowlist prefixes shorter than /32 (LPM trie).
     pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// Allowlist prefixes shorter than /128 (LPM trie).
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Allowlist /32 hosts (hash).
+    pub const ALLOW_HOST_V4: &str = "ALLOW_HOST_V4";
+    /// Allowlist /128 hosts (hash).
+    pub const ALLOW_HOST_V6: &str = "ALLOW_HOST_V6";
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
+    pub const DENY_HOST_V4: &str = "DENY_HOST_V4";
+    pub const DENY_HOST_V6: &str = "DENY_HOST_V6";
     pub const PORT_POLICY: &str = "PORT_POLICY";
     pub const META: &str = "SENTINEL_META";
     /// Per-CPU counters; one instance per attached interface, never pinned.
     pub const STATS: &str = "XDP_STATS";
 
     /// Maps shared by every program instance and kept across restarts.
-    pub const PINNED: [&str; 6] = [ALLOW_V4, ALLOW_V6, DENY_V4, DENY_V6, PORT_POLICY, META];
+    pub const PINNED: [&str; 10] = [
+        ALLOW_V4,
+        ALLOW_V6,
+        ALLOW_HOST_V4,
+        ALLOW_HOST_V6,
+        DENY_V4,
+        DENY_V6,
+        DENY_HOST_V4,
+        DENY_HOST_V6,
+        PORT_POLICY,
+        META,
+    ];
+}
+
+/// Bits of [`Meta::populated`]: which rule maps hold entries. The program
+/// skips the lookups of empty maps; userspace sets a bit after the first
+/// entry is written and clears it after the last is removed.
+pub mod populated {
+    pub const ALLOW_V4: u32 = 1 << 0;
+    pub const ALLOW_V6: u32 = 1 << 1;
+    pub const ALLOW_HOST_V4: u32 = 1 << 2;
+    pub const ALLOW_HOST_V6: u32 = 1 << 3;
+    pub const DENY_V4: u32 = 1 << 4;
+    pub const DENY_V6: u32 = 1 << 5;
+    pub const DENY_HOST_V4: u32 = 1 << 6;
+    pub const DENY_HOST_V6: u32 = 1 << 7;
 }
 
 /// Default capacities; the daemon overrides them from the `kernel` block.
@@ -103,7 +140,7 @@ pub const SOURCE_LEN: usize = 32;
 /// UTF-8 boundary.
 pub const REASON_LEN: usize = 64;
 
-/// Value of every allowlist and denylist LPM trie entry.
+/// Value of every allowlist and denylist entry, host or prefix.
 ///
 /// The program reads `expires_at_ns` and `prefix_len` and updates `hits` and
 /// `last_hit_ns` in place; the rest is for operators and survives restarts
@@ -111,12 +148,13 @@ pub const REASON_LEN: usize = 64;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleValue {
-    /// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`) at which the
-    /// entry stops matching; 0 means never.
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds (`bpf_ktime_get_coarse_ns`) at
+    /// which the entry stops matching; 0 means never.
     pub expires_at_ns: u64,
     /// Packets that matched this entry (atomic add in the program).
     pub hits: u64,
-    /// `CLOCK_BOOTTIME` nanoseconds of the last match; 0 means never.
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds of the last match, to the tick;
+    /// 0 means never.
     pub last_hit_ns: u64,
     /// Wall-clock seconds since the Unix epoch when the entry was written.
     pub created_at_unix_s: u64,
@@ -144,7 +182,7 @@ impl RuleValue {
         }
     }
 
-    /// Whether the entry has expired at `now_ns` (`CLOCK_BOOTTIME`).
+    /// Whether the entry has expired at `now_ns` (`CLOCK_MONOTONIC_COARSE`).
     #[inline(always)]
     pub const fn is_expired(&self, now_ns: u64) -> bool {
         self.expires_at_ns != 0 && now_ns >= self.expires_at_ns
@@ -157,7 +195,8 @@ impl RuleValue {
 pub struct Meta {
     /// [`LAYOUT_VERSION`] of the build that created the pinned maps.
     pub layout_version: u32,
-    pub _pad: u32,
+    /// [`populated`] bits: which rule maps hold entries.
+    pub populated: u32,
 }
 
 // The kernel sees these as raw bytes: pin their sizes so that an accidental

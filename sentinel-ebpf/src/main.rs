@@ -17,6 +17,10 @@
 //! passed to the stack, which drops what it cannot parse itself.
 //!
 //! Every verdict is counted per CPU by reason, in packets and bytes.
+//!
+//! Entry expiry and last-hit times are `CLOCK_MONOTONIC_COARSE`
+//! nanoseconds (`bpf_ktime_get_coarse_ns`), which userspace reads with
+//! `clock_gettime`.
 #![no_std]
 #![no_main]
 // `AtomicU64::fetch_add` is not offered for the BPF target; the intrinsic
@@ -24,29 +28,31 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use core::{
-    ffi::c_void,
-    mem::size_of,
-    ptr,
-};
+use core::{ffi::c_void, mem::size_of, ptr};
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_ktime_get_boot_ns, bpf_map_lookup_elem},
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
     macros::{map, xdp},
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use sentinel_common::{
     Counters, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES,
-    DEFAULT_DENY_V6_ENTRIES, Meta, PORT_POLICY_ENTRIES, PortVerdict, RuleValue, proto, reason,
+    DEFAULT_DENY_V6_ENTRIES, Meta, PORT_POLICY_ENTRIES, PortVerdict, RuleValue, populated, proto,
+    reason,
 };
 
 // Map capacities are placeholders: the daemon sets them from its
 // configuration before loading (`EbpfLoader::map_max_entries`) and pins the
 // shared maps under its pin path.
+//
+// Host entries (/32, /128) live in hash maps: one lookup, whatever their
+// number. Shorter prefixes live in LPM tries, whose lookups walk a depth
+// that grows with the number of prefixes. Hash maps are not preallocated,
+// so a large capacity costs memory only as entries arrive.
 
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<[u8; 4], RuleValue> =
@@ -56,9 +62,24 @@ static ALLOW_V4: LpmTrie<[u8; 4], RuleValue> =
 static ALLOW_V6: LpmTrie<[u8; 16], RuleValue> =
     LpmTrie::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, 0);
 
+#[map(name = "ALLOW_HOST_V4")]
+static ALLOW_HOST_V4: HashMap<[u8; 4], RuleValue> =
+    HashMap::with_max_entries(DEFAULT_ALLOW_V4_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "ALLOW_HOST_V6")]
+static ALLOW_HOST_V6: HashMap<[u8; 16], RuleValue> =
+    HashMap::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "DENY_HOST_V4")]
+static DENY_HOST_V4: HashMap<[u8; 4], RuleValue> =
+    HashMap::with_max_entries(DEFAULT_DENY_V4_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "DENY_HOST_V6")]
+static DENY_HOST_V6: HashMap<[u8; 16], RuleValue> =
+    HashMap::with_max_entries(DEFAULT_DENY_V6_ENTRIES, BPF_F_NO_PREALLOC);
+
 #[map(name = "DENY_V4")]
-static DENY_V4: LpmTrie<[u8; 4], RuleValue> =
-    LpmTrie::with_max_entries(DEFAULT_DENY_V4_ENTRIES, 0);
+static DENY_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::with_max_entries(DEFAULT_DENY_V4_ENTRIES, 0);
 
 #[map(name = "DENY_V6")]
 static DENY_V6: LpmTrie<[u8; 16], RuleValue> =
@@ -67,7 +88,8 @@ static DENY_V6: LpmTrie<[u8; 16], RuleValue> =
 #[map(name = "PORT_POLICY")]
 static PORT_POLICY: Array<PortVerdict> = Array::with_max_entries(PORT_POLICY_ENTRIES, 0);
 
-/// Written by userspace only: the layout version of the pinned maps.
+/// Written by userspace: the layout version of the pinned maps, and which
+/// rule maps hold entries (the program skips empty ones).
 #[map(name = "SENTINEL_META")]
 static SENTINEL_META: Array<Meta> = Array::with_max_entries(1, 0);
 
@@ -180,7 +202,19 @@ fn ipv4(pkt: &Packet, l3: usize) -> u32 {
         return reason::MALFORMED;
     }
     let src = [hdr[12], hdr[13], hdr[14], hdr[15]];
-    if let Some(why) = address_verdict(&ALLOW_V4, &DENY_V4, src, 32) {
+    let lists = Lists {
+        allow_host: &ALLOW_HOST_V4,
+        allow: &ALLOW_V4,
+        deny_host: &DENY_HOST_V4,
+        deny: &DENY_V4,
+        bits: [
+            populated::ALLOW_HOST_V4,
+            populated::ALLOW_V4,
+            populated::DENY_HOST_V4,
+            populated::DENY_V4,
+        ],
+    };
+    if let Some(why) = address_verdict(&lists, src, 32) {
         return why;
     }
     // Non-first fragments carry no transport header.
@@ -203,7 +237,19 @@ fn ipv6(pkt: &Packet, l3: usize) -> u32 {
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&hdr[8..24]);
-    if let Some(why) = address_verdict(&ALLOW_V6, &DENY_V6, src, 128) {
+    let lists = Lists {
+        allow_host: &ALLOW_HOST_V6,
+        allow: &ALLOW_V6,
+        deny_host: &DENY_HOST_V6,
+        deny: &DENY_V6,
+        bits: [
+            populated::ALLOW_HOST_V6,
+            populated::ALLOW_V6,
+            populated::DENY_HOST_V6,
+            populated::DENY_V6,
+        ],
+    };
+    if let Some(why) = address_verdict(&lists, src, 128) {
         return why;
     }
 
@@ -267,21 +313,79 @@ fn transport(pkt: &Packet, l4: usize, protocol: u8) -> u32 {
     }
 }
 
-/// Allowlist, then denylist, for a source address of `bits` bits.
+/// The four maps of one address family.
+struct Lists<K: 'static> {
+    allow_host: &'static HashMap<K, RuleValue>,
+    allow: &'static LpmTrie<K, RuleValue>,
+    deny_host: &'static HashMap<K, RuleValue>,
+    deny: &'static LpmTrie<K, RuleValue>,
+    /// `populated` bits of the four maps, in the order above.
+    bits: [u32; 4],
+}
+
+/// Allowlist, then denylist, for a source address of `bits` bits. In each
+/// list the host map comes first: a live host entry is the longest prefix
+/// there can be. An expired one falls through to the prefixes, which may
+/// still cover the address.
 #[inline(always)]
-fn address_verdict<K: Copy>(
-    allow: &LpmTrie<K, RuleValue>,
-    deny: &LpmTrie<K, RuleValue>,
-    addr: K,
-    bits: u32,
-) -> Option<u32> {
-    if live_match(allow, addr, bits) {
+fn address_verdict<K: Copy>(lists: &Lists<K>, addr: K, bits: u32) -> Option<u32> {
+    // An array lookup the JIT inlines; without the entry (never, once the
+    // daemon has started) every map is looked up.
+    let populated = SENTINEL_META.get(0).map_or(u32::MAX, |m| m.populated);
+    let mut now = 0u64;
+    if populated & lists.bits[0] != 0 && host_match(lists.allow_host, &addr, &mut now) {
         return Some(reason::ALLOWLIST);
     }
-    if live_match(deny, addr, bits) {
+    if populated & lists.bits[1] != 0 && live_match(lists.allow, addr, bits, &mut now) {
+        return Some(reason::ALLOWLIST);
+    }
+    if populated & lists.bits[2] != 0 && host_match(lists.deny_host, &addr, &mut now) {
+        return Some(reason::DENYLIST);
+    }
+    if populated & lists.bits[3] != 0 && live_match(lists.deny, addr, bits, &mut now) {
         return Some(reason::DENYLIST);
     }
     None
+}
+
+/// Reads the clock once per packet, on the first entry found.
+///
+/// `CLOCK_MONOTONIC_COARSE`: the last tick's time, a few loads with no
+/// clock-source read (the TSC read behind the precise clocks costs more
+/// than the rest of a hit). Its resolution, a tick (1-4 ms), is far below
+/// any TTL; it does not count time the machine spends suspended.
+#[inline(always)]
+fn clock(now: &mut u64) -> u64 {
+    if *now == 0 {
+        // SAFETY: helper without arguments.
+        *now = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    *now
+}
+
+/// A live host entry for `addr`; records the hit on it.
+#[inline(always)]
+fn host_match<K>(map: &HashMap<K, RuleValue>, addr: &K, now: &mut u64) -> bool {
+    // SAFETY: `map` is a map definition relocated by the loader, and `addr`
+    // is a valid key on the stack for the duration of the call.
+    let value = unsafe {
+        bpf_map_lookup_elem(
+            map as *const _ as *mut c_void,
+            addr as *const K as *const c_void,
+        )
+    } as *mut RuleValue;
+    if value.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null lookup result points at a live value (RCU keeps it
+    // valid for this program run).
+    let expires = unsafe { (*value).expires_at_ns };
+    let now = clock(now);
+    if expires == 0 || now < expires {
+        record_hit(value, now);
+        return true;
+    }
+    false
 }
 
 /// Longest live (unexpired) prefix containing `addr`; records the hit on it.
@@ -291,9 +395,8 @@ fn address_verdict<K: Copy>(
 /// lookup is repeated with the key's prefix length just below the expired
 /// entry's: the trie then only considers prefixes up to that length.
 #[inline(always)]
-fn live_match<K: Copy>(map: &LpmTrie<K, RuleValue>, addr: K, bits: u32) -> bool {
+fn live_match<K: Copy>(map: &LpmTrie<K, RuleValue>, addr: K, bits: u32, now: &mut u64) -> bool {
     let mut key = Key::new(bits, addr);
-    let mut now = 0u64;
     for _ in 0..MAX_EXPIRED_SHADOWS {
         // SAFETY: `map` is a map definition relocated by the loader, and
         // `key` is a valid `Key<K>` on the stack for the duration of the call.
@@ -309,10 +412,7 @@ fn live_match<K: Copy>(map: &LpmTrie<K, RuleValue>, addr: K, bits: u32) -> bool 
         // SAFETY: a non-null lookup result points at a live value of the
         // map's value size (RCU keeps it valid for this program run).
         let (expires, prefix_len) = unsafe { ((*value).expires_at_ns, (*value).prefix_len) };
-        if now == 0 {
-            // SAFETY: helper without arguments.
-            now = unsafe { bpf_ktime_get_boot_ns() };
-        }
+        let now = clock(now);
         if expires == 0 || now < expires {
             record_hit(value, now);
             return true;
@@ -330,10 +430,13 @@ fn record_hit(value: *mut RuleValue, now: u64) {
     // SAFETY: `value` is a non-null map value pointer (see `live_match`);
     // map values are 8-byte aligned, as an atomic add requires. The hit count
     // is shared by all CPUs, hence the atomic add; the last-hit time is a
-    // plain store, where any recent writer is good enough.
+    // plain store, where any recent writer is good enough, made once per
+    // clock tick so that a flood does not write the line on every packet.
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).hits, 1);
-        ptr::write_volatile(&raw mut (*value).last_hit_ns, now);
+        if ptr::read_volatile(&raw const (*value).last_hit_ns) != now {
+            ptr::write_volatile(&raw mut (*value).last_hit_ns, now);
+        }
     }
 }
 

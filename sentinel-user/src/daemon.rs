@@ -261,7 +261,7 @@ async fn reaper(state: Arc<State>, every: Duration, mut shutdown: watch::Receive
         let state = state.clone();
         let reaped = tokio::task::spawn_blocking(move || {
             let mut kernel = state.lock_kernel();
-            let result = kernel.tables.reap(clock::boottime_ns());
+            let result = kernel.tables.reap(clock::now_ns());
             state.metrics.set_entries(&kernel.tables);
             drop(kernel);
             match result {

@@ -349,7 +349,7 @@ fn entries(state: &State, list: RuleList) -> Response {
     let kernel = state.lock_kernel();
     let listed = kernel.tables.entries(list);
     drop(kernel);
-    let now = clock::boottime_ns();
+    let now = clock::now_ns();
     match listed {
         Ok(entries) => success(
             entries
@@ -363,7 +363,7 @@ fn entries(state: &State, list: RuleList) -> Response {
                         .then(|| v.expires_at_ns.saturating_sub(now) as f64 / 1e9),
                     hits: v.hits,
                     last_hit: (v.last_hit_ns != 0).then(|| {
-                        humantime::format_rfc3339_seconds(clock::boot_to_wall(v.last_hit_ns))
+                        humantime::format_rfc3339_seconds(clock::to_wall(v.last_hit_ns))
                             .to_string()
                     }),
                     created: humantime::format_rfc3339_seconds(

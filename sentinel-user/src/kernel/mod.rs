@@ -10,6 +10,7 @@
 
 pub mod clock;
 mod pin;
+mod rule_maps;
 pub mod rules;
 
 use std::{
@@ -19,11 +20,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode},
 };
 use ipnet::IpNet;
-use sentinel_common::{Counters, LAYOUT_VERSION, Meta, PORT_POLICY_ENTRIES, maps, proto, reason};
+use sentinel_common::{Counters, PORT_POLICY_ENTRIES, maps, proto, reason};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -31,6 +32,7 @@ use crate::{
     config::{KernelConfig, PortPolicy, StaticRule, XdpMode},
     net::RuleList,
 };
+use rule_maps::{HostMap, PrefixMap, RuleMap, v4_key, v4_prefix, v6_key, v6_prefix};
 pub use rules::{Imported, NewRule, RuleTables, Upsert};
 
 /// The eBPF object, compiled by build.rs and carried inside the binary.
@@ -162,11 +164,16 @@ fn load_instance(pin_path: &Path, cfg: &crate::config::Capacity) -> Result<Ebpf,
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
+    // Hosts and prefixes of one list and family each get the capacity.
     loader
         .map_max_entries(maps::ALLOW_V4, cfg.allowlist_v4)
+        .map_max_entries(maps::ALLOW_HOST_V4, cfg.allowlist_v4)
         .map_max_entries(maps::ALLOW_V6, cfg.allowlist_v6)
+        .map_max_entries(maps::ALLOW_HOST_V6, cfg.allowlist_v6)
         .map_max_entries(maps::DENY_V4, cfg.denylist_v4)
-        .map_max_entries(maps::DENY_V6, cfg.denylist_v6);
+        .map_max_entries(maps::DENY_HOST_V4, cfg.denylist_v4)
+        .map_max_entries(maps::DENY_V6, cfg.denylist_v6)
+        .map_max_entries(maps::DENY_HOST_V6, cfg.denylist_v6);
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))?;
@@ -226,9 +233,21 @@ impl Kernel {
         let pinned = pin::check_layout(&cfg.pin_path)?;
         let wanted = [
             (maps::ALLOW_V4, cfg.capacity.allowlist_v4, "allowlist-v4"),
+            (
+                maps::ALLOW_HOST_V4,
+                cfg.capacity.allowlist_v4,
+                "allowlist-v4",
+            ),
             (maps::ALLOW_V6, cfg.capacity.allowlist_v6, "allowlist-v6"),
+            (
+                maps::ALLOW_HOST_V6,
+                cfg.capacity.allowlist_v6,
+                "allowlist-v6",
+            ),
             (maps::DENY_V4, cfg.capacity.denylist_v4, "denylist-v4"),
+            (maps::DENY_HOST_V4, cfg.capacity.denylist_v4, "denylist-v4"),
             (maps::DENY_V6, cfg.capacity.denylist_v6, "denylist-v6"),
+            (maps::DENY_HOST_V6, cfg.capacity.denylist_v6, "denylist-v6"),
         ];
         for (name, have) in &pinned {
             if let Some((_, want, option)) = wanted.iter().find(|(n, _, _)| n == name)
@@ -246,25 +265,55 @@ impl Kernel {
         let fresh = pinned.is_empty();
 
         let mut control = load_instance(&cfg.pin_path, &cfg.capacity)?;
-        let mut meta: Array<MapData, Meta> = take(&mut control, maps::META)?;
-        meta.set(
-            0,
-            Meta {
-                layout_version: LAYOUT_VERSION,
-                _pad: 0,
-            },
-            0,
-        )
-        .map_err(|source| KernelError::OtherMap {
-            name: maps::META,
-            source,
-        })?;
-        let tables = RuleTables::new(
-            take::<LpmTrie<MapData, [u8; 4], _>>(&mut control, maps::ALLOW_V4)?,
-            take::<LpmTrie<MapData, [u8; 16], _>>(&mut control, maps::ALLOW_V6)?,
-            take::<LpmTrie<MapData, [u8; 4], _>>(&mut control, maps::DENY_V4)?,
-            take::<LpmTrie<MapData, [u8; 16], _>>(&mut control, maps::DENY_V6)?,
-        )?;
+        let c = &mut control;
+        let rule_maps: [Box<dyn RuleMap>; 8] = [
+            Box::new(PrefixMap::new(
+                take::<LpmTrie<_, [u8; 4], _>>(c, maps::ALLOW_V4)?,
+                v4_key,
+                v4_prefix,
+            )),
+            Box::new(PrefixMap::new(
+                take::<LpmTrie<_, [u8; 16], _>>(c, maps::ALLOW_V6)?,
+                v6_key,
+                v6_prefix,
+            )),
+            Box::new(HostMap::new(
+                take::<HashMap<_, [u8; 4], _>>(c, maps::ALLOW_HOST_V4)?,
+                v4_key,
+                v4_prefix,
+                32,
+            )),
+            Box::new(HostMap::new(
+                take::<HashMap<_, [u8; 16], _>>(c, maps::ALLOW_HOST_V6)?,
+                v6_key,
+                v6_prefix,
+                128,
+            )),
+            Box::new(PrefixMap::new(
+                take::<LpmTrie<_, [u8; 4], _>>(c, maps::DENY_V4)?,
+                v4_key,
+                v4_prefix,
+            )),
+            Box::new(PrefixMap::new(
+                take::<LpmTrie<_, [u8; 16], _>>(c, maps::DENY_V6)?,
+                v6_key,
+                v6_prefix,
+            )),
+            Box::new(HostMap::new(
+                take::<HashMap<_, [u8; 4], _>>(c, maps::DENY_HOST_V4)?,
+                v4_key,
+                v4_prefix,
+                32,
+            )),
+            Box::new(HostMap::new(
+                take::<HashMap<_, [u8; 16], _>>(c, maps::DENY_HOST_V6)?,
+                v6_key,
+                v6_prefix,
+                128,
+            )),
+        ];
+        // Also stamps the layout version into SENTINEL_META.
+        let tables = RuleTables::new(rule_maps, take(c, maps::META)?)?;
         let ports = take(&mut control, maps::PORT_POLICY)?;
         let control_stats = take(&mut control, maps::STATS)?;
         info!(

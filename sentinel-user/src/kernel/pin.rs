@@ -129,7 +129,7 @@ struct Expected {
     value_size: u32,
 }
 
-fn expected() -> [Expected; 6] {
+fn expected() -> [Expected; 10] {
     use std::mem::size_of;
     let lpm = |name, bits: u32| Expected {
         name,
@@ -137,11 +137,21 @@ fn expected() -> [Expected; 6] {
         key_size: 4 + bits / 8,
         value_size: size_of::<RuleValue>() as u32,
     };
+    let host = |name, bits: u32| Expected {
+        name,
+        map_type: MapType::Hash,
+        key_size: bits / 8,
+        value_size: size_of::<RuleValue>() as u32,
+    };
     [
         lpm(maps::ALLOW_V4, 32),
         lpm(maps::ALLOW_V6, 128),
+        host(maps::ALLOW_HOST_V4, 32),
+        host(maps::ALLOW_HOST_V6, 128),
         lpm(maps::DENY_V4, 32),
         lpm(maps::DENY_V6, 128),
+        host(maps::DENY_HOST_V4, 32),
+        host(maps::DENY_HOST_V6, 128),
         Expected {
             name: maps::PORT_POLICY,
             map_type: MapType::Array,

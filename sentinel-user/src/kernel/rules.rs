@@ -1,64 +1,96 @@
-//! The allowlist and denylist LPM tries, as userspace sees them.
+//! The allowlist and denylist, as userspace sees them: for each list and
+//! address family, a hash map of hosts (/32, /128) and an LPM trie of
+//! shorter prefixes.
 //!
-//! Only the daemon writes these maps, so it keeps two things beside them
-//! that the kernel cannot give cheaply: the set of prefixes present in each
-//! (exact counts, and knowing whether an import creates or replaces without
-//! a syscall per prefix), and an index of entries by expiry time, so that
-//! reaping costs the number of expired entries rather than a walk over a
-//! million.
+//! Only the daemon writes these maps, so it keeps beside them what the
+//! kernel cannot give cheaply: the set of prefixes present in each map
+//! (exact counts, whether an import creates or replaces, which maps are
+//! empty so that the program can skip them) and an index of entries by
+//! expiry time (reaping costs the entries that expired, not a walk over a
+//! million).
 
-use std::{
-    collections::{BTreeSet, HashSet},
-    io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
-use aya::{
-    Pod,
-    maps::{IterableMap, LpmTrie, MapData, MapError, lpm_trie::Key},
-};
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use sentinel_common::{REASON_LEN, RuleValue, SOURCE_LEN};
+use aya::maps::{Array, MapData, MapError};
+use ipnet::IpNet;
+use sentinel_common::{LAYOUT_VERSION, Meta, RuleValue, maps, populated};
 
-use super::{KernelError, clock};
+use super::{KernelError, clock, rule_maps::RuleMap};
 use crate::net::RuleList;
 
-/// One of the four tries.
+/// Sets of up to millions of prefixes are built on every start and import:
+/// foldhash is several times faster than SipHash here and still seeded at
+/// random per process.
+type PrefixSet = std::collections::HashSet<IpNet, foldhash::fast::RandomState>;
+
+/// One of the eight maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Slot {
+pub(super) enum Slot {
     AllowV4 = 0,
     AllowV6 = 1,
-    DenyV4 = 2,
-    DenyV6 = 3,
+    AllowHostV4 = 2,
+    AllowHostV6 = 3,
+    DenyV4 = 4,
+    DenyV6 = 5,
+    DenyHostV4 = 6,
+    DenyHostV6 = 7,
 }
 
 impl Slot {
-    const ALL: [Slot; 4] = [Slot::AllowV4, Slot::AllowV6, Slot::DenyV4, Slot::DenyV6];
+    pub(super) const ALL: [Slot; 8] = [
+        Slot::AllowV4,
+        Slot::AllowV6,
+        Slot::AllowHostV4,
+        Slot::AllowHostV6,
+        Slot::DenyV4,
+        Slot::DenyV6,
+        Slot::DenyHostV4,
+        Slot::DenyHostV6,
+    ];
 
     fn of(list: RuleList, prefix: &IpNet) -> Slot {
-        match (list, prefix) {
-            (RuleList::Allow, IpNet::V4(_)) => Slot::AllowV4,
-            (RuleList::Allow, IpNet::V6(_)) => Slot::AllowV6,
-            (RuleList::Deny, IpNet::V4(_)) => Slot::DenyV4,
-            (RuleList::Deny, IpNet::V6(_)) => Slot::DenyV6,
+        let host = prefix.prefix_len() == prefix.max_prefix_len();
+        match (list, prefix, host) {
+            (RuleList::Allow, IpNet::V4(_), false) => Slot::AllowV4,
+            (RuleList::Allow, IpNet::V6(_), false) => Slot::AllowV6,
+            (RuleList::Allow, IpNet::V4(_), true) => Slot::AllowHostV4,
+            (RuleList::Allow, IpNet::V6(_), true) => Slot::AllowHostV6,
+            (RuleList::Deny, IpNet::V4(_), false) => Slot::DenyV4,
+            (RuleList::Deny, IpNet::V6(_), false) => Slot::DenyV6,
+            (RuleList::Deny, IpNet::V4(_), true) => Slot::DenyHostV4,
+            (RuleList::Deny, IpNet::V6(_), true) => Slot::DenyHostV6,
         }
     }
 
     fn list(self) -> RuleList {
-        match self {
-            Slot::AllowV4 | Slot::AllowV6 => RuleList::Allow,
-            Slot::DenyV4 | Slot::DenyV6 => RuleList::Deny,
+        if (self as usize) < 4 {
+            RuleList::Allow
+        } else {
+            RuleList::Deny
         }
     }
 
-    /// The configuration option that sets this trie's capacity.
+    /// The bit of `Meta::populated` for this map.
+    fn bit(self) -> u32 {
+        match self {
+            Slot::AllowV4 => populated::ALLOW_V4,
+            Slot::AllowV6 => populated::ALLOW_V6,
+            Slot::AllowHostV4 => populated::ALLOW_HOST_V4,
+            Slot::AllowHostV6 => populated::ALLOW_HOST_V6,
+            Slot::DenyV4 => populated::DENY_V4,
+            Slot::DenyV6 => populated::DENY_V6,
+            Slot::DenyHostV4 => populated::DENY_HOST_V4,
+            Slot::DenyHostV6 => populated::DENY_HOST_V6,
+        }
+    }
+
+    /// The configuration option that sets this map's capacity.
     fn capacity_option(self) -> &'static str {
         match self {
-            Slot::AllowV4 => "allowlist-v4",
-            Slot::AllowV6 => "allowlist-v6",
-            Slot::DenyV4 => "denylist-v4",
-            Slot::DenyV6 => "denylist-v6",
+            Slot::AllowV4 | Slot::AllowHostV4 => "allowlist-v4",
+            Slot::AllowV6 | Slot::AllowHostV6 => "allowlist-v6",
+            Slot::DenyV4 | Slot::DenyHostV4 => "denylist-v4",
+            Slot::DenyV6 | Slot::DenyHostV6 => "denylist-v6",
         }
     }
 }
@@ -73,10 +105,10 @@ pub struct NewRule {
 }
 
 impl NewRule {
-    fn value(&self, prefix_len: u8, now_boot_ns: u64) -> RuleValue {
+    fn value(&self, prefix_len: u8, now_ns: u64) -> RuleValue {
         let mut value = RuleValue::zeroed();
         value.expires_at_ns = self.ttl.map_or(0, |ttl| {
-            now_boot_ns
+            now_ns
                 .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX))
                 .max(1)
         });
@@ -103,8 +135,6 @@ pub fn text(field: &[u8]) -> String {
     String::from_utf8_lossy(&field[..end]).into_owned()
 }
 
-const _: () = assert!(SOURCE_LEN > 0 && REASON_LEN > 0);
-
 /// Whether an upsert created an entry or replaced one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upsert {
@@ -122,72 +152,8 @@ pub struct Imported {
     pub stopped: Option<KernelError>,
 }
 
-type Trie<K> = LpmTrie<MapData, K, RuleValue>;
-
-/// The four tries with their counts and expiry index.
-pub struct RuleTables {
-    allow_v4: Trie<[u8; 4]>,
-    allow_v6: Trie<[u8; 16]>,
-    deny_v4: Trie<[u8; 4]>,
-    deny_v6: Trie<[u8; 16]>,
-    capacity: [u32; 4],
-    /// Prefixes present in each trie.
-    present: [HashSet<IpNet>; 4],
-    /// (expires_at_ns, slot, prefix) for every entry with a TTL.
-    expiry: BTreeSet<(u64, Slot, IpNet)>,
-}
-
-fn key_v4(prefix: &IpNet) -> Key<[u8; 4]> {
-    match prefix {
-        IpNet::V4(net) => Key::new(u32::from(net.prefix_len()), net.addr().octets()),
-        // Unreachable: the slot is chosen from the prefix's family.
-        IpNet::V6(_) => Key::new(0, [0; 4]),
-    }
-}
-
-fn key_v6(prefix: &IpNet) -> Key<[u8; 16]> {
-    match prefix {
-        IpNet::V6(net) => Key::new(u32::from(net.prefix_len()), net.addr().octets()),
-        IpNet::V4(_) => Key::new(0, [0; 16]),
-    }
-}
-
-fn prefix_v4(key: &Key<[u8; 4]>) -> Option<IpNet> {
-    Ipv4Net::new(key.data().into(), key.prefix_len() as u8)
-        .ok()
-        .map(IpNet::V4)
-}
-
-fn prefix_v6(key: &Key<[u8; 16]>) -> Option<IpNet> {
-    Ipv6Net::new(key.data().into(), key.prefix_len() as u8)
-        .ok()
-        .map(IpNet::V6)
-}
-
-/// Runs `$body` with `$map` bound to the trie of `$slot`, `$key` to the
-/// function that turns a prefix into its key, and `$prefix` to the inverse.
-macro_rules! with_trie {
-    ($tables:expr, $slot:expr, |$map:ident, $key:ident, $prefix:ident| $body:expr) => {
-        match $slot {
-            Slot::AllowV4 => {
-                let ($map, $key, $prefix) = (&mut $tables.allow_v4, key_v4, prefix_v4);
-                $body
-            }
-            Slot::AllowV6 => {
-                let ($map, $key, $prefix) = (&mut $tables.allow_v6, key_v6, prefix_v6);
-                $body
-            }
-            Slot::DenyV4 => {
-                let ($map, $key, $prefix) = (&mut $tables.deny_v4, key_v4, prefix_v4);
-                $body
-            }
-            Slot::DenyV6 => {
-                let ($map, $key, $prefix) = (&mut $tables.deny_v6, key_v6, prefix_v6);
-                $body
-            }
-        }
-    };
-}
+/// Elements per batch syscall: bounds the copy of values in flight.
+const BATCH: usize = 8192;
 
 fn is_errno(error: &MapError, errno: i32) -> bool {
     match error {
@@ -196,172 +162,107 @@ fn is_errno(error: &MapError, errno: i32) -> bool {
     }
 }
 
-/// The entry stored under exactly `key`, if any. An LPM lookup returns the
-/// longest prefix containing the key among prefixes no longer than the
-/// key's; it is the entry itself exactly when the lengths agree.
-fn exact<K: Pod>(map: &Trie<K>, key: &Key<K>) -> Result<Option<RuleValue>, MapError> {
-    match map.get(key, 0) {
-        Ok(value) if value.prefix_len == key.prefix_len() => Ok(Some(value)),
-        Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
-        Err(error) => Err(error),
-    }
+/// The eight maps with their prefix sets and expiry index.
+pub struct RuleTables {
+    maps: [Box<dyn RuleMap>; 8],
+    meta: Array<MapData, Meta>,
+    /// `Meta::populated` as last written.
+    populated: u32,
+    /// Prefixes present in each map, by slot.
+    present: [PrefixSet; 8],
+    /// (expires_at_ns, slot, prefix) for every entry with a TTL.
+    expiry: BTreeSet<(u64, Slot, IpNet)>,
 }
-
-/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+). Returns how many elements were
-/// written before the first failure, and that failure.
-///
-/// The kernel accepts no flag but `BPF_F_LOCK` per element here (so no
-/// `BPF_NOEXIST`), and on an early error (`EINVAL`, `ENOTSUPP`) it does not
-/// write `count` back: those mean nothing was written.
-fn update_batch<K: Copy, V: Copy>(
-    fd: BorrowedFd<'_>,
-    keys: &[K],
-    values: &[V],
-) -> (usize, Option<io::Error>) {
-    // `struct { ... } batch` of `union bpf_attr`, include/uapi/linux/bpf.h.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-    debug_assert_eq!(keys.len(), values.len());
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: keys.len().min(values.len()) as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `attr` points at `count` contiguous keys and values that
-    // outlive the call; the kernel reads them and writes back `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc == 0 {
-        return (keys.len(), None);
-    }
-    let error = io::Error::last_os_error();
-    let written = if batch_unsupported(&error) {
-        0
-    } else {
-        attr.count as usize
-    };
-    (written.min(keys.len()), Some(error))
-}
-
-/// Whether the kernel lacks batch operations for this map type.
-fn batch_unsupported(error: &io::Error) -> bool {
-    // ENOTSUPP (524) is the kernel-internal code the bpf syscall returns
-    // when a map type has no batch ops.
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
-    )
-}
-
-const BPF_NOEXIST: u64 = 1;
-/// Elements per batch syscall: bounds the copy of values in flight.
-const BATCH: usize = 8192;
 
 impl RuleTables {
+    /// Takes the maps in [`Slot::ALL`] order and rebuilds the bookkeeping
+    /// from what they hold (entries from an earlier run included).
     pub(super) fn new(
-        allow_v4: Trie<[u8; 4]>,
-        allow_v6: Trie<[u8; 16]>,
-        deny_v4: Trie<[u8; 4]>,
-        deny_v6: Trie<[u8; 16]>,
+        maps: [Box<dyn RuleMap>; 8],
+        meta: Array<MapData, Meta>,
     ) -> Result<Self, KernelError> {
-        let capacity = [
-            allow_v4.map().info().map(|i| i.max_entries()).unwrap_or(0),
-            allow_v6.map().info().map(|i| i.max_entries()).unwrap_or(0),
-            deny_v4.map().info().map(|i| i.max_entries()).unwrap_or(0),
-            deny_v6.map().info().map(|i| i.max_entries()).unwrap_or(0),
-        ];
         let mut tables = Self {
-            allow_v4,
-            allow_v6,
-            deny_v4,
-            deny_v6,
-            capacity,
+            maps,
+            meta,
+            // Unknown until written: force the first write.
+            populated: u32::MAX,
             present: Default::default(),
             expiry: BTreeSet::new(),
         };
-        tables.rescan()?;
-        Ok(tables)
-    }
-
-    /// Rebuilds the prefix sets and the expiry index from the maps (at
-    /// start, when the maps may hold entries from an earlier run).
-    fn rescan(&mut self) -> Result<(), KernelError> {
-        self.expiry.clear();
         for slot in Slot::ALL {
-            let mut present = HashSet::new();
-            let mut expiring = Vec::new();
-            with_trie!(self, slot, |map, _key, prefix| {
-                for item in map.iter() {
-                    let (key, value) = item.map_err(|source| KernelError::Map {
+            let entries =
+                tables.maps[slot as usize]
+                    .entries()
+                    .map_err(|source| KernelError::Map {
                         op: "read",
                         list: slot.list(),
                         source,
                     })?;
-                    let Some(p) = prefix(&key) else { continue };
-                    present.insert(p);
-                    if value.expires_at_ns != 0 {
-                        expiring.push((value.expires_at_ns, slot, p));
-                    }
+            for (prefix, value) in entries {
+                if value.expires_at_ns != 0 {
+                    tables.expiry.insert((value.expires_at_ns, slot, prefix));
                 }
-            });
-            self.present[slot as usize] = present;
-            self.expiry.extend(expiring);
+                tables.present[slot as usize].insert(prefix);
+            }
         }
+        tables.sync_populated()?;
+        Ok(tables)
+    }
+
+    /// Writes `Meta` when the set of non-empty maps changed. Called after
+    /// writes (so the program looks once entries exist) and after removals.
+    fn sync_populated(&mut self) -> Result<(), KernelError> {
+        let populated = Slot::ALL
+            .iter()
+            .filter(|s| !self.present[**s as usize].is_empty())
+            .fold(0, |bits, s| bits | s.bit());
+        if populated == self.populated {
+            return Ok(());
+        }
+        let meta = Meta {
+            layout_version: LAYOUT_VERSION,
+            populated,
+        };
+        self.meta
+            .set(0, meta, 0)
+            .map_err(|source| KernelError::OtherMap {
+                name: maps::META,
+                source,
+            })?;
+        self.populated = populated;
         Ok(())
     }
 
-    /// Entries in `list`, both families.
+    /// Entries in `list`, hosts and prefixes of both families.
     pub fn count(&self, list: RuleList) -> usize {
-        let (v4, v6) = match list {
-            RuleList::Allow => (Slot::AllowV4, Slot::AllowV6),
-            RuleList::Deny => (Slot::DenyV4, Slot::DenyV6),
-        };
-        self.present[v4 as usize].len() + self.present[v6 as usize].len()
+        Slot::ALL
+            .iter()
+            .filter(|s| s.list() == list)
+            .map(|s| self.present[*s as usize].len())
+            .sum()
     }
 
     fn full(&self, slot: Slot) -> KernelError {
         KernelError::Full {
             list: slot.list(),
-            capacity: self.capacity[slot as usize],
+            capacity: self.maps[slot as usize].capacity(),
             option: slot.capacity_option(),
         }
     }
 
     /// The entry stored under exactly `prefix`.
-    pub fn get(
-        &mut self,
-        list: RuleList,
-        prefix: &IpNet,
-    ) -> Result<Option<RuleValue>, KernelError> {
+    pub fn get(&self, list: RuleList, prefix: &IpNet) -> Result<Option<RuleValue>, KernelError> {
         let slot = Slot::of(list, prefix);
-        with_trie!(self, slot, |map, key, _prefix| exact(map, &key(prefix))).map_err(|source| {
-            KernelError::Map {
+        if !self.present[slot as usize].contains(prefix) {
+            return Ok(None);
+        }
+        self.maps[slot as usize]
+            .get(prefix)
+            .map_err(|source| KernelError::Map {
                 op: "read",
                 list,
                 source,
-            }
-        })
+            })
     }
 
     /// Adds `prefix` or replaces its entry. A replaced entry keeps its hit
@@ -374,40 +275,32 @@ impl RuleTables {
         rule: &NewRule,
     ) -> Result<Upsert, KernelError> {
         let slot = Slot::of(list, prefix);
-        let now = clock::boottime_ns();
-        let mut value = rule.value(prefix.prefix_len(), now);
         let map_err = |source| KernelError::Map {
             op: "write",
             list,
             source,
         };
-        let previous = if self.present[slot as usize].contains(prefix) {
-            with_trie!(self, slot, |map, key, _prefix| exact(map, &key(prefix))).map_err(map_err)?
-        } else {
-            None
-        };
+        let mut value = rule.value(prefix.prefix_len(), clock::now_ns());
+        let previous = self.get(list, prefix)?;
         if let Some(old) = &previous {
             value.hits = old.hits;
             value.last_hit_ns = old.last_hit_ns;
         }
-        let flags = if previous.is_some() { 0 } else { BPF_NOEXIST };
-        let written = with_trie!(self, slot, |map, key, _prefix| map.insert(
-            &key(prefix),
-            value,
-            flags
-        ));
-        match written {
+        match self.maps[slot as usize].insert(prefix, &value) {
             Ok(()) => {}
-            Err(e) if is_errno(&e, libc::ENOSPC) => return Err(self.full(slot)),
+            Err(e) if is_errno(&e, libc::ENOSPC) || is_errno(&e, libc::E2BIG) => {
+                return Err(self.full(slot));
+            }
             Err(e) => return Err(map_err(e)),
         }
         if let Some(old) = &previous {
             self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
         }
-        self.present[slot as usize].insert(*prefix);
         if value.expires_at_ns != 0 {
             self.expiry.insert((value.expires_at_ns, slot, *prefix));
         }
+        self.present[slot as usize].insert(*prefix);
+        self.sync_populated()?;
         Ok(if previous.is_some() {
             Upsert::Replaced
         } else {
@@ -423,41 +316,49 @@ impl RuleTables {
             list,
             source,
         };
-        let Some(old) = with_trie!(self, slot, |map, key, _prefix| exact(map, &key(prefix)))
-            .map_err(map_err)?
-        else {
+        let Some(old) = self.get(list, prefix)? else {
             return Ok(false);
         };
-        match with_trie!(self, slot, |map, key, _prefix| map.remove(&key(prefix))) {
+        match self.maps[slot as usize].remove(prefix) {
             Ok(()) => {}
-            Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) if is_errno(&e, libc::ENOENT) => return Ok(false),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) if is_errno(&e, libc::ENOENT) => {}
             Err(e) => return Err(map_err(e)),
         }
         self.present[slot as usize].remove(prefix);
         self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
+        self.sync_populated()?;
         Ok(true)
     }
 
-    /// Every entry of `list`, IPv4 first.
+    /// Every entry of `list`: IPv4 before IPv6, each family's prefixes
+    /// before its hosts.
     pub fn entries(&self, list: RuleList) -> Result<Vec<(IpNet, RuleValue)>, KernelError> {
-        let map_err = |source| KernelError::Map {
-            op: "read",
-            list,
-            source,
-        };
         let mut out = Vec::with_capacity(self.count(list));
-        let (v4, v6) = match list {
-            RuleList::Allow => (&self.allow_v4, &self.allow_v6),
-            RuleList::Deny => (&self.deny_v4, &self.deny_v6),
+        let order = match list {
+            RuleList::Allow => [
+                Slot::AllowV4,
+                Slot::AllowHostV4,
+                Slot::AllowV6,
+                Slot::AllowHostV6,
+            ],
+            RuleList::Deny => [
+                Slot::DenyV4,
+                Slot::DenyHostV4,
+                Slot::DenyV6,
+                Slot::DenyHostV6,
+            ],
         };
-        for item in v4.iter() {
-            let (key, value) = item.map_err(map_err)?;
-            out.extend(prefix_v4(&key).map(|p| (p, value)));
-        }
-        for item in v6.iter() {
-            let (key, value) = item.map_err(map_err)?;
-            out.extend(prefix_v6(&key).map(|p| (p, value)));
+        for slot in order {
+            let entries =
+                self.maps[slot as usize]
+                    .entries()
+                    .map_err(|source| KernelError::Map {
+                        op: "read",
+                        list,
+                        source,
+                    })?;
+            out.extend(entries);
         }
         Ok(out)
     }
@@ -467,36 +368,44 @@ impl RuleTables {
     /// already present are replaced one by one, keeping their hit counts.
     pub fn import(&mut self, list: RuleList, prefixes: &[IpNet], rule: &NewRule) -> Imported {
         let mut out = Imported::default();
-        let now = clock::boottime_ns();
-        let expires = rule.value(0, now).expires_at_ns;
-        let mut seen = HashSet::with_capacity(prefixes.len());
+        let now = clock::now_ns();
+        let template = rule.value(0, now);
+        // New prefixes are marked present right away (which also spots
+        // duplicates within the input); whatever is not written below is
+        // unmarked again.
+        let mut fresh: [Vec<IpNet>; 8] = Default::default();
         let mut existing = Vec::new();
-        for slot in [
-            Slot::of(list, &IpNet::V4(Default::default())),
-            Slot::of(list, &IpNet::V6(Default::default())),
-        ] {
-            let fresh: Vec<IpNet> = prefixes
-                .iter()
-                .filter(|p| Slot::of(list, p) == slot && seen.insert(**p))
-                .filter(|p| {
-                    let known = self.present[slot as usize].contains(*p);
-                    if known {
-                        existing.push(**p);
-                    }
-                    !known
-                })
-                .copied()
-                .collect();
-            let (written, stop) = with_trie!(self, slot, |map, key, _prefix| {
-                write_new(map, key, &fresh, rule, now)
-            });
+        for prefix in prefixes {
+            let slot = Slot::of(list, prefix);
+            if self.present[slot as usize].insert(*prefix) {
+                fresh[slot as usize].push(*prefix);
+            } else {
+                existing.push(*prefix);
+            }
+        }
+        for slot in Slot::ALL {
+            let new = &fresh[slot as usize];
+            if new.is_empty() {
+                continue;
+            }
+            let (written, stop) = write_new(self.maps[slot as usize].as_mut(), new, &template);
             out.created += written;
-            self.present[slot as usize].extend(fresh[..written].iter().copied());
-            if expires != 0 {
-                self.expiry
-                    .extend(fresh[..written].iter().map(|p| (expires, slot, *p)));
+            if template.expires_at_ns != 0 {
+                self.expiry.extend(
+                    new[..written]
+                        .iter()
+                        .map(|p| (template.expires_at_ns, slot, *p)),
+                );
             }
             if let Some(stop) = stop {
+                for later in Slot::ALL.iter().filter(|s| **s >= slot) {
+                    let unwritten = if *later == slot { written } else { 0 };
+                    for prefix in &fresh[*later as usize][unwritten..] {
+                        self.present[*later as usize].remove(prefix);
+                    }
+                }
+                // What was written must still be looked up.
+                let _ = self.sync_populated();
                 out.stopped = Some(match stop {
                     BatchStop::Full => self.full(slot),
                     BatchStop::Error(source) => KernelError::Map {
@@ -507,6 +416,10 @@ impl RuleTables {
                 });
                 return out;
             }
+        }
+        if let Err(e) = self.sync_populated() {
+            out.stopped = Some(e);
+            return out;
         }
         for prefix in existing {
             match self.upsert(list, &prefix, rule) {
@@ -522,10 +435,10 @@ impl RuleTables {
     }
 
     /// Removes entries whose TTL has passed; returns them.
-    pub fn reap(&mut self, now_boot_ns: u64) -> Result<Vec<(RuleList, IpNet)>, KernelError> {
+    pub fn reap(&mut self, now_ns: u64) -> Result<Vec<(RuleList, IpNet)>, KernelError> {
         let mut reaped = Vec::new();
         while let Some(&(expires, slot, prefix)) = self.expiry.first() {
-            if expires > now_boot_ns {
+            if expires > now_ns {
                 break;
             }
             self.expiry.pop_first();
@@ -550,35 +463,31 @@ enum BatchStop {
 
 /// Writes prefixes known to be absent, in batches. Returns how many were
 /// written (a prefix of `prefixes`) and why it stopped early, if it did.
-fn write_new<K: Pod>(
-    map: &mut Trie<K>,
-    key_of: fn(&IpNet) -> Key<K>,
+fn write_new(
+    map: &mut dyn RuleMap,
     prefixes: &[IpNet],
-    rule: &NewRule,
-    now: u64,
+    template: &RuleValue,
 ) -> (usize, Option<BatchStop>) {
-    let template = rule.value(0, now);
     let mut written = 0;
     let mut batch_ok = true;
     for chunk in prefixes.chunks(BATCH) {
-        let keys: Vec<Key<K>> = chunk.iter().map(key_of).collect();
         let values: Vec<RuleValue> = chunk
             .iter()
             .map(|p| {
-                let mut value = template;
+                let mut value = *template;
                 value.prefix_len = u32::from(p.prefix_len());
                 value
             })
             .collect();
         if batch_ok {
-            let (done, error) = update_batch(map.map().fd().as_fd(), &keys, &values);
+            let (done, error) = map.update_batch(chunk, &values);
             written += done;
             match error {
                 None => continue,
-                Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                Some(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::E2BIG)) => {
                     return (written, Some(BatchStop::Full));
                 }
-                Some(e) if done == 0 && batch_unsupported(&e) => {
+                Some(e) if done == 0 && super::rule_maps::batch_unsupported(&e) => {
                     tracing::debug!(error = %e, "no batch updates for this map; writing one by one");
                     batch_ok = false;
                 }
@@ -591,10 +500,12 @@ fn write_new<K: Pod>(
                 }
             }
         }
-        for (key, value) in keys.iter().zip(&values) {
-            match map.insert(key, value, 0) {
+        for (prefix, value) in chunk.iter().zip(&values) {
+            match map.insert(prefix, value) {
                 Ok(()) => written += 1,
-                Err(e) if is_errno(&e, libc::ENOSPC) => return (written, Some(BatchStop::Full)),
+                Err(e) if is_errno(&e, libc::ENOSPC) || is_errno(&e, libc::E2BIG) => {
+                    return (written, Some(BatchStop::Full));
+                }
                 Err(e) => return (written, Some(BatchStop::Error(e))),
             }
         }

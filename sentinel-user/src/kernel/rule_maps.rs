@@ -1,0 +1,257 @@
+//! The two kinds of map an address list is stored in, behind one interface:
+//! LPM tries for prefixes and hash maps for hosts (/32, /128).
+
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sentinel_common::RuleValue;
+
+/// Operations the rule tables need from one map. Keys are prefixes; each
+/// implementation knows its key layout.
+pub trait RuleMap: Send {
+    /// The entry stored under exactly `prefix`.
+    fn get(&self, prefix: &IpNet) -> Result<Option<RuleValue>, MapError>;
+    fn insert(&mut self, prefix: &IpNet, value: &RuleValue) -> Result<(), MapError>;
+    fn remove(&mut self, prefix: &IpNet) -> Result<(), MapError>;
+    fn entries(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError>;
+    /// Writes `prefixes[i] -> values[i]` with `BPF_MAP_UPDATE_BATCH`;
+    /// returns how many were written and the error that stopped it.
+    fn update_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>);
+    fn capacity(&self) -> u32;
+}
+
+/// An LPM trie keyed by `Key<K>`.
+pub struct PrefixMap<K: Pod> {
+    map: LpmTrie<MapData, K, RuleValue>,
+    key: fn(&IpNet) -> K,
+    prefix: fn(K, u8) -> Option<IpNet>,
+}
+
+/// A hash map keyed by the address itself.
+pub struct HostMap<K: Pod> {
+    map: HashMap<MapData, K, RuleValue>,
+    key: fn(&IpNet) -> K,
+    prefix: fn(K, u8) -> Option<IpNet>,
+    bits: u8,
+}
+
+pub fn v4_key(prefix: &IpNet) -> [u8; 4] {
+    match prefix {
+        IpNet::V4(net) => net.addr().octets(),
+        // Unreachable: maps are chosen from the prefix's family.
+        IpNet::V6(_) => [0; 4],
+    }
+}
+
+pub fn v6_key(prefix: &IpNet) -> [u8; 16] {
+    match prefix {
+        IpNet::V6(net) => net.addr().octets(),
+        IpNet::V4(_) => [0; 16],
+    }
+}
+
+pub fn v4_prefix(addr: [u8; 4], len: u8) -> Option<IpNet> {
+    Ipv4Net::new(addr.into(), len).ok().map(IpNet::V4)
+}
+
+pub fn v6_prefix(addr: [u8; 16], len: u8) -> Option<IpNet> {
+    Ipv6Net::new(addr.into(), len).ok().map(IpNet::V6)
+}
+
+impl<K: Pod> PrefixMap<K> {
+    pub fn new(
+        map: LpmTrie<MapData, K, RuleValue>,
+        key: fn(&IpNet) -> K,
+        prefix: fn(K, u8) -> Option<IpNet>,
+    ) -> Self {
+        Self { map, key, prefix }
+    }
+
+    fn key_of(&self, prefix: &IpNet) -> Key<K> {
+        Key::new(u32::from(prefix.prefix_len()), (self.key)(prefix))
+    }
+}
+
+impl<K: Pod> HostMap<K> {
+    pub fn new(
+        map: HashMap<MapData, K, RuleValue>,
+        key: fn(&IpNet) -> K,
+        prefix: fn(K, u8) -> Option<IpNet>,
+        bits: u8,
+    ) -> Self {
+        Self {
+            map,
+            key,
+            prefix,
+            bits,
+        }
+    }
+}
+
+fn capacity(map: &MapData) -> u32 {
+    map.info().map(|i| i.max_entries()).unwrap_or(0)
+}
+
+impl<K: Pod + Send> RuleMap for PrefixMap<K> {
+    fn get(&self, prefix: &IpNet) -> Result<Option<RuleValue>, MapError> {
+        let key = self.key_of(prefix);
+        // An LPM lookup returns the longest prefix containing the key among
+        // prefixes no longer than the key's: the entry itself exactly when
+        // the lengths agree.
+        match self.map.get(&key, 0) {
+            Ok(value) if value.prefix_len == key.prefix_len() => Ok(Some(value)),
+            Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn insert(&mut self, prefix: &IpNet, value: &RuleValue) -> Result<(), MapError> {
+        let key = self.key_of(prefix);
+        self.map.insert(&key, value, 0)
+    }
+
+    fn remove(&mut self, prefix: &IpNet) -> Result<(), MapError> {
+        let key = self.key_of(prefix);
+        self.map.remove(&key)
+    }
+
+    fn entries(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            let (key, value) = item?;
+            out.extend((self.prefix)(key.data(), key.prefix_len() as u8).map(|p| (p, value)));
+        }
+        Ok(out)
+    }
+
+    fn update_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        let keys: Vec<Key<K>> = prefixes.iter().map(|p| self.key_of(p)).collect();
+        update_batch(self.map.map().fd().as_fd(), &keys, values)
+    }
+
+    fn capacity(&self) -> u32 {
+        capacity(self.map.map())
+    }
+}
+
+impl<K: Pod + Send> RuleMap for HostMap<K> {
+    fn get(&self, prefix: &IpNet) -> Result<Option<RuleValue>, MapError> {
+        match self.map.get(&(self.key)(prefix), 0) {
+            Ok(value) => Ok(Some(value)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn insert(&mut self, prefix: &IpNet, value: &RuleValue) -> Result<(), MapError> {
+        self.map.insert((self.key)(prefix), value, 0)
+    }
+
+    fn remove(&mut self, prefix: &IpNet) -> Result<(), MapError> {
+        self.map.remove(&(self.key)(prefix))
+    }
+
+    fn entries(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+        let mut out = Vec::new();
+        for item in self.map.iter() {
+            let (key, value) = item?;
+            out.extend((self.prefix)(key, self.bits).map(|p| (p, value)));
+        }
+        Ok(out)
+    }
+
+    fn update_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        let keys: Vec<K> = prefixes.iter().map(|p| (self.key)(p)).collect();
+        update_batch(self.map.map().fd().as_fd(), &keys, values)
+    }
+
+    fn capacity(&self) -> u32 {
+        capacity(self.map.map())
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` (kernel 5.6+). Returns how many elements were
+/// written before the first failure, and that failure.
+///
+/// The kernel accepts no per-element flag but `BPF_F_LOCK` here (so no
+/// `BPF_NOEXIST`), and on an early error (`EINVAL`, `ENOTSUPP`) it does not
+/// write `count` back: those mean nothing was written.
+fn update_batch<K: Copy, V: Copy>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    // `struct { ... } batch` of `union bpf_attr`, include/uapi/linux/bpf.h.
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    let count = keys.len().min(values.len());
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` points at `count` contiguous keys and values that
+    // outlive the call; the kernel reads them and writes back `count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc == 0 {
+        return (count, None);
+    }
+    let error = io::Error::last_os_error();
+    let written = if batch_unsupported(&error) {
+        0
+    } else {
+        attr.count as usize
+    };
+    (written.min(count), Some(error))
+}
+
+/// Whether the kernel lacks batch operations for this map type.
+pub fn batch_unsupported(error: &io::Error) -> bool {
+    // ENOTSUPP (524) is the kernel-internal code the bpf syscall returns
+    // when a map type has no batch ops.
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
+    )
+}
