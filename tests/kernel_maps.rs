@@ -166,13 +166,7 @@ fn reaper_removes_only_what_expired() {
     );
     assert_eq!(h.kernel.tables.count(RuleList::Deny), 3);
     assert_eq!(h.kernel.tables.count(RuleList::Allow), 0);
-    assert!(
-        h.kernel
-            .tables
-            .reap(clock::now_ns())
-            .unwrap()
-            .is_empty()
-    );
+    assert!(h.kernel.tables.reap(clock::now_ns()).unwrap().is_empty());
 }
 
 #[test]

@@ -1,1 +1,382 @@
-fn main() {}
+//! `sentinel-bench`: benchmark programs run by `cargo xtask bench`, each
+//! printing Markdown tables side by side with the peer it is measured
+//! against. Progress goes to stderr, tables to stdout.
+//!
+//! `sentinel-bench xdp` measures the XDP fast path:
+//! 1. ns per packet through `BPF_PROG_TEST_RUN` against xdp-filter
+//!    ([`testrun`]), for three kinds of entries at several counts;
+//! 2. the time to load a large denylist, in-process and end to end
+//!    through the daemon ([`import`]);
+//! 3. the time from `sentinel deny add` to the first dropped packet on a
+//!    veth pair ([`latency`]);
+//! 4. CPU time per dropped packet under a trafgen flood, against
+//!    xdp-filter, nftables and iptables ([`flood`]).
+//!
+//! Everything it creates (namespaces, pin directories, firewall rules,
+//! xdp-filter attachments, daemons) is removed by guards when it ends, also
+//! on error or Ctrl-C; leftovers of a run that was killed outright are
+//! removed at the next start ([`stale`]).
+
+mod bpf;
+mod cpu;
+mod daemon;
+mod entries;
+mod filters;
+mod flood;
+mod import;
+mod latency;
+mod netns;
+mod report;
+mod stale;
+mod table;
+mod testrun;
+mod xdp_filter;
+
+use std::{
+    path::PathBuf,
+    process::{Command, ExitCode},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{entries::Kind, netns::NetNs, table::Table};
+
+#[derive(Parser)]
+#[command(
+    name = "sentinel-bench",
+    about = "Sentinel benchmarks, side by side with their peers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// XDP fast path against xdp-filter, nftables and iptables (root).
+    Xdp(XdpArgs),
+}
+
+#[derive(Args, Debug)]
+struct XdpArgs {
+    /// The `sentinel` binary (default: next to this program).
+    #[arg(long, value_name = "PATH")]
+    sentinel_bin: Option<PathBuf>,
+    /// Entry counts for the per-packet table, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
+    sizes: Vec<usize>,
+    /// BPF_PROG_TEST_RUN repeat count per measurement.
+    #[arg(long, default_value_t = 2_000_000)]
+    repeat: u32,
+    /// Alternating rounds per measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Entries imported end to end through `sentinel deny import`.
+    #[arg(long, default_value_t = 1_000_000)]
+    import_entries: usize,
+    /// Repetitions of the deny-to-drop measurement.
+    #[arg(long, default_value_t = 10)]
+    latency_repeats: usize,
+    /// Frames per flood.
+    #[arg(long, default_value_t = 2_000_000)]
+    flood_packets: u64,
+    /// Rounds over all filters in the flood measurement.
+    #[arg(long, default_value_t = 3)]
+    flood_rounds: usize,
+    /// Sections to run (1: per packet, 2: load time, 3: deny-to-drop,
+    /// 4: flood), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+    sections: Vec<u8>,
+    /// Small counts everywhere: a smoke test of the whole program in about
+    /// a minute, not a measurement.
+    #[arg(long)]
+    quick: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Fails once SIGINT or SIGTERM has arrived, so that every guard on the way
+/// out runs.
+pub fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(signal, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn command_text(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// The machine and tools the numbers come from.
+fn header(args: &[String]) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("?", |(_, m)| m.trim());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let versions = command_text(
+        "dpkg-query",
+        &[
+            "-W",
+            "-f",
+            "${Package} ${Version}, ",
+            "xdp-tools",
+            "libxdp1",
+            "netsniff-ng",
+            "nftables",
+            "iptables",
+        ],
+    );
+    format!(
+        "## sentinel-bench xdp\n\n\
+         - command: `{}`\n\
+         - date: {}\n\
+         - tree: commit {} (plus any uncommitted changes)\n\
+         - machine: {model}, {cpus} CPUs, {mem_gib:.1} GiB, kernel {}\n\
+         - load average at start: {}\n\
+         - peers: {} ({})\n",
+        args.join(" "),
+        command_text("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+        command_text(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "rev-parse",
+                "--short",
+                "HEAD"
+            ]
+        ),
+        kernel.trim(),
+        load.trim(),
+        versions.trim_end_matches([',', ' ']),
+        command_text("iptables", &["-V"]),
+    )
+}
+
+fn print(table: &Table) {
+    println!("{}", table.render());
+}
+
+/// Waits for the machine to quiet down before a section and says how busy
+/// it still was.
+fn settle(section: &str) {
+    match cpu::settle(Duration::from_secs(30)) {
+        Ok(busy) => {
+            eprintln!(
+                "    before {section}: {:.0}% of all CPUs busy",
+                busy * 100.0
+            );
+            println!(
+                "_Before this section the machine was {:.0}% busy (all CPUs, 300 ms window, after waiting up to 30 s for it to quiet down)._\n",
+                busy * 100.0
+            );
+        }
+        Err(e) => eprintln!("warning: cannot measure the background load: {e:#}"),
+    }
+}
+
+fn xdp(mut args: XdpArgs) -> Result<bool> {
+    if args.quick {
+        args.sizes = vec![1_000, 10_000];
+        args.repeat = 200_000;
+        args.rounds = 3;
+        args.import_entries = 100_000;
+        args.latency_repeats = 3;
+        args.flood_packets = 200_000;
+        args.flood_rounds = 1;
+    }
+    args.sizes.sort_unstable();
+    args.sizes.dedup();
+    if args.sizes.is_empty() || args.rounds == 0 || args.repeat == 0 {
+        bail!("--sizes, --rounds and --repeat must not be empty or zero");
+    }
+    let bin = match &args.sentinel_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()
+            .context("cannot locate this program")?
+            .with_file_name("sentinel"),
+    };
+    let wants = |s: u8| args.sections.contains(&s);
+    if (wants(2) || wants(3)) && !bin.exists() {
+        bail!(
+            "{} does not exist: build it (`cargo build --release -p sentinel-user`) or pass --sentinel-bin",
+            bin.display()
+        );
+    }
+    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
+    for line in stale::clean() {
+        eprintln!("    removed a leftover of an earlier run: {line}");
+    }
+    // xtask passes the command its user typed.
+    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
+        Ok(command) => vec![command],
+        Err(_) => std::env::args().collect(),
+    };
+    println!("{}", header(&argv));
+    let started = Instant::now();
+    let mut failed = false;
+    let mut fail = |section: &str, error: anyhow::Error| {
+        eprintln!("error: {section}: {error:#}");
+        println!("**{section} FAILED:** {error:#}\n");
+        failed = true;
+    };
+
+    let ns = if wants(1) || wants(3) || wants(4) {
+        eprintln!("==> network namespace and veth pair");
+        match NetNs::new() {
+            Ok(ns) => Some(ns),
+            Err(e) => {
+                fail("network namespace", e);
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let mut loads = Vec::new();
+    if wants(1) {
+        eprintln!("==> 1. per-packet cost (BPF_PROG_TEST_RUN)");
+        settle("section 1");
+        let plan = testrun::Plan {
+            sizes: args.sizes.clone(),
+            repeat: args.repeat,
+            rounds: args.rounds,
+        };
+        match testrun::run(&plan, ns.as_ref().map(|n| n.host_if.as_str())) {
+            Ok((cells, l)) => {
+                print(&report::per_packet(&cells, args.repeat, args.rounds));
+                if let Some(t) = report::growth(&cells) {
+                    print(&t);
+                }
+                if let Some(t) = report::stock_check(&cells) {
+                    print(&t);
+                }
+                loads = l;
+            }
+            Err(e) => fail("section 1", e),
+        }
+        if interrupted().is_err() {
+            return Ok(false);
+        }
+        match testrun::fixed_cost(&plan) {
+            Ok(cells) => print(&report::fixed_cost(&cells)),
+            Err(e) => fail("section 1d", e),
+        }
+    }
+    if interrupted().is_err() {
+        return Ok(false);
+    }
+    if wants(2) {
+        eprintln!("==> 2. load time (sentinel deny import)");
+        settle("section 2");
+        match import::run(&bin, &Kind::ALL, args.import_entries) {
+            Ok(e2e) => print(&report::load(&loads, &e2e)),
+            Err(e) => {
+                if !loads.is_empty() {
+                    print(&report::load(&loads, &[]));
+                }
+                fail("section 2", e);
+            }
+        }
+    } else if !loads.is_empty() {
+        print(&report::load(&loads, &[]));
+    }
+    if interrupted().is_err() {
+        return Ok(false);
+    }
+    if wants(3) {
+        eprintln!("==> 3. deny add -> first drop");
+        settle("section 3");
+        match &ns {
+            Some(ns) => match latency::run(&bin, ns, args.latency_repeats) {
+                Ok(l) => print(&report::latency(&l)),
+                Err(e) => fail("section 3", e),
+            },
+            None => fail("section 3", anyhow::anyhow!("no network namespace")),
+        }
+    }
+    if interrupted().is_err() {
+        return Ok(false);
+    }
+    if wants(4) {
+        eprintln!("==> 4. flood");
+        settle("section 4");
+        match &ns {
+            Some(ns) => match flood::run(ns, args.flood_packets, args.flood_rounds) {
+                Ok(f) => print(&report::flood(&f, args.flood_packets, args.flood_rounds)),
+                Err(e) => fail("section 4", e),
+            },
+            None => fail("section 4", anyhow::anyhow!("no network namespace")),
+        }
+    }
+    drop(ns);
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(!failed)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.bench {
+        Bench::Xdp(args) => {
+            if !is_root() {
+                println!("SKIPPED: bench xdp needs root");
+                return ExitCode::SUCCESS;
+            }
+            install_signal_handlers();
+            match xdp(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

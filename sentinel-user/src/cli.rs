@@ -239,9 +239,9 @@ fn import(cli: &Cli, list: RuleList, file: &Path, rule: &RuleArgs) -> anyhow::Re
         if text.is_empty() {
             continue;
         }
-        let prefix =
-            validate_prefix(text, list).with_context(|| format!("{}:{}", file.display(), n + 1))?;
-        prefixes.push(prefix.to_string());
+        validate_prefix(text, list).with_context(|| format!("{}:{}", file.display(), n + 1))?;
+        // Sent as written: the daemon checks and normalises it again.
+        prefixes.push(text.to_owned());
     }
     if prefixes.is_empty() {
         bail!("{} holds no prefixes", file.display());

@@ -56,16 +56,15 @@ pub enum InputError {
 /// exactly what is stored and listed.
 pub fn validate_prefix(text: &str, list: RuleList) -> Result<IpNet, InputError> {
     let trimmed = text.trim();
-    let net = match trimmed.parse::<IpNet>() {
-        Ok(net) => net,
-        Err(_) => match trimmed.parse::<IpAddr>() {
-            Ok(addr) => IpNet::from(addr),
-            Err(_) => {
-                return Err(InputError::NotCidr {
-                    text: text.to_owned(),
-                });
-            }
-        },
+    let not_cidr = || InputError::NotCidr {
+        text: text.to_owned(),
+    };
+    // Lists are mostly bare addresses: parse what the text is, rather than
+    // failing a CIDR parse first (this runs a million times per import).
+    let net = if trimmed.contains('/') {
+        trimmed.parse::<IpNet>().map_err(|_| not_cidr())?
+    } else {
+        IpNet::from(trimmed.parse::<IpAddr>().map_err(|_| not_cidr())?)
     };
     if net.trunc() != net {
         return Err(InputError::HostBits {

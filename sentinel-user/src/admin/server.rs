@@ -363,8 +363,7 @@ fn entries(state: &State, list: RuleList) -> Response {
                         .then(|| v.expires_at_ns.saturating_sub(now) as f64 / 1e9),
                     hits: v.hits,
                     last_hit: (v.last_hit_ns != 0).then(|| {
-                        humantime::format_rfc3339_seconds(clock::to_wall(v.last_hit_ns))
-                            .to_string()
+                        humantime::format_rfc3339_seconds(clock::to_wall(v.last_hit_ns)).to_string()
                     }),
                     created: humantime::format_rfc3339_seconds(
                         std::time::UNIX_EPOCH + Duration::from_secs(v.created_at_unix_s),
