@@ -160,16 +160,7 @@ pub struct Daemon {
 /// loads programs and writes the port-policy map, and the first one may
 /// mount bpffs, which two daemons must not do at once.
 fn start_lock() -> File {
-    let path = std::env::temp_dir().join("sentinel-tests-daemon.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    file.lock()
-        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
-    file
+    crate::machine_lock("sentinel-tests-daemon.lock")
 }
 
 impl Daemon {

@@ -8,7 +8,7 @@ pub mod harness;
 pub mod netns;
 pub mod packet;
 
-use std::io::Write as _;
+use std::{fs::File, io::Write as _};
 
 /// Whether privileged tests (BPF, network namespaces) can run: they need
 /// root.
@@ -30,4 +30,19 @@ pub fn skip_unless_root(why: &str) -> bool {
     let test = thread.name().unwrap_or("test");
     let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
     true
+}
+
+/// An exclusive lock on `/tmp/<name>`, shared by every test process of
+/// this machine, held until the returned file is dropped.
+pub fn machine_lock(name: &str) -> File {
+    let path = std::env::temp_dir().join(name);
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    file
 }

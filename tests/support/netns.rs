@@ -125,16 +125,7 @@ fn netns_path(name: &str) -> PathBuf {
 /// Serialises address and name allocation across every test process of
 /// this machine: the free-slot check and the creation must not interleave.
 fn allocation_lock() -> File {
-    let path = std::env::temp_dir().join("sentinel-tests-netns.lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    file.lock()
-        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
-    file
+    crate::machine_lock("sentinel-tests-netns.lock")
 }
 
 impl NetNs {
