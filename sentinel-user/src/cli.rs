@@ -133,7 +133,9 @@ impl RuleArgs {
 /// Runs a client subcommand.
 pub fn client_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
     match command {
-        Command::Run | Command::Validate => unreachable!("handled by main"),
+        Command::Run | Command::Validate => {
+            anyhow::bail!("`run` and `validate` are not admin socket commands")
+        }
         Command::Deny(cmd) => list_command(cli, RuleList::Deny, cmd),
         Command::Allow(cmd) => list_command(cli, RuleList::Allow, cmd),
         Command::Stats { json } => {

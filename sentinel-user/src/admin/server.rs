@@ -23,6 +23,10 @@ use crate::{
     net::{InputError, RuleList, check_reason, check_ttl, validate_prefix},
 };
 
+/// A connection with no complete request for this long is closed, so that
+/// forgotten clients do not hold descriptors forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Source recorded on entries written through the admin API.
 pub const SOURCE_ADMIN: &str = "admin";
 
@@ -94,10 +98,16 @@ async fn connection(stream: UnixStream, state: Arc<State>) {
     loop {
         line.clear();
         let limit = MAX_REQUEST_BYTES as u64 + 1;
-        let n = match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
-            Ok(n) => n,
-            Err(error) => {
+        let mut bounded = (&mut reader).take(limit);
+        let read = bounded.read_until(b'\n', &mut line);
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, read).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(error)) => {
                 debug!(%error, "admin connection read failed");
+                return;
+            }
+            Err(_) => {
+                debug!("admin connection idle for {IDLE_TIMEOUT:?}; closed");
                 return;
             }
         };
