@@ -60,11 +60,25 @@ fn import_counts_new_and_replaced_exactly() {
     assert_eq!((imported.created, imported.replaced), (20_000, 0));
     assert_eq!(h.kernel.tables.count(RuleList::Deny), 20_000);
 
-    // Overlapping import: 10,000 known, 10,000 new, and IPv6 mixed in.
+    // Hits on an entry that the next import replaces, and on one it keeps.
+    let replaced_src = Packet::ipv4([10, 0, 0x3a, 0x98], [198, 51, 100, 1])
+        .tcp(1, 80)
+        .build(); // host 15,000
+    let kept_src = Packet::ipv4([10, 0, 0, 7], [198, 51, 100, 1])
+        .tcp(1, 80)
+        .build();
+    for _ in 0..3 {
+        assert_eq!(h.run(&replaced_src).0, XDP_DROP);
+    }
+    assert_eq!(h.run(&kept_src).0, XDP_DROP);
+
+    // Overlapping import with a TTL: 10,000 known (replaced in bulk),
+    // 10,000 new, and IPv6 mixed in.
     let mut second = hosts(20_000, [10, 0])[10_000..].to_vec();
     second.extend(hosts(10_000, [10, 100]));
     second.push("2001:db8::/32".parse().unwrap());
-    let imported = h.kernel.tables.import(RuleList::Deny, &second, &rule(None));
+    let ttl = Some(Duration::from_millis(300));
+    let imported = h.kernel.tables.import(RuleList::Deny, &second, &rule(ttl));
     assert!(imported.stopped.is_none());
     assert_eq!((imported.created, imported.replaced), (10_001, 10_000));
     assert_eq!(h.kernel.tables.count(RuleList::Deny), 30_001);
@@ -72,12 +86,20 @@ fn import_counts_new_and_replaced_exactly() {
         h.kernel.tables.entries(RuleList::Deny).unwrap().len(),
         30_001
     );
+    let replaced = h
+        .entry(RuleList::Deny, "10.0.58.152/32")
+        .expect("replaced entry");
+    assert_eq!(replaced.hits, 3, "bulk replacement keeps hit counts");
+    assert_ne!(replaced.expires_at_ns, 0, "and takes the new TTL");
 
-    // Imported entries drop.
-    let frame = Packet::ipv4([10, 0, 0, 7], [198, 51, 100, 1])
-        .tcp(1, 80)
-        .build();
-    assert_eq!(h.run(&frame).0, XDP_DROP);
+    // The replaced and new entries expire with the TTL; the untouched
+    // first half does not.
+    sleep(Duration::from_millis(400));
+    assert_eq!(h.run(&replaced_src).0, XDP_PASS);
+    assert_eq!(h.run(&kept_src).0, XDP_DROP);
+    let reaped = h.kernel.tables.reap(clock::now_ns()).unwrap();
+    assert_eq!(reaped.len(), 20_001);
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), 10_000);
 }
 
 #[test]

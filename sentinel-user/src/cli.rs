@@ -274,7 +274,7 @@ fn human(seconds: f64) -> String {
 }
 
 fn print_entries(entries: &[Entry], json: bool) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
+    let mut out = io::BufWriter::new(io::stdout().lock());
     if json {
         serde_json::to_writer_pretty(&mut out, entries)?;
         writeln!(out)?;
@@ -304,7 +304,7 @@ fn print_entries(entries: &[Entry], json: bool) -> anyhow::Result<()> {
 }
 
 fn print_stats(stats: &Stats, json: bool) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
+    let mut out = io::BufWriter::new(io::stdout().lock());
     if json {
         serde_json::to_writer_pretty(&mut out, stats)?;
         writeln!(out)?;

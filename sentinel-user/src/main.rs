@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`sentinel deny list | head`) is the reader being
+        // done, not a failure.
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
         Err(error) => {
             match error.downcast_ref::<sentinel::config::ConfigError>() {
                 Some(config_error) => cli::print_config_error(config_error),
@@ -63,4 +66,12 @@ fn one_line(error: &anyhow::Error) -> String {
         }
     }
     text
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

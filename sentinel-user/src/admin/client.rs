@@ -67,7 +67,7 @@ impl Client {
                 response.error.unwrap_or_else(|| "request refused".into()),
             ));
         }
-        let result = response.result.unwrap_or(serde_json::Value::Null);
-        serde_json::from_value(result).map_err(|e| ClientError::Malformed(e.to_string()))
+        let result = response.result.as_deref().map_or("null", |raw| raw.get());
+        serde_json::from_str(result).map_err(|e| ClientError::Malformed(e.to_string()))
     }
 }

@@ -53,13 +53,16 @@ pub enum Request {
 }
 
 /// A response: `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
+///
+/// `result` is kept as raw JSON text: a listing of a million entries is
+/// written and read once, without building a value tree on either side.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
+    pub result: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Result of `add`.

@@ -156,7 +156,7 @@ fn failure(error: impl Into<String>) -> Response {
 }
 
 fn success(result: impl serde::Serialize) -> Response {
-    match serde_json::to_value(result) {
+    match serde_json::value::to_raw_value(&result) {
         Ok(value) => Response {
             ok: true,
             error: None,
@@ -361,7 +361,9 @@ fn entries(state: &State, list: RuleList) -> Response {
     drop(kernel);
     let now = clock::now_ns();
     match listed {
-        Ok(entries) => success(
+        Ok(mut entries) => success({
+            // Maps iterate in hash order; operators read prefixes in order.
+            entries.sort_unstable_by_key(|(prefix, _)| *prefix);
             entries
                 .into_iter()
                 .filter(|(_, v)| !v.is_expired(now))
@@ -380,8 +382,8 @@ fn entries(state: &State, list: RuleList) -> Response {
                     )
                     .to_string(),
                 })
-                .collect::<Vec<_>>(),
-        ),
+                .collect::<Vec<_>>()
+        }),
         Err(error) => failure(error.to_string()),
     }
 }

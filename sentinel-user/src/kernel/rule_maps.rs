@@ -28,6 +28,10 @@ pub trait RuleMap: Send {
         prefixes: &[IpNet],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>);
+    /// Every entry, read with `BPF_MAP_LOOKUP_BATCH` (thousands per
+    /// syscall); falls back to [`RuleMap::entries`] where the kernel has no
+    /// batch lookup for the map.
+    fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError>;
     fn capacity(&self) -> u32;
 }
 
@@ -144,6 +148,17 @@ impl<K: Pod + Send> RuleMap for PrefixMap<K> {
         update_batch(self.map.map().fd().as_fd(), &keys, values)
     }
 
+    fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+        match lookup_all::<Key<K>>(self.map.map().fd().as_fd()) {
+            Ok(entries) => Ok(entries
+                .into_iter()
+                .filter_map(|(k, v)| (self.prefix)(k.data(), k.prefix_len() as u8).map(|p| (p, v)))
+                .collect()),
+            Err(e) if batch_unsupported(&e) => self.entries(),
+            Err(io_error) => Err(lookup_error(io_error)),
+        }
+    }
+
     fn capacity(&self) -> u32 {
         capacity(self.map.map())
     }
@@ -182,6 +197,17 @@ impl<K: Pod + Send> RuleMap for HostMap<K> {
     ) -> (usize, Option<io::Error>) {
         let keys: Vec<K> = prefixes.iter().map(|p| (self.key)(p)).collect();
         update_batch(self.map.map().fd().as_fd(), &keys, values)
+    }
+
+    fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+        match lookup_all::<K>(self.map.map().fd().as_fd()) {
+            Ok(entries) => Ok(entries
+                .into_iter()
+                .filter_map(|(k, v)| (self.prefix)(k, self.bits).map(|p| (p, v)))
+                .collect()),
+            Err(e) if batch_unsupported(&e) => self.entries(),
+            Err(io_error) => Err(lookup_error(io_error)),
+        }
     }
 
     fn capacity(&self) -> u32 {
@@ -244,6 +270,91 @@ fn update_batch<K: Copy, V: Copy>(
         attr.count as usize
     };
     (written.min(count), Some(error))
+}
+
+/// Reads every entry with `BPF_MAP_LOOKUP_BATCH`, `LOOKUP_CHUNK` at a time.
+///
+/// The kernel walks the map from an opaque position it writes to
+/// `out_batch` and reads back from `in_batch` (a bucket index for hash
+/// maps, a key for the generic walk of other maps; a buffer of the key's
+/// size and at least 8 bytes holds either). It answers `ENOENT` once the
+/// walk is over, possibly with a last few entries.
+fn lookup_all<K: Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, RuleValue)>> {
+    #[repr(C)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const LOOKUP_CHUNK: usize = 4096;
+    let token_len = std::mem::size_of::<K>().max(8);
+    let mut token_in = vec![0u8; token_len];
+    let mut token_out = vec![0u8; token_len];
+    let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(LOOKUP_CHUNK);
+    let mut values: Vec<std::mem::MaybeUninit<RuleValue>> = Vec::with_capacity(LOOKUP_CHUNK);
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                token_in.as_mut_ptr() as u64
+            },
+            out_batch: token_out.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: LOOKUP_CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: the key and value buffers have room for `count` elements
+        // and the tokens for either kind of position; all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let error = (rc != 0).then(io::Error::last_os_error);
+        let done = match &error {
+            None => false,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Some(_) => return Err(error.unwrap_or_else(|| io::Error::other("lookup batch"))),
+        };
+        let got = (attr.count as usize).min(LOOKUP_CHUNK);
+        for i in 0..got {
+            // SAFETY: the kernel wrote `count` keys and values.
+            let (k, v) = unsafe {
+                (
+                    keys.as_ptr().add(i).read().assume_init(),
+                    values.as_ptr().add(i).read().assume_init(),
+                )
+            };
+            out.push((k, v));
+        }
+        if done {
+            return Ok(out);
+        }
+        std::mem::swap(&mut token_in, &mut token_out);
+        first = false;
+    }
+}
+
+fn lookup_error(io_error: io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_lookup_batch",
+        io_error,
+    })
 }
 
 /// Whether the kernel lacks batch operations for this map type.

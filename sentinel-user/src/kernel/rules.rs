@@ -190,14 +190,13 @@ impl RuleTables {
             expiry: BTreeSet::new(),
         };
         for slot in Slot::ALL {
-            let entries =
-                tables.maps[slot as usize]
-                    .entries()
-                    .map_err(|source| KernelError::Map {
-                        op: "read",
-                        list: slot.list(),
-                        source,
-                    })?;
+            let entries = tables.maps[slot as usize]
+                .dump()
+                .map_err(|source| KernelError::Map {
+                    op: "read",
+                    list: slot.list(),
+                    source,
+                })?;
             for (prefix, value) in entries {
                 if value.expires_at_ns != 0 {
                     tables.expiry.insert((value.expires_at_ns, slot, prefix));
@@ -350,14 +349,13 @@ impl RuleTables {
             ],
         };
         for slot in order {
-            let entries =
-                self.maps[slot as usize]
-                    .entries()
-                    .map_err(|source| KernelError::Map {
-                        op: "read",
-                        list,
-                        source,
-                    })?;
+            let entries = self.maps[slot as usize]
+                .dump()
+                .map_err(|source| KernelError::Map {
+                    op: "read",
+                    list,
+                    source,
+                })?;
             out.extend(entries);
         }
         Ok(out)
@@ -388,7 +386,11 @@ impl RuleTables {
             if new.is_empty() {
                 continue;
             }
-            let (written, stop) = write_new(self.maps[slot as usize].as_mut(), new, &template);
+            let (written, stop) = write_all(self.maps[slot as usize].as_mut(), new, |p| {
+                let mut value = template;
+                value.prefix_len = u32::from(p.prefix_len());
+                value
+            });
             out.created += written;
             if template.expires_at_ns != 0 {
                 self.expiry.extend(
@@ -421,17 +423,114 @@ impl RuleTables {
             out.stopped = Some(e);
             return out;
         }
+        let mut known: [Vec<IpNet>; 8] = Default::default();
         for prefix in existing {
-            match self.upsert(list, &prefix, rule) {
-                Ok(Upsert::Created) => out.created += 1,
-                Ok(Upsert::Replaced) => out.replaced += 1,
+            known[Slot::of(list, &prefix) as usize].push(prefix);
+        }
+        for slot in Slot::ALL {
+            let replaced = match self.replace_many(slot, &known[slot as usize], &template) {
+                Ok(n) => n,
                 Err(e) => {
                     out.stopped = Some(e);
                     return out;
                 }
-            }
+            };
+            out.replaced += replaced;
         }
         out
+    }
+
+    /// Replaces entries known to be present with `template`, keeping each
+    /// one's hit count and last-hit time. Many at once are read back with
+    /// one batched dump of the map and written with batched updates; a few
+    /// are replaced one by one.
+    fn replace_many(
+        &mut self,
+        slot: Slot,
+        prefixes: &[IpNet],
+        template: &RuleValue,
+    ) -> Result<usize, KernelError> {
+        // Dumping reads the whole map: worth it when the request replaces a
+        // good part of it, not for each chunk of a large import.
+        let dump_from = (self.present[slot as usize].len() / 8).max(256);
+        let list = slot.list();
+        if prefixes.len() < dump_from {
+            let rule_of = |old: Option<RuleValue>, p: &IpNet| {
+                let mut value = *template;
+                value.prefix_len = u32::from(p.prefix_len());
+                if let Some(old) = old {
+                    value.hits = old.hits;
+                    value.last_hit_ns = old.last_hit_ns;
+                }
+                value
+            };
+            for prefix in prefixes {
+                let old = self.get(list, prefix)?;
+                let value = rule_of(old, prefix);
+                self.maps[slot as usize]
+                    .insert(prefix, &value)
+                    .map_err(|e| {
+                        if is_errno(&e, libc::ENOSPC) || is_errno(&e, libc::E2BIG) {
+                            self.full(slot)
+                        } else {
+                            KernelError::Map {
+                                op: "write",
+                                list,
+                                source: e,
+                            }
+                        }
+                    })?;
+                self.reindex(
+                    slot,
+                    prefix,
+                    old.map(|o| o.expires_at_ns),
+                    value.expires_at_ns,
+                );
+            }
+            return Ok(prefixes.len());
+        }
+        let current: std::collections::HashMap<IpNet, RuleValue, foldhash::fast::RandomState> =
+            self.maps[slot as usize]
+                .dump()
+                .map_err(|source| KernelError::Map {
+                    op: "read",
+                    list,
+                    source,
+                })?
+                .into_iter()
+                .collect();
+        let (written, stop) = write_all(self.maps[slot as usize].as_mut(), prefixes, |p| {
+            let mut value = *template;
+            value.prefix_len = u32::from(p.prefix_len());
+            if let Some(old) = current.get(p) {
+                value.hits = old.hits;
+                value.last_hit_ns = old.last_hit_ns;
+            }
+            value
+        });
+        for prefix in &prefixes[..written] {
+            let old = current.get(prefix).map(|o| o.expires_at_ns);
+            self.reindex(slot, prefix, old, template.expires_at_ns);
+        }
+        match stop {
+            None => Ok(written),
+            Some(BatchStop::Full) => Err(self.full(slot)),
+            Some(BatchStop::Error(source)) => Err(KernelError::Map {
+                op: "write",
+                list,
+                source,
+            }),
+        }
+    }
+
+    /// Moves `prefix` in the expiry index from `old` to `new` expiry.
+    fn reindex(&mut self, slot: Slot, prefix: &IpNet, old: Option<u64>, new: u64) {
+        if let Some(old) = old.filter(|o| *o != 0) {
+            self.expiry.remove(&(old, slot, *prefix));
+        }
+        if new != 0 {
+            self.expiry.insert((new, slot, *prefix));
+        }
     }
 
     /// Removes entries whose TTL has passed; returns them.
@@ -461,24 +560,18 @@ enum BatchStop {
     Error(MapError),
 }
 
-/// Writes prefixes known to be absent, in batches. Returns how many were
-/// written (a prefix of `prefixes`) and why it stopped early, if it did.
-fn write_new(
+/// Writes `prefixes`, each with `value(prefix)`, in batches. Returns how
+/// many were written (a prefix of `prefixes`) and why it stopped early, if
+/// it did.
+fn write_all(
     map: &mut dyn RuleMap,
     prefixes: &[IpNet],
-    template: &RuleValue,
+    value: impl Fn(&IpNet) -> RuleValue,
 ) -> (usize, Option<BatchStop>) {
     let mut written = 0;
     let mut batch_ok = true;
     for chunk in prefixes.chunks(BATCH) {
-        let values: Vec<RuleValue> = chunk
-            .iter()
-            .map(|p| {
-                let mut value = *template;
-                value.prefix_len = u32::from(p.prefix_len());
-                value
-            })
-            .collect();
+        let values: Vec<RuleValue> = chunk.iter().map(&value).collect();
         if batch_ok {
             let (done, error) = map.update_batch(chunk, &values);
             written += done;
