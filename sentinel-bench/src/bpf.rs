@@ -14,34 +14,20 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use sentinel::kernel::sys::{self, BatchAttr};
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-/// `ENOTSUPP`: the kernel-internal "no batch ops for this map type".
-const ENOTSUPP: i32 = 524;
 /// Elements per batch syscall.
 const BATCH: usize = 8192;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a properly laid out, initialised `bpf_attr` prefix
-    // for `cmd`, valid for the duration of the call; every pointer inside it
-    // points at memory that outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
+    // SAFETY: every caller in this file passes the `bpf_attr` prefix its
+    // command expects, with pointers to memory that outlives the call.
+    unsafe { sys::bpf(cmd, attr) }
 }
 
 /// `BPF_MAP_TYPE_LPM_TRIE`.
@@ -195,17 +181,6 @@ pub fn update_many(
     keys: &[u8],
     values: &[u8],
 ) -> io::Result<()> {
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     let count = keys.len() / key_size;
     if keys.len() != count * key_size || values.len() != count * value_size {
         return Err(io::Error::other("keys and values do not pair up"));
@@ -217,25 +192,15 @@ pub fn update_many(
         let v = &values[start * value_size..(start + n) * value_size];
         if batch_ok {
             let mut attr = BatchAttr {
-                in_batch: 0,
-                out_batch: 0,
                 keys: k.as_ptr() as u64,
                 values: v.as_ptr() as u64,
                 count: n as u32,
                 map_fd: fd.as_raw_fd() as u32,
-                elem_flags: 0,
-                flags: 0,
+                ..BatchAttr::default()
             };
-            match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            match bpf(sys::BPF_MAP_UPDATE_BATCH, &mut attr) {
                 Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(ENOTSUPP)
-                    ) =>
-                {
-                    batch_ok = false;
-                }
+                Err(e) if sys::batch_unsupported(&e) => batch_ok = false,
                 Err(e) => return Err(e),
             }
         }

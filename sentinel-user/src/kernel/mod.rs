@@ -12,6 +12,7 @@ pub mod clock;
 mod pin;
 mod rule_maps;
 pub mod rules;
+pub mod sys;
 
 use std::{
     path::{Path, PathBuf},

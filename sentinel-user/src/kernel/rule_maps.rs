@@ -3,6 +3,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
@@ -12,6 +13,8 @@ use aya::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sentinel_common::RuleValue;
+
+use super::sys::{self, BatchAttr, batch_unsupported};
 
 /// Operations the rule tables need from one map. Keys are prefixes; each
 /// implementation knows its key layout.
@@ -226,50 +229,27 @@ fn update_batch<K: Copy, V: Copy>(
     keys: &[K],
     values: &[V],
 ) -> (usize, Option<io::Error>) {
-    // `struct { ... } batch` of `union bpf_attr`, include/uapi/linux/bpf.h.
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     let count = keys.len().min(values.len());
     let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
         keys: keys.as_ptr() as u64,
         values: values.as_ptr() as u64,
         count: count as u32,
         map_fd: fd.as_raw_fd() as u32,
-        elem_flags: 0,
-        flags: 0,
+        ..BatchAttr::default()
     };
     // SAFETY: `attr` points at `count` contiguous keys and values that
     // outlive the call; the kernel reads them and writes back `count`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc == 0 {
-        return (count, None);
+    match unsafe { sys::bpf(sys::BPF_MAP_UPDATE_BATCH, &mut attr) } {
+        Ok(_) => (count, None),
+        Err(error) => {
+            let written = if batch_unsupported(&error) {
+                0
+            } else {
+                attr.count as usize
+            };
+            (written.min(count), Some(error))
+        }
     }
-    let error = io::Error::last_os_error();
-    let written = if batch_unsupported(&error) {
-        0
-    } else {
-        attr.count as usize
-    };
-    (written.min(count), Some(error))
 }
 
 /// Reads every entry with `BPF_MAP_LOOKUP_BATCH`, `LOOKUP_CHUNK` at a time.
@@ -280,24 +260,12 @@ fn update_batch<K: Copy, V: Copy>(
 /// size and at least 8 bytes holds either). It answers `ENOENT` once the
 /// walk is over, possibly with a last few entries.
 fn lookup_all<K: Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, RuleValue)>> {
-    #[repr(C)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const LOOKUP_CHUNK: usize = 4096;
     let token_len = std::mem::size_of::<K>().max(8);
     let mut token_in = vec![0u8; token_len];
     let mut token_out = vec![0u8; token_len];
-    let mut keys: Vec<std::mem::MaybeUninit<K>> = Vec::with_capacity(LOOKUP_CHUNK);
-    let mut values: Vec<std::mem::MaybeUninit<RuleValue>> = Vec::with_capacity(LOOKUP_CHUNK);
+    let mut keys: Vec<MaybeUninit<K>> = Vec::with_capacity(LOOKUP_CHUNK);
+    let mut values: Vec<MaybeUninit<RuleValue>> = Vec::with_capacity(LOOKUP_CHUNK);
     let mut out = Vec::new();
     let mut first = true;
     loop {
@@ -312,35 +280,24 @@ fn lookup_all<K: Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, RuleValue)>> {
             values: values.as_mut_ptr() as u64,
             count: LOOKUP_CHUNK as u32,
             map_fd: fd.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
+            ..BatchAttr::default()
         };
         // SAFETY: the key and value buffers have room for `count` elements
         // and the tokens for either kind of position; all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
-        let error = (rc != 0).then(io::Error::last_os_error);
-        let done = match &error {
-            None => false,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Some(_) => return Err(error.unwrap_or_else(|| io::Error::other("lookup batch"))),
+        let done = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
         };
         let got = (attr.count as usize).min(LOOKUP_CHUNK);
         for i in 0..got {
             // SAFETY: the kernel wrote `count` keys and values.
-            let (k, v) = unsafe {
+            out.push(unsafe {
                 (
                     keys.as_ptr().add(i).read().assume_init(),
                     values.as_ptr().add(i).read().assume_init(),
                 )
-            };
-            out.push((k, v));
+            });
         }
         if done {
             return Ok(out);
@@ -355,14 +312,4 @@ fn lookup_error(io_error: io::Error) -> MapError {
         call: "bpf_map_lookup_batch",
         io_error,
     })
-}
-
-/// Whether the kernel lacks batch operations for this map type.
-pub fn batch_unsupported(error: &io::Error) -> bool {
-    // ENOTSUPP (524) is the kernel-internal code the bpf syscall returns
-    // when a map type has no batch ops.
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(524)
-    )
 }

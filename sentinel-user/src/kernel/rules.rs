@@ -580,7 +580,7 @@ fn write_all(
                 Some(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::E2BIG)) => {
                     return (written, Some(BatchStop::Full));
                 }
-                Some(e) if done == 0 && super::rule_maps::batch_unsupported(&e) => {
+                Some(e) if done == 0 && super::sys::batch_unsupported(&e) => {
                     tracing::debug!(error = %e, "no batch updates for this map; writing one by one");
                     batch_ok = false;
                 }
