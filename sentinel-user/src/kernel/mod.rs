@@ -156,6 +156,51 @@ pub struct Kernel {
     attachments: Vec<Attachment>,
 }
 
+/// Each rule map with its configured capacity and the option that sets it:
+/// the host and prefix maps of one list and family each get the capacity.
+fn capacities(cfg: &crate::config::Capacity) -> [(&'static str, u32, &'static str); 8] {
+    [
+        (maps::ALLOW_V4, cfg.allowlist_v4, "allowlist-v4"),
+        (maps::ALLOW_HOST_V4, cfg.allowlist_v4, "allowlist-v4"),
+        (maps::ALLOW_V6, cfg.allowlist_v6, "allowlist-v6"),
+        (maps::ALLOW_HOST_V6, cfg.allowlist_v6, "allowlist-v6"),
+        (maps::DENY_V4, cfg.denylist_v4, "denylist-v4"),
+        (maps::DENY_HOST_V4, cfg.denylist_v4, "denylist-v4"),
+        (maps::DENY_V6, cfg.denylist_v6, "denylist-v6"),
+        (maps::DENY_HOST_V6, cfg.denylist_v6, "denylist-v6"),
+    ]
+}
+
+/// Typed views of the rule maps of a loaded instance, in `Slot` order.
+fn rule_maps(ebpf: &mut Ebpf) -> Result<[Box<dyn RuleMap>; 8], KernelError> {
+    fn prefix4(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
+        let map = take::<LpmTrie<_, [u8; 4], _>>(e, name)?;
+        Ok(Box::new(PrefixMap::new(map, v4_key, v4_prefix)))
+    }
+    fn prefix6(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
+        let map = take::<LpmTrie<_, [u8; 16], _>>(e, name)?;
+        Ok(Box::new(PrefixMap::new(map, v6_key, v6_prefix)))
+    }
+    fn host4(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
+        let map = take::<HashMap<_, [u8; 4], _>>(e, name)?;
+        Ok(Box::new(HostMap::new(map, v4_key, v4_prefix, 32)))
+    }
+    fn host6(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
+        let map = take::<HashMap<_, [u8; 16], _>>(e, name)?;
+        Ok(Box::new(HostMap::new(map, v6_key, v6_prefix, 128)))
+    }
+    Ok([
+        prefix4(ebpf, maps::ALLOW_V4)?,
+        prefix6(ebpf, maps::ALLOW_V6)?,
+        host4(ebpf, maps::ALLOW_HOST_V4)?,
+        host6(ebpf, maps::ALLOW_HOST_V6)?,
+        prefix4(ebpf, maps::DENY_V4)?,
+        prefix6(ebpf, maps::DENY_V6)?,
+        host4(ebpf, maps::DENY_HOST_V4)?,
+        host6(ebpf, maps::DENY_HOST_V6)?,
+    ])
+}
+
 fn load_instance(pin_path: &Path, cfg: &crate::config::Capacity) -> Result<Ebpf, KernelError> {
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = maps::PINNED
@@ -165,16 +210,9 @@ fn load_instance(pin_path: &Path, cfg: &crate::config::Capacity) -> Result<Ebpf,
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    // Hosts and prefixes of one list and family each get the capacity.
-    loader
-        .map_max_entries(maps::ALLOW_V4, cfg.allowlist_v4)
-        .map_max_entries(maps::ALLOW_HOST_V4, cfg.allowlist_v4)
-        .map_max_entries(maps::ALLOW_V6, cfg.allowlist_v6)
-        .map_max_entries(maps::ALLOW_HOST_V6, cfg.allowlist_v6)
-        .map_max_entries(maps::DENY_V4, cfg.denylist_v4)
-        .map_max_entries(maps::DENY_HOST_V4, cfg.denylist_v4)
-        .map_max_entries(maps::DENY_V6, cfg.denylist_v6)
-        .map_max_entries(maps::DENY_HOST_V6, cfg.denylist_v6);
+    for (name, entries, _) in capacities(cfg) {
+        loader.map_max_entries(name, entries);
+    }
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| KernelError::Load(Box::new(e)))?;
@@ -232,24 +270,7 @@ impl Kernel {
     pub fn open(cfg: &KernelConfig) -> Result<Self, KernelError> {
         pin::prepare(&cfg.pin_path)?;
         let pinned = pin::check_layout(&cfg.pin_path)?;
-        let wanted = [
-            (maps::ALLOW_V4, cfg.capacity.allowlist_v4, "allowlist-v4"),
-            (
-                maps::ALLOW_HOST_V4,
-                cfg.capacity.allowlist_v4,
-                "allowlist-v4",
-            ),
-            (maps::ALLOW_V6, cfg.capacity.allowlist_v6, "allowlist-v6"),
-            (
-                maps::ALLOW_HOST_V6,
-                cfg.capacity.allowlist_v6,
-                "allowlist-v6",
-            ),
-            (maps::DENY_V4, cfg.capacity.denylist_v4, "denylist-v4"),
-            (maps::DENY_HOST_V4, cfg.capacity.denylist_v4, "denylist-v4"),
-            (maps::DENY_V6, cfg.capacity.denylist_v6, "denylist-v6"),
-            (maps::DENY_HOST_V6, cfg.capacity.denylist_v6, "denylist-v6"),
-        ];
+        let wanted = capacities(&cfg.capacity);
         for (name, have) in &pinned {
             if let Some((_, want, option)) = wanted.iter().find(|(n, _, _)| n == name)
                 && want != have
@@ -266,55 +287,9 @@ impl Kernel {
         let fresh = pinned.is_empty();
 
         let mut control = load_instance(&cfg.pin_path, &cfg.capacity)?;
-        let c = &mut control;
-        let rule_maps: [Box<dyn RuleMap>; 8] = [
-            Box::new(PrefixMap::new(
-                take::<LpmTrie<_, [u8; 4], _>>(c, maps::ALLOW_V4)?,
-                v4_key,
-                v4_prefix,
-            )),
-            Box::new(PrefixMap::new(
-                take::<LpmTrie<_, [u8; 16], _>>(c, maps::ALLOW_V6)?,
-                v6_key,
-                v6_prefix,
-            )),
-            Box::new(HostMap::new(
-                take::<HashMap<_, [u8; 4], _>>(c, maps::ALLOW_HOST_V4)?,
-                v4_key,
-                v4_prefix,
-                32,
-            )),
-            Box::new(HostMap::new(
-                take::<HashMap<_, [u8; 16], _>>(c, maps::ALLOW_HOST_V6)?,
-                v6_key,
-                v6_prefix,
-                128,
-            )),
-            Box::new(PrefixMap::new(
-                take::<LpmTrie<_, [u8; 4], _>>(c, maps::DENY_V4)?,
-                v4_key,
-                v4_prefix,
-            )),
-            Box::new(PrefixMap::new(
-                take::<LpmTrie<_, [u8; 16], _>>(c, maps::DENY_V6)?,
-                v6_key,
-                v6_prefix,
-            )),
-            Box::new(HostMap::new(
-                take::<HashMap<_, [u8; 4], _>>(c, maps::DENY_HOST_V4)?,
-                v4_key,
-                v4_prefix,
-                32,
-            )),
-            Box::new(HostMap::new(
-                take::<HashMap<_, [u8; 16], _>>(c, maps::DENY_HOST_V6)?,
-                v6_key,
-                v6_prefix,
-                128,
-            )),
-        ];
+        let rule_maps = rule_maps(&mut control)?;
         // Also stamps the layout version into SENTINEL_META.
-        let tables = RuleTables::new(rule_maps, take(c, maps::META)?)?;
+        let tables = RuleTables::new(rule_maps, take(&mut control, maps::META)?)?;
         let ports = take(&mut control, maps::PORT_POLICY)?;
         let control_stats = take(&mut control, maps::STATS)?;
         info!(
