@@ -129,6 +129,50 @@ fn unreachable_daemon_is_reported() {
     }
 }
 
+/// Clients find the admin socket in `--config`, and `--admin-socket`
+/// (or `SENTINEL_ADMIN_SOCKET`) overrides it.
+#[test]
+fn admin_socket_comes_from_the_config_unless_overridden() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let from_config = dir.path().join("from-config.sock");
+    let from_flag = dir.path().join("from-flag.sock");
+    let config = dir.path().join("sentinel.kdl");
+    std::fs::write(
+        &config,
+        format!("admin {{\n    socket \"{}\"\n}}\n", from_config.display()),
+    )
+    .unwrap();
+    let run = |extra: &[&str], env: Option<&Path>| {
+        let mut cmd = Command::new(support::daemon::bin());
+        cmd.arg("--config")
+            .arg(&config)
+            .args(extra)
+            .args(["deny", "list"]);
+        cmd.env_remove("SENTINEL_ADMIN_SOCKET");
+        if let Some(path) = env {
+            cmd.env("SENTINEL_ADMIN_SOCKET", path);
+        }
+        let out = cmd.output().expect("run sentinel");
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let names = |stderr: &str, path: &Path| stderr.contains(&path.display().to_string());
+    let stderr = run(&[], None);
+    assert!(names(&stderr, &from_config), "{stderr}");
+    let flag = from_flag.display().to_string();
+    let stderr = run(&["--admin-socket", &flag], None);
+    assert!(
+        names(&stderr, &from_flag) && !names(&stderr, &from_config),
+        "{stderr}"
+    );
+    let stderr = run(&[], Some(&from_flag));
+    assert!(names(&stderr, &from_flag), "{stderr}");
+    // A configuration that does not validate is reported, not guessed past.
+    std::fs::write(&config, "admin { sockett \"/x\" }\n").unwrap();
+    let stderr = run(&[], None);
+    assert!(stderr.contains("did you mean 'socket'"), "{stderr}");
+}
+
 #[test]
 fn bad_input_is_refused_before_any_request() {
     // With no daemon at all, these must fail on the input, not on the
