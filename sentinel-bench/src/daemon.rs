@@ -96,15 +96,8 @@ impl Daemon {
             .with_context(|| format!("cannot create {}", log_path.display()))?;
         // Daemon starts may mount bpffs and write shared state: take the
         // lock the tests' daemons take (tests/support/daemon.rs).
-        let lock_path = std::env::temp_dir().join("sentinel-tests-daemon.lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        lock.lock()
-            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        let lock = sentinel_tests::try_machine_lock("sentinel-tests-daemon.lock")
+            .context("cannot lock /tmp/sentinel-tests-daemon.lock")?;
         let child = Command::new(bin)
             .arg("run")
             .arg("--config")

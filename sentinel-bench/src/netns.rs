@@ -72,15 +72,8 @@ impl NetNs {
     /// Creates the namespace, the pair and the addresses; waits for carrier.
     pub fn new() -> Result<Self> {
         let pid = std::process::id();
-        let lock_path = std::env::temp_dir().join("sentinel-tests-netns.lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("cannot open {}", lock_path.display()))?;
-        lock.lock()
-            .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+        let lock = sentinel_tests::try_machine_lock("sentinel-tests-netns.lock")
+            .context("cannot lock /tmp/sentinel-tests-netns.lock")?;
         let taken = root_v4_addresses()?;
         let name = format!("sentinel-bench-{pid}");
         let host_if = format!("sbh{}", pid % 1_000_000);

@@ -32,17 +32,20 @@ pub fn skip_unless_root(why: &str) -> bool {
     true
 }
 
-/// An exclusive lock on `/tmp/<name>`, shared by every test process of
-/// this machine, held until the returned file is dropped.
-pub fn machine_lock(name: &str) -> File {
+/// An exclusive lock on `/tmp/<name>`, shared by every test and benchmark
+/// process of this machine, held until the returned file is dropped.
+pub fn try_machine_lock(name: &str) -> std::io::Result<File> {
     let path = std::env::temp_dir().join(name);
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
-    file.lock()
-        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
-    file
+        .open(&path)?;
+    file.lock()?;
+    Ok(file)
+}
+
+/// [`try_machine_lock`], for tests: a failure to lock is a failed test.
+pub fn machine_lock(name: &str) -> File {
+    try_machine_lock(name).unwrap_or_else(|e| panic!("cannot lock /tmp/{name}: {e}"))
 }
