@@ -9,7 +9,7 @@ use std::{thread::sleep, time::Duration};
 use ipnet::IpNet;
 use sentinel::{
     config::KernelConfig,
-    kernel::{Kernel, KernelError, NewRule, Upsert, clock},
+    kernel::{Kernel, KernelError, NewRule, Upsert, clock, sys},
     net::RuleList,
 };
 use sentinel_tests::{
@@ -294,32 +294,16 @@ fn pin_foreign_map(path: &std::path::Path) {
         max_entries: 16,
         map_flags: BPF_F_NO_PREALLOC,
     };
-    // SAFETY: valid attr struct for BPF_MAP_CREATE, size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &mut create as *mut CreateAttr,
-            std::mem::size_of::<CreateAttr>() as u32,
-        )
-    };
-    assert!(fd >= 0, "map create: {}", std::io::Error::last_os_error());
+    // SAFETY: the create prefix of `bpf_attr`, no pointers.
+    let fd = unsafe { sys::bpf(BPF_MAP_CREATE, &mut create) }.expect("map create");
     let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     let mut pin = PinAttr {
         pathname: c_path.as_ptr() as u64,
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    // SAFETY: valid attr struct for BPF_OBJ_PIN, path outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &mut pin as *mut PinAttr,
-            std::mem::size_of::<PinAttr>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "pin: {}", std::io::Error::last_os_error());
+    // SAFETY: the pin prefix of `bpf_attr`; the path outlives the call.
+    unsafe { sys::bpf(BPF_OBJ_PIN, &mut pin) }.expect("pin");
     // SAFETY: closing the fd we own.
     unsafe { libc::close(fd as i32) };
 }

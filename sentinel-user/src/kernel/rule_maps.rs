@@ -152,14 +152,11 @@ impl<K: Pod + Send> RuleMap for PrefixMap<K> {
     }
 
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
-        match lookup_all::<Key<K>>(self.map.map().fd().as_fd()) {
-            Ok(entries) => Ok(entries
-                .into_iter()
-                .filter_map(|(k, v)| (self.prefix)(k.data(), k.prefix_len() as u8).map(|p| (p, v)))
-                .collect()),
-            Err(e) if batch_unsupported(&e) => self.entries(),
-            Err(io_error) => Err(lookup_error(io_error)),
-        }
+        dump_or(
+            self.map.map().fd().as_fd(),
+            |k: Key<K>| (self.prefix)(k.data(), k.prefix_len() as u8),
+            || self.entries(),
+        )
     }
 
     fn capacity(&self) -> u32 {
@@ -203,14 +200,11 @@ impl<K: Pod + Send> RuleMap for HostMap<K> {
     }
 
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
-        match lookup_all::<K>(self.map.map().fd().as_fd()) {
-            Ok(entries) => Ok(entries
-                .into_iter()
-                .filter_map(|(k, v)| (self.prefix)(k, self.bits).map(|p| (p, v)))
-                .collect()),
-            Err(e) if batch_unsupported(&e) => self.entries(),
-            Err(io_error) => Err(lookup_error(io_error)),
-        }
+        dump_or(
+            self.map.map().fd().as_fd(),
+            |k: K| (self.prefix)(k, self.bits),
+            || self.entries(),
+        )
     }
 
     fn capacity(&self) -> u32 {
@@ -307,9 +301,23 @@ fn lookup_all<K: Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, RuleValue)>> {
     }
 }
 
-fn lookup_error(io_error: io::Error) -> MapError {
-    MapError::SyscallError(aya::sys::SyscallError {
-        call: "bpf_map_lookup_batch",
-        io_error,
-    })
+/// Every entry of the map behind `fd` with [`lookup_all`], its keys turned
+/// into prefixes by `prefix`; `fallback` where the kernel has no batch
+/// lookup for the map.
+fn dump_or<K: Copy>(
+    fd: BorrowedFd<'_>,
+    prefix: impl Fn(K) -> Option<IpNet>,
+    fallback: impl FnOnce() -> Result<Vec<(IpNet, RuleValue)>, MapError>,
+) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+    match lookup_all::<K>(fd) {
+        Ok(entries) => Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| prefix(k).map(|p| (p, v)))
+            .collect()),
+        Err(e) if batch_unsupported(&e) => fallback(),
+        Err(io_error) => Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })),
+    }
 }
