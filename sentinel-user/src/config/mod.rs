@@ -5,7 +5,12 @@
 //! Defaults are written once, next to the field they belong to, and listed
 //! in docs/configuration.md.
 
+mod agents;
+mod proxy;
 mod walk;
+
+pub use agents::*;
+pub use proxy::*;
 
 use std::{
     net::SocketAddr,
@@ -42,9 +47,46 @@ fn render(problems: &[Problem]) -> String {
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Config {
+    pub system: SystemConfig,
+    pub listeners: Vec<ListenerConfig>,
+    /// In file order; the router sorts them by priority.
+    pub routes: Vec<RouteConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub filters: Vec<FilterConfig>,
+    pub agents: Vec<AgentConfig>,
+    pub waf: WafConfig,
+    pub limits: LimitsConfig,
+    pub observability: ObservabilityConfig,
     pub kernel: KernelConfig,
     pub admin: AdminConfig,
-    pub observability: ObservabilityConfig,
+    pub profile: ProfileConfig,
+}
+
+/// Operation mode of the runtime profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProfileMode {
+    /// Pure pass-through: no inspection, no agent calls, no metadata.
+    Off,
+    /// Metadata only, never delaying a request.
+    Lite,
+    /// Full inspection; decisions recorded as "would have", never enforced.
+    Monitor,
+    /// Decisions enforced. Default.
+    Protection,
+}
+
+/// The `profile { ... }` block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileConfig {
+    pub mode: ProfileMode,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            mode: ProfileMode::Protection,
+        }
+    }
 }
 
 /// How the XDP program is attached.
@@ -174,12 +216,43 @@ pub struct ObservabilityConfig {
     /// Address of the Prometheus endpoint (`/metrics`); `None` disables it.
     /// Default: `127.0.0.1:9090`.
     pub metrics_address: Option<SocketAddr>,
+    /// `logging { access-log #true format "json" }`.
+    pub access_log: AccessLog,
+}
+
+/// Format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable key=value lines. Default.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The access log: one line per request through tracing (target
+/// `sentinel::access`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// Default: true.
+    pub enabled: bool,
+    /// Default: `Text`.
+    pub format: LogFormat,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            format: LogFormat::Text,
+        }
+    }
 }
 
 impl Default for ObservabilityConfig {
     fn default() -> Self {
         Self {
             metrics_address: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            access_log: AccessLog::default(),
         }
     }
 }
