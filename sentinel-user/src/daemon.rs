@@ -29,6 +29,7 @@ use crate::{
     kernel::{Kernel, SOURCE_CONFIG, clock},
     metrics::{self, Metrics},
     net::RuleList,
+    proxy::Proxy,
 };
 
 /// TTL limits from the `kernel` block.
@@ -68,6 +69,9 @@ pub struct Status {
     pub metrics_address: Option<SocketAddr>,
     /// Attached interfaces and their XDP mode.
     pub interfaces: Vec<(String, String)>,
+    /// Proxy listeners and the addresses they are bound to.
+    #[serde(default)]
+    pub listeners: Vec<(String, SocketAddr)>,
 }
 
 impl State {
@@ -75,6 +79,13 @@ impl State {
     /// kernel objects whose state is consistent after every syscall.
     pub fn lock_kernel(&self) -> MutexGuard<'_, Kernel> {
         self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_listeners(&self, listeners: Vec<(String, SocketAddr)>) {
+        self.status
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .listeners = listeners;
     }
 
     pub fn ttl_policy(&self) -> TtlPolicy {
@@ -175,9 +186,12 @@ async fn start(
             pin_path: config.kernel.pin_path.clone(),
             metrics_address: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
             interfaces: Vec::new(),
+            listeners: Vec::new(),
         }),
     });
     tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
+    let mut proxy = Proxy::start(config, state.metrics.proxy.clone()).await?;
+    state.set_listeners(proxy.bound());
 
     let admin_path = config.admin.socket.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -206,15 +220,26 @@ async fn start(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut running = config.clone();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&state, config_path, config),
+            _ = hup.recv() => {
+                if let Some(config) = reload(&state, &mut proxy, config_path, &running).await {
+                    running = config;
+                }
+            }
         }
     }
 
-    info!("shutting down");
+    info!(
+        deadline_secs = running.system.graceful_shutdown_timeout.as_secs_f64(),
+        "shutting down: draining in-flight requests"
+    );
+    proxy
+        .shutdown(running.system.graceful_shutdown_timeout)
+        .await;
     let _ = shutdown_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -226,15 +251,24 @@ async fn start(
 }
 
 /// SIGHUP: validate the file, then apply what can change at run time.
-fn reload(state: &State, path: &Path, running: &Config) {
+/// Returns the configuration now running, when it changed.
+async fn reload(state: &State, proxy: &mut Proxy, path: &Path, running: &Config) -> Option<Config> {
     info!(config = %path.display(), "reloading configuration");
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(e) => {
             error!("configuration not reloaded, the running one stays:\n{e}");
-            return;
+            return None;
         }
     };
+    // The proxy first: its new generation is built whole (TLS files read,
+    // listeners bound) before anything changes, so a failure leaves the
+    // running configuration in place.
+    if let Err(e) = proxy.reload(&config).await {
+        error!("configuration not reloaded, the running one stays: {e:#}");
+        return None;
+    }
+    state.set_listeners(proxy.bound());
     if config.kernel.pin_path != running.kernel.pin_path
         || config.kernel.capacity != running.kernel.capacity
     {
@@ -243,10 +277,14 @@ fn reload(state: &State, path: &Path, running: &Config) {
     if config.admin != running.admin || config.observability != running.observability {
         warn!("the admin socket and metrics address take effect at the next start");
     }
+    if config.system.worker_threads != running.system.worker_threads {
+        warn!("system.worker-threads takes effect at the next start");
+    }
     match tokio::task::block_in_place(|| apply_kernel_config(state, &config.kernel)) {
         Ok(()) => info!("configuration reloaded"),
         Err(e) => error!("configuration reload failed part way: {e:#}"),
     }
+    Some(config)
 }
 
 /// Removes expired entries every `every`.

@@ -13,3 +13,4 @@ pub mod daemon;
 pub mod kernel;
 pub mod metrics;
 pub mod net;
+pub mod proxy;

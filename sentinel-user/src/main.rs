@@ -41,16 +41,30 @@ fn main() -> ExitCode {
 }
 
 fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("SENTINEL_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sentinel")
-        .build()?;
+    // Logging and the runtime are set up before the daemon reads the file
+    // for good; a file that does not load is reported by the daemon.
+    let early = sentinel::config::Config::load(&config).ok();
+    let json = early
+        .as_ref()
+        .is_some_and(|c| c.observability.access_log.format == sentinel::config::LogFormat::Json);
+    let filter = EnvFilter::try_from_env("SENTINEL_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().flatten_event(true).init();
+    } else {
+        logs.init();
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = early
+        .as_ref()
+        .map(|c| c.system.worker_threads)
+        .filter(|n| *n > 0)
+    {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.enable_all().thread_name("sentinel").build()?;
     runtime.block_on(sentinel::daemon::run(&config))
 }
 

@@ -20,7 +20,8 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -40,6 +41,7 @@ pub struct Metrics {
     allowlist_entries: IntGauge,
     denylist_updates: IntCounterVec,
     allowlist_updates: IntCounterVec,
+    pub proxy: ProxyMetrics,
 }
 
 // Metric definitions below are constants: building them cannot fail at run
@@ -83,7 +85,9 @@ impl Metrics {
         ] {
             registry.register(collector).expect(STATIC);
         }
+        let proxy = ProxyMetrics::new(&registry);
         Self {
+            proxy,
             registry,
             denylist_entries,
             allowlist_entries,
@@ -126,6 +130,83 @@ impl Metrics {
             warn!(%error, "cannot encode metrics");
         }
         out
+    }
+}
+
+/// The reverse proxy's families. Label values come from the configuration
+/// (route, upstream, target and listener names) or from fixed sets (method,
+/// result), never from raw request input.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_health: IntGaugeVec,
+    pub active_connections: IntGaugeVec,
+}
+
+impl ProxyMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "sentinel_requests_total",
+                "Requests answered, by route (\"none\" when no route matched), method and status",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect(STATIC);
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sentinel_request_duration_seconds",
+                "Time from a request's head to its response head, by route",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["route"],
+        )
+        .expect(STATIC);
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "sentinel_upstream_requests_total",
+                "Attempts sent to upstreams, by upstream and result (2xx, 3xx, 4xx, 5xx, connect_error, timeout, error)",
+            ),
+            &["upstream", "result"],
+        )
+        .expect(STATIC);
+        let upstream_health = IntGaugeVec::new(
+            Opts::new(
+                "sentinel_upstream_health",
+                "1 when an upstream target takes requests, 0 when health checks or passive ejection took it out",
+            ),
+            &["upstream", "target"],
+        )
+        .expect(STATIC);
+        let active_connections = IntGaugeVec::new(
+            Opts::new(
+                "sentinel_active_connections",
+                "Client connections open, by listener",
+            ),
+            &["listener"],
+        )
+        .expect(STATIC);
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_health.clone()),
+            Box::new(active_connections.clone()),
+        ] {
+            registry.register(collector).expect(STATIC);
+        }
+        Self {
+            requests,
+            request_duration,
+            upstream_requests,
+            upstream_health,
+            active_connections,
+        }
     }
 }
 

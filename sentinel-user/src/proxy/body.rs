@@ -1,0 +1,277 @@
+//! Body wrappers on the streaming path: nothing here buffers.
+//!
+//! - [`Limited`] counts a request body as it streams and fails it at the
+//!   configured limit (413), and marks the client's own framing errors (an
+//!   invalid chunk, a short body) so they answer 400, not 502.
+//! - [`ReadTimeout`] fails a response body whose upstream stalls longer
+//!   than the read timeout between frames.
+//! - [`Tracked`] holds a guard until the response body has been written
+//!   out, so the connection knows when it is idle.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body is over the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("malformed request body: {source}")]
+    Client {
+        #[source]
+        source: BoxError,
+    },
+    #[error("upstream sent nothing for {after:?} while streaming the response body")]
+    UpstreamStalled { after: Duration },
+}
+
+pin_project! {
+    pub struct Limited<B> {
+        #[pin]
+        inner: B,
+        seen: u64,
+        // 0: no limit.
+        limit: u64,
+    }
+}
+
+impl<B> Limited<B> {
+    pub fn new(inner: B, limit: u64) -> Self {
+        Self {
+            inner,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for Limited<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.limit != 0 && *this.seen > *this.limit {
+                        return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge {
+                            limit: *this.limit,
+                        }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(Box::new(BodyError::Client { source: e.into() }))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    pub struct ReadTimeout<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+        after: Duration,
+    }
+}
+
+impl<B> ReadTimeout<B> {
+    pub fn new(inner: B, after: Duration) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep(after),
+            after,
+        }
+    }
+}
+
+impl<B> Body for ReadTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let after = *this.after;
+                this.sleep.as_mut().reset(Instant::now() + after);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyError::UpstreamStalled {
+                    after: *this.after,
+                })))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    pub struct Tracked<B, G> {
+        #[pin]
+        inner: B,
+        guard: Option<G>,
+    }
+}
+
+impl<B, G> Tracked<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body, G> Body for Tracked<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            // Finished: release now rather than when hyper drops the body.
+            this.guard.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Finds one of our body errors in an error's chain.
+pub fn find_body_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<BodyError>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn limited_fails_past_the_limit_only() {
+        let ok = Limited::new(Full::new(Bytes::from_static(b"12345")), 5);
+        assert_eq!(
+            ok.collect().await.expect("within limit").to_bytes(),
+            "12345"
+        );
+        let over = Limited::new(Full::new(Bytes::from_static(b"123456")), 5);
+        let err = over.collect().await.expect_err("over the limit");
+        assert!(matches!(
+            find_body_error(err.as_ref()),
+            Some(BodyError::TooLarge { limit: 5 })
+        ));
+        let unlimited = Limited::new(Full::new(Bytes::from(vec![0u8; 1 << 20])), 0);
+        assert_eq!(
+            unlimited
+                .collect()
+                .await
+                .expect("no limit")
+                .to_bytes()
+                .len(),
+            1 << 20
+        );
+    }
+
+    /// One frame, then silence.
+    struct Stall {
+        sent: bool,
+    }
+
+    impl Body for Stall {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            if self.sent {
+                Poll::Pending
+            } else {
+                self.sent = true;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"a")))))
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_timeout_fires_between_frames() {
+        let mut body = std::pin::pin!(ReadTimeout::new(
+            Stall { sent: false },
+            Duration::from_secs(1)
+        ));
+        assert!(body.frame().await.expect("a frame").is_ok());
+        let err = body.frame().await.expect("an error").expect_err("stalled");
+        assert!(matches!(
+            find_body_error(err.as_ref()),
+            Some(BodyError::UpstreamStalled { .. })
+        ));
+    }
+}

@@ -1,0 +1,278 @@
+//! An independent reading of HTTP/1 message framing on a client
+//! connection, to catch request smuggling that hyper tolerates.
+//!
+//! hyper answers 400 to most framing attacks itself (duplicate
+//! Content-Length with different values, invalid chunk sizes, obs-fold,
+//! invalid header names), but a request with both Content-Length and
+//! Transfer-Encoding it accepts, dropping Content-Length as RFC 9112 §6.1
+//! allows. A proxy must not: the next hop may frame the message the other
+//! way. This tracker follows the byte stream as hyper reads it, finds each
+//! request head with httparse (the parser hyper uses), and records a
+//! verdict per head, in order; the handler takes one verdict per request
+//! and refuses the flagged ones with 400 before anything is forwarded.
+//!
+//! When the tracker cannot follow the stream any more (a head hyper will
+//! reject anyway, an upgrade, HTTP/2), it stops and records nothing more;
+//! requests without a verdict are not flagged.
+
+use std::collections::VecDeque;
+
+/// What the tracker found in one request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Clean,
+    /// A framing conflict: the reason, for the log.
+    Smuggling(&'static str),
+}
+
+#[derive(Debug)]
+enum State {
+    Head,
+    /// Bytes of a Content-Length body still to come.
+    Fixed(u64),
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    /// Not followed any more.
+    Lost,
+}
+
+/// Longest chunk-size or trailer line followed.
+const MAX_LINE: usize = 4096;
+
+pub struct Framing {
+    state: State,
+    /// The head (or line) read so far.
+    pending: Vec<u8>,
+    max_head: usize,
+    pub verdicts: VecDeque<Verdict>,
+}
+
+impl Framing {
+    pub fn new(max_head: usize) -> Self {
+        Self {
+            state: State::Head,
+            pending: Vec::new(),
+            max_head,
+            verdicts: VecDeque::new(),
+        }
+    }
+
+    pub fn lost(&self) -> bool {
+        matches!(self.state, State::Lost)
+    }
+
+    /// Follows `data`, the next bytes the client sent.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.state {
+                State::Lost => return,
+                State::Head => {
+                    let before = self.pending.len();
+                    self.pending.extend_from_slice(data);
+                    match self.parse_head() {
+                        Some(len) => {
+                            // The previous, shorter `pending` was partial,
+                            // so the head ends inside `data`.
+                            data = &data[len.saturating_sub(before).min(data.len())..];
+                            self.pending.clear();
+                        }
+                        None => {
+                            if self.pending.len() > self.max_head {
+                                // hyper answers 431.
+                                self.state = State::Lost;
+                            }
+                            return;
+                        }
+                    }
+                }
+                State::Fixed(n) => {
+                    let skip = (data.len() as u64).min(n);
+                    data = &data[skip as usize..];
+                    self.state = if n == skip {
+                        State::Head
+                    } else {
+                        State::Fixed(n - skip)
+                    };
+                }
+                State::ChunkData(n) => {
+                    let skip = (data.len() as u64).min(n);
+                    data = &data[skip as usize..];
+                    self.state = if n == skip {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(n - skip)
+                    };
+                }
+                State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    let Some(line) = self.line(&mut data) else {
+                        return;
+                    };
+                    self.state = match self.state {
+                        State::ChunkSize => match chunk_size(&line) {
+                            Some(0) => State::Trailers,
+                            Some(n) => State::ChunkData(n),
+                            None => State::Lost,
+                        },
+                        State::ChunkEnd if line.is_empty() => State::ChunkSize,
+                        State::Trailers if line.is_empty() => State::Head,
+                        State::Trailers => State::Trailers,
+                        _ => State::Lost,
+                    };
+                }
+            }
+        }
+    }
+
+    /// The next line without its line ending, once whole.
+    fn line(&mut self, data: &mut &[u8]) -> Option<Vec<u8>> {
+        match data.iter().position(|b| *b == b'\n') {
+            Some(end) => {
+                self.pending.extend_from_slice(&data[..end]);
+                *data = &data[end + 1..];
+                let mut line = std::mem::take(&mut self.pending);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                Some(line)
+            }
+            None => {
+                self.pending.extend_from_slice(data);
+                *data = &[];
+                if self.pending.len() > MAX_LINE {
+                    self.state = State::Lost;
+                }
+                None
+            }
+        }
+    }
+
+    /// Parses the head in `pending`; its length once complete.
+    fn parse_head(&mut self) -> Option<usize> {
+        let mut headers = [httparse::EMPTY_HEADER; 256];
+        let mut req = httparse::Request::new(&mut headers);
+        let len = match req.parse(&self.pending) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(_) => {
+                // hyper rejects it too (400 or 431) and closes.
+                self.state = State::Lost;
+                return None;
+            }
+        };
+        let mut content_length: Option<&[u8]> = None;
+        let mut lengths_differ = false;
+        let mut transfer_encoding: Option<&[u8]> = None;
+        let mut upgrade = req.method == Some("CONNECT");
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                match content_length {
+                    Some(prev) if prev != h.value => lengths_differ = true,
+                    _ => content_length = Some(h.value),
+                }
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_encoding = Some(h.value);
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        let verdict = if content_length.is_some() && transfer_encoding.is_some() {
+            Verdict::Smuggling("Content-Length together with Transfer-Encoding")
+        } else if lengths_differ {
+            Verdict::Smuggling("Content-Length given twice with different values")
+        } else {
+            Verdict::Clean
+        };
+        self.verdicts.push_back(verdict);
+        self.state = if verdict != Verdict::Clean || upgrade {
+            // Flagged heads close the connection; upgrades leave HTTP.
+            State::Lost
+        } else if let Some(te) = transfer_encoding {
+            let last = te.rsplit(|b| *b == b',').next().unwrap_or(te);
+            if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                State::ChunkSize
+            } else {
+                State::Lost
+            }
+        } else if let Some(cl) = content_length {
+            match std::str::from_utf8(cl)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+            {
+                Some(0) => State::Head,
+                Some(n) => State::Fixed(n),
+                None => State::Lost,
+            }
+        } else {
+            State::Head
+        };
+        Some(len)
+    }
+}
+
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let size = line.split(|b| *b == b';').next()?.trim_ascii();
+    if size.is_empty() || size.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdicts(stream: &[u8], step: usize) -> (Vec<Verdict>, bool) {
+        let mut f = Framing::new(65536);
+        for piece in stream.chunks(step) {
+            f.feed(piece);
+        }
+        (f.verdicts.iter().copied().collect(), f.lost())
+    }
+
+    #[test]
+    fn follows_pipelined_requests_in_any_split() {
+        let stream = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+            POST /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            GET /z HTTP/1.1\r\nHost: a\r\n\r\n";
+        for step in [1, 2, 3, 7, 64, stream.len()] {
+            let (v, lost) = verdicts(stream, step);
+            assert_eq!(v, vec![Verdict::Clean; 4], "step {step}");
+            assert!(!lost, "step {step}");
+        }
+    }
+
+    #[test]
+    fn flags_content_length_with_transfer_encoding() {
+        let stream = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+            0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (v, lost) = verdicts(stream, 5);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0], Verdict::Clean);
+        assert!(matches!(v[1], Verdict::Smuggling(_)));
+        assert!(lost);
+    }
+
+    #[test]
+    fn stops_following_what_it_cannot_read() {
+        let (v, lost) = verdicts(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 100);
+        assert!(v.is_empty());
+        assert!(lost);
+        let (v, lost) = verdicts(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+            100,
+        );
+        assert_eq!(v, vec![Verdict::Clean]);
+        assert!(lost);
+        let (_, lost) = verdicts(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            100,
+        );
+        assert!(lost);
+    }
+}

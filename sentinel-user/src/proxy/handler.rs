@@ -1,0 +1,423 @@
+//! One request, from its head to its response head: route it, check its
+//! limits, forward it to a target (retrying idempotent requests on another
+//! target), and count and log the outcome.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header::{self, CONTENT_LENGTH, EXPECT, HOST},
+    request::Parts,
+};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, info, warn};
+
+use super::{
+    ProxyBody, ProxyError, Shared, Snapshot,
+    body::{self, BodyError, Limited, ReadTimeout, Tracked},
+    forward,
+    framing::Verdict,
+    listener::{Activity, ConnInfo},
+    router::{Action, Route, request_host},
+    upstream::{InFlight, Upstream},
+};
+use crate::config::{StaticResponse, UpstreamProtocol};
+
+/// The service function of every connection.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let guard = activity.begin();
+    let started = Instant::now();
+    let snapshot = shared.snapshot.load_full();
+    let method = req.method().clone();
+    let version = req.version();
+    let path = req.uri().path().to_owned();
+    let mut req = req;
+    let request_id = forward::request_id(req.headers_mut());
+    let (route, outcome) = match activity.framing_verdict() {
+        Verdict::Clean => dispatch(req, &conn, &snapshot).await,
+        Verdict::Smuggling(reason) => {
+            let error = ProxyError::BadRequest {
+                reason: reason.to_owned(),
+            };
+            (None, Err((error, Attempt::default())))
+        }
+    };
+
+    let (mut response, attempt) = match outcome {
+        Ok(done) => done,
+        Err((error, attempt)) => {
+            log_error(&error, &conn, route.as_deref());
+            (error.response(), attempt)
+        }
+    };
+    response
+        .headers_mut()
+        .insert(forward::X_REQUEST_ID.clone(), request_id.clone());
+
+    let route_label = route.as_ref().map_or("none", |r| r.name.as_str());
+    let status = response.status();
+    let metrics = &shared.metrics;
+    metrics
+        .requests
+        .with_label_values(&[route_label, method_label(&method), status.as_str()])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[route_label])
+        .observe(started.elapsed().as_secs_f64());
+    if snapshot.access_log {
+        info!(
+            target: "sentinel::access",
+            listener = %conn.listener,
+            client = %conn.peer.ip(),
+            method = %method,
+            path = %path,
+            version = ?version,
+            status = status.as_u16(),
+            route = route_label,
+            upstream = attempt.upstream.as_deref().unwrap_or("-"),
+            target = attempt.target.as_deref().unwrap_or("-"),
+            attempts = attempt.count,
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            request_id = request_id.to_str().unwrap_or("-"),
+        );
+    }
+    Ok(response.map(|b| Tracked::new(b, guard).boxed()))
+}
+
+/// What the access log says about where a request went.
+#[derive(Default)]
+struct Attempt {
+    upstream: Option<String>,
+    target: Option<String>,
+    count: u32,
+}
+
+type Outcome = Result<(Response<ProxyBody>, Attempt), (ProxyError, Attempt)>;
+
+async fn dispatch(
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    snapshot: &Snapshot,
+) -> (Option<Arc<Route>>, Outcome) {
+    let (parts, body) = req.into_parts();
+    let Some(route) = snapshot.router.route(&parts) else {
+        return (None, Err((ProxyError::NoRoute, Attempt::default())));
+    };
+    let outcome = match &route.action {
+        Action::Respond(r) => Ok((static_response(r), Attempt::default())),
+        Action::Forward(upstream) => {
+            let limit = route
+                .policies
+                .max_body_bytes
+                .unwrap_or(snapshot.limits.max_body_bytes);
+            let deadline = route
+                .policies
+                .timeout
+                .unwrap_or(upstream.config.timeouts.total);
+            proxy(parts, body, conn, upstream.clone(), limit, deadline).await
+        }
+    };
+    (Some(route), outcome)
+}
+
+fn static_response(r: &StaticResponse) -> Response<ProxyBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(r.body.clone()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::OK);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Methods whose repetition the client cannot tell apart (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn proxy(
+    mut parts: Parts,
+    body: Incoming,
+    conn: &ConnInfo,
+    upstream: Arc<Upstream>,
+    limit: u64,
+    deadline: Duration,
+) -> Outcome {
+    let mut attempt = Attempt {
+        upstream: Some(upstream.name.clone()),
+        ..Attempt::default()
+    };
+    // A body announced over the limit is refused before it is read; with
+    // `Expect: 100-continue` the client never sends it.
+    if limit != 0 && declared_length(&parts).is_some_and(|n| n > limit) {
+        return Err((ProxyError::BodyTooLarge { limit }, attempt));
+    }
+
+    let client_upgrade = match (parts.version, forward::upgrade_request(&parts.headers)) {
+        (Version::HTTP_11, Some(protocol)) => Some(protocol),
+        _ => None,
+    };
+    let on_client_upgrade = client_upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+
+    let host = request_host(&parts);
+    let original_authority = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    forward::strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref());
+    // We answer `100-continue` ourselves (hyper does when the body is
+    // first read); the upstream gets the body without the handshake.
+    parts.headers.remove(EXPECT);
+    let forwarded_host = original_authority
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    forward::set_forwarding(
+        &mut parts.headers,
+        conn.peer,
+        conn.scheme,
+        forwarded_host.as_deref().or(host.as_deref()),
+    );
+    if let Some(authority) = &original_authority {
+        parts.headers.insert(HOST, authority.clone());
+    }
+    parts.version = match upstream.config.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => {
+            // HTTP/2 carries the authority in the URI.
+            parts.headers.remove(HOST);
+            Version::HTTP_2
+        }
+    };
+
+    // Only a request without a body can be sent again: a streamed body is
+    // gone once read.
+    let empty_body = body.is_end_stream() || body.size_hint().exact() == Some(0);
+    let retries = if idempotent(&parts.method) && empty_body && client_upgrade.is_none() {
+        upstream.config.retries
+    } else {
+        0
+    };
+    let mut body = Some(Limited::new(body, limit));
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let give_up_at = tokio::time::Instant::now() + deadline;
+    let read_timeout = upstream.config.timeouts.read;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = None;
+
+    for _ in 0..=retries {
+        let Some(index) = upstream.pick(&tried) else {
+            break;
+        };
+        tried.push(index);
+        attempt.count += 1;
+        let target = &upstream.targets[index];
+        attempt.target = Some(target.address.clone());
+        let uri: Uri = match format!("{}{}", target.base, path_and_query).parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                return Err((
+                    ProxyError::BadRequest {
+                        reason: format!("request target cannot be forwarded: {e}"),
+                    },
+                    attempt,
+                ));
+            }
+        };
+        let mut head = parts.clone();
+        head.uri = uri;
+        let outgoing: ProxyBody = match body.take() {
+            Some(b) if !empty_body => b.boxed(),
+            _ => Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        };
+        let request = Request::from_parts(head, outgoing);
+        let in_flight = InFlight::new(upstream.clone(), index);
+        let wait =
+            read_timeout.min(give_up_at.saturating_duration_since(tokio::time::Instant::now()));
+        let sent = tokio::time::timeout(wait, upstream.client.request(request)).await;
+        let metrics_result;
+        let error = match sent {
+            Ok(Ok(mut response)) => {
+                let status = response.status();
+                let failed = upstream.config.passive_health.count_5xx
+                    && matches!(
+                        status,
+                        StatusCode::BAD_GATEWAY
+                            | StatusCode::SERVICE_UNAVAILABLE
+                            | StatusCode::GATEWAY_TIMEOUT
+                    );
+                if failed {
+                    upstream.record_failure(index);
+                } else {
+                    upstream.record_success(index);
+                }
+                count_upstream(&upstream, status_class(status));
+                if status == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(on_client) = on_client_upgrade
+                {
+                    let on_upstream = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(on_client, on_upstream, in_flight));
+                    let (head, _) = response.into_parts();
+                    let empty = Empty::<Bytes>::new()
+                        .map_err(|never| match never {})
+                        .boxed();
+                    return Ok((Response::from_parts(head, empty), attempt));
+                }
+                forward::strip_hop_by_hop(response.headers_mut(), None);
+                let response = response
+                    .map(|b| Tracked::new(ReadTimeout::new(b, read_timeout), in_flight).boxed());
+                return Ok((response, attempt));
+            }
+            Ok(Err(e)) => {
+                let source: &(dyn std::error::Error + 'static) = &e;
+                if let Some(b) = body::find_body_error(source) {
+                    // The client's own body failed: not the target's fault.
+                    let error = match b {
+                        BodyError::TooLarge { limit } => ProxyError::BodyTooLarge { limit: *limit },
+                        other => ProxyError::BadRequest {
+                            reason: other.to_string(),
+                        },
+                    };
+                    return Err((error, attempt));
+                }
+                if e.is_connect() {
+                    metrics_result = "connect_error";
+                    ProxyError::Connect {
+                        target: target.address.clone(),
+                        source: Box::new(e),
+                    }
+                } else {
+                    metrics_result = "error";
+                    ProxyError::Upstream {
+                        target: target.address.clone(),
+                        source: Box::new(e),
+                    }
+                }
+            }
+            Err(_) => {
+                metrics_result = "timeout";
+                ProxyError::Timeout {
+                    target: target.address.clone(),
+                    after_ms: wait.as_millis(),
+                }
+            }
+        };
+        drop(in_flight);
+        upstream.record_failure(index);
+        count_upstream(&upstream, metrics_result);
+        debug!(upstream = %upstream.name, error = %error, "attempt failed");
+        last_error = Some(error);
+        if tokio::time::Instant::now() >= give_up_at {
+            break;
+        }
+    }
+    let error = last_error.unwrap_or_else(|| ProxyError::NoHealthyTarget {
+        upstream: upstream.name.clone(),
+    });
+    Err((error, attempt))
+}
+
+/// Copies bytes both ways between an upgraded client and upstream (a
+/// WebSocket, say) until either side closes.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _in_flight: InFlight,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        debug!(%error, "upgraded connection ended");
+    }
+}
+
+fn count_upstream(upstream: &Upstream, result: &str) {
+    upstream
+        .metrics
+        .upstream_requests
+        .with_label_values(&[upstream.name.as_str(), result])
+        .inc();
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Method label: the standard methods by name, anything else as OTHER, so
+/// clients cannot grow the metric's label set.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+fn log_error(error: &ProxyError, conn: &ConnInfo, route: Option<&Route>) {
+    let route = route.map_or("none", |r| r.name.as_str());
+    match error {
+        ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest { .. } => {
+            debug!(client = %conn.peer, route, %error, "request refused")
+        }
+        _ => warn!(client = %conn.peer, route, %error, "request failed"),
+    }
+}

@@ -1,0 +1,340 @@
+//! Upstreams: their targets, how one is picked, whether it is healthy, and
+//! the pooled client that carries requests to them.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use prometheus::IntGauge;
+use tracing::{info, warn};
+
+use super::{ProxyBody, tls};
+use crate::{
+    config::{LoadBalancing, UpstreamConfig, UpstreamProtocol},
+    metrics::ProxyMetrics,
+};
+
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// One backend address of an upstream.
+pub struct Target {
+    /// `host:port` as configured.
+    pub address: String,
+    /// `http://host:port` or `https://host:port`.
+    pub base: String,
+    /// Active health check verdict (true until a check says otherwise).
+    active_healthy: AtomicBool,
+    /// Consecutive failed requests, for passive ejection.
+    failures: AtomicU32,
+    /// While ejected: milliseconds since the upstream's epoch at which the
+    /// target may be tried again; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    /// Requests in flight, for least-connections.
+    pub in_flight: AtomicUsize,
+    /// Consecutive active-check results in the current direction.
+    check_streak: AtomicU32,
+    health_gauge: IntGauge,
+}
+
+impl Target {
+    pub fn active_healthy(&self) -> bool {
+        self.active_healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// An upstream of one configuration generation. A reload that leaves an
+/// upstream's configuration unchanged keeps this object, and with it the
+/// targets' health and the connection pool.
+pub struct Upstream {
+    pub name: String,
+    pub config: UpstreamConfig,
+    pub targets: Vec<Target>,
+    pub client: HttpClient,
+    pub metrics: ProxyMetrics,
+    /// Round-robin order, each target repeated by its weight, interleaved.
+    schedule: Vec<usize>,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, metrics: &ProxyMetrics) -> anyhow::Result<Arc<Self>> {
+        let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+        let targets: Vec<Target> = cfg
+            .targets
+            .iter()
+            .map(|t| {
+                let gauge = metrics
+                    .upstream_health
+                    .with_label_values(&[cfg.name.as_str(), t.address.as_str()]);
+                gauge.set(1);
+                Target {
+                    address: t.address.clone(),
+                    base: format!("{scheme}://{}", t.address),
+                    active_healthy: AtomicBool::new(true),
+                    failures: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                    in_flight: AtomicUsize::new(0),
+                    check_streak: AtomicU32::new(0),
+                    health_gauge: gauge,
+                }
+            })
+            .collect();
+        let max_weight = cfg.targets.iter().map(|t| t.weight).max().unwrap_or(1);
+        let mut schedule = Vec::new();
+        for round in 0..max_weight {
+            for (i, t) in cfg.targets.iter().enumerate() {
+                if t.weight > round {
+                    schedule.push(i);
+                }
+            }
+        }
+
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.timeouts.connect));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls::client_config(cfg.tls.as_ref())?)
+            .https_or_http();
+        let builder = match &cfg.tls.as_ref().and_then(|t| t.sni.clone()) {
+            Some(name) => {
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(
+                    rustls_pki_types::ServerName::try_from(name.clone())
+                        .map_err(|e| anyhow::anyhow!("tls sni '{name}': {e}"))?,
+                ))
+            }
+            None => builder,
+        };
+        let connector = match cfg.protocol {
+            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
+            UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+        };
+        let mut client = Client::builder(TokioExecutor::new());
+        client
+            .pool_max_idle_per_host(cfg.pool.max_idle)
+            .pool_idle_timeout(cfg.pool.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new());
+        if cfg.protocol == UpstreamProtocol::Http2 {
+            client.http2_only(true);
+        }
+        Ok(Arc::new(Self {
+            name: cfg.name.clone(),
+            config: cfg.clone(),
+            targets,
+            client: client.build(connector),
+            metrics: metrics.clone(),
+            schedule,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Whether a target may take requests now.
+    pub fn available(&self, index: usize) -> bool {
+        let t = &self.targets[index];
+        if !t.active_healthy() {
+            return false;
+        }
+        let until = t.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || self.now_ms() >= until
+    }
+
+    /// A target for the next attempt, skipping those already `tried` and
+    /// those unhealthy or ejected; `None` when none is left.
+    pub fn pick(&self, tried: &[usize]) -> Option<usize> {
+        let candidate = |i: &usize| !tried.contains(i) && self.available(*i);
+        match self.config.load_balancing {
+            LoadBalancing::RoundRobin => {
+                let n = self.schedule.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| self.schedule[(start + k) % n])
+                    .find(|i| candidate(i))
+            }
+            LoadBalancing::LeastConnections => {
+                // Ties go round-robin, so equal targets share the load.
+                let n = self.targets.len();
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .filter(|i| candidate(i))
+                    .min_by_key(|i| self.targets[*i].in_flight.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// Passive health: a request to `index` failed.
+    pub fn record_failure(&self, index: usize) {
+        let t = &self.targets[index];
+        let passive = &self.config.passive_health;
+        let failures = t.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= passive.consecutive_failures {
+            t.failures.store(0, Ordering::Relaxed);
+            let until = self.now_ms() + passive.ejection_time.as_millis() as u64;
+            t.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+            t.health_gauge.set(0);
+            warn!(
+                upstream = %self.name,
+                target = %t.address,
+                failures,
+                ejection_secs = passive.ejection_time.as_secs_f64(),
+                "target ejected after consecutive failures"
+            );
+        }
+    }
+
+    /// Passive health: a request to `index` succeeded.
+    pub fn record_success(&self, index: usize) {
+        let t = &self.targets[index];
+        t.failures.store(0, Ordering::Relaxed);
+        if t.ejected_until_ms.swap(0, Ordering::Relaxed) != 0 {
+            info!(upstream = %self.name, target = %t.address, "ejected target answered again");
+            t.health_gauge.set(i64::from(t.active_healthy()));
+        }
+    }
+
+    /// Active health: one probe result for `index`.
+    pub fn record_check(&self, index: usize, ok: bool) {
+        let Some(check) = &self.config.health_check else {
+            return;
+        };
+        let t = &self.targets[index];
+        let healthy = t.active_healthy();
+        if ok == healthy {
+            t.check_streak.store(0, Ordering::Relaxed);
+            return;
+        }
+        let streak = t.check_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let threshold = if healthy {
+            check.unhealthy_threshold
+        } else {
+            check.healthy_threshold
+        };
+        if streak >= threshold {
+            t.check_streak.store(0, Ordering::Relaxed);
+            t.active_healthy.store(ok, Ordering::Relaxed);
+            if ok {
+                // A target the checks bring back starts with a clean slate.
+                t.ejected_until_ms.store(0, Ordering::Relaxed);
+                t.failures.store(0, Ordering::Relaxed);
+                info!(upstream = %self.name, target = %t.address, "target healthy again");
+            } else {
+                warn!(upstream = %self.name, target = %t.address, "target failed its health checks");
+            }
+            t.health_gauge.set(i64::from(ok));
+        }
+    }
+
+    /// Seconds an ejected target has left, for tests and status.
+    pub fn ejected(&self, index: usize) -> Option<Duration> {
+        let until = self.targets[index].ejected_until_ms.load(Ordering::Relaxed);
+        let now = self.now_ms();
+        (until != 0 && until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
+/// Counts a request in flight on a target for as long as it lives.
+pub struct InFlight {
+    upstream: Arc<Upstream>,
+    index: usize,
+}
+
+impl InFlight {
+    pub fn new(upstream: Arc<Upstream>, index: usize) -> Self {
+        upstream.targets[index]
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
+        Self { upstream, index }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.upstream.targets[self.index]
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{TargetConfig, UpstreamConfig};
+
+    fn upstream(lb: LoadBalancing, weights: &[u32]) -> Arc<Upstream> {
+        let cfg = UpstreamConfig {
+            name: "u".into(),
+            targets: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| TargetConfig {
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    weight: *w,
+                })
+                .collect(),
+            load_balancing: lb,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            health_check: None,
+            passive_health: Default::default(),
+            timeouts: Default::default(),
+            retries: 1,
+            pool: Default::default(),
+        };
+        Upstream::new(&cfg, &ProxyMetrics::new(&prometheus::Registry::new()))
+            .expect("upstream builds")
+    }
+
+    #[test]
+    fn round_robin_follows_weights() {
+        let u = upstream(LoadBalancing::RoundRobin, &[1, 3]);
+        let mut counts = [0; 2];
+        for _ in 0..400 {
+            counts[u.pick(&[]).expect("a target")] += 1;
+        }
+        assert_eq!(counts, [100, 300]);
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_targets() {
+        let u = upstream(LoadBalancing::LeastConnections, &[1, 1, 1]);
+        let _a = InFlight::new(u.clone(), 0);
+        let _b = InFlight::new(u.clone(), 0);
+        let _c = InFlight::new(u.clone(), 2);
+        for _ in 0..10 {
+            assert_eq!(u.pick(&[]), Some(1));
+        }
+        assert_eq!(u.pick(&[1]), Some(2));
+    }
+
+    #[test]
+    fn passive_ejection_and_return() {
+        let u = upstream(LoadBalancing::RoundRobin, &[1, 1]);
+        for _ in 0..5 {
+            u.record_failure(0);
+        }
+        assert!(u.ejected(0).is_some());
+        for _ in 0..10 {
+            assert_eq!(u.pick(&[]), Some(1));
+        }
+        assert_eq!(u.pick(&[1]), None);
+        u.record_success(0);
+        assert!(u.ejected(0).is_none());
+        assert!(u.available(0));
+    }
+}
