@@ -70,6 +70,12 @@ impl Daemon {
     /// Starts `bin run`, attached in native mode to `interface` if given,
     /// and waits until it answers on its admin socket.
     pub fn start(bin: &Path, interface: Option<&str>) -> Result<Self> {
+        Self::start_with(bin, interface, "")
+    }
+
+    /// Like [`Daemon::start`], with `blocks` (more top-level configuration
+    /// blocks, e.g. listeners and routes) appended to the file.
+    pub fn start_with(bin: &Path, interface: Option<&str>, blocks: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sentinel-bench-")
             .tempdir()
@@ -86,8 +92,13 @@ impl Daemon {
         kernel.push_str(&format!("    pin-path \"{}\"\n", pins.path.display()));
         let text = format!(
             "kernel {{\n{kernel}}}\n\nadmin {{\n    socket \"{}\"\n}}\n\n\
-             observability {{\n    metrics {{\n        address \"127.0.0.1:0\"\n    }}\n}}\n",
-            admin_socket.display()
+             observability {{\n    metrics {{\n        address \"127.0.0.1:0\"\n    }}\n{}}}\n{blocks}",
+            admin_socket.display(),
+            if blocks.contains("listeners") {
+                "    logging {\n        access-log #false\n    }\n"
+            } else {
+                ""
+            },
         );
         fs::write(&config_path, text)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -149,6 +160,22 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Process id of the daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The address a proxy listener is bound to, from `status`.
+    pub fn listener(&self, name: &str) -> Result<std::net::SocketAddr> {
+        let status: serde_json::Value = self.client()?.call(&Request::Status {})?;
+        status["listeners"]
+            .as_array()
+            .and_then(|ls| ls.iter().find(|l| l[0] == name))
+            .and_then(|l| l[1].as_str())
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("`status` lists no listener '{name}': {status}"))
     }
 
     pub fn log(&self) -> String {

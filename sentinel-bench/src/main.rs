@@ -26,6 +26,7 @@ mod flood;
 mod import;
 mod latency;
 mod netns;
+mod proxy;
 mod report;
 mod stale;
 mod table;
@@ -58,6 +59,31 @@ struct Cli {
 enum Bench {
     /// XDP fast path against xdp-filter, nftables and iptables (root).
     Xdp(XdpArgs),
+    /// The reverse proxy against nginx: wrk throughput and latency, and
+    /// memory per idle keep-alive connection (root: the daemon loads BPF).
+    Proxy(ProxyArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    /// The `sentinel` binary (default: next to this program).
+    #[arg(long, value_name = "PATH")]
+    sentinel_bin: Option<PathBuf>,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Alternating rounds per response size (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Idle keep-alive connections for the memory measurement (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Short runs: a smoke test, not a measurement.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args, Debug)]
@@ -360,9 +386,71 @@ fn xdp(mut args: XdpArgs) -> Result<bool> {
     Ok(!failed)
 }
 
+fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
+    if args.quick {
+        args.duration = 2;
+        args.rounds = 1;
+        args.idle_connections = 1_000;
+    }
+    if args.rounds == 0 || args.connections == 0 || args.duration == 0 {
+        bail!("--rounds, --connections and --duration must not be zero");
+    }
+    let bin = match &args.sentinel_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()
+            .context("cannot locate this program")?
+            .with_file_name("sentinel"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} does not exist: build it or pass --sentinel-bin",
+            bin.display()
+        );
+    }
+    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
+    for line in stale::clean() {
+        eprintln!("    removed a leftover of an earlier run: {line}");
+    }
+    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
+        Ok(command) => vec![command],
+        Err(_) => std::env::args().collect(),
+    };
+    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench proxy", 1);
+    println!("{head}- proxy peers: {}\n", proxy::versions());
+    let plan = proxy::Plan {
+        duration: Duration::from_secs(args.duration),
+        connections: args.connections,
+        rounds: args.rounds,
+        idle_connections: args.idle_connections,
+    };
+    let started = Instant::now();
+    settle("the proxy benchmark");
+    let results = proxy::run(&bin, &plan)?;
+    for table in proxy::report(&results, &plan) {
+        print(&table);
+    }
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Proxy(args) => {
+            if !is_root() {
+                println!("SKIPPED: bench proxy needs root (the daemon loads BPF)");
+                return ExitCode::SUCCESS;
+            }
+            install_signal_handlers();
+            match bench_proxy(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Bench::Xdp(args) => {
             if !is_root() {
                 println!("SKIPPED: bench xdp needs root");

@@ -25,24 +25,36 @@ pub enum Bench {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The reverse proxy against nginx (one worker each, keep-alive to the
+    /// same upstream): wrk requests per second and p50/p99 latency for a
+    /// small and a 64 KiB response, and memory per idle keep-alive
+    /// connection. Needs root (the daemon loads BPF); prints SKIPPED
+    /// otherwise.
+    Proxy {
+        /// Extra arguments for `sentinel-bench proxy`, after `--` (e.g.
+        /// `-- --quick`; `-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn run(which: Bench) -> Result<()> {
     match which {
-        Bench::Xdp { args } => xdp(&args),
+        Bench::Xdp { args } => bench("xdp", prereq::BENCH_XDP_PACKAGES, &args),
+        Bench::Proxy { args } => bench("proxy", prereq::BENCH_PROXY_PACKAGES, &args),
     }
 }
 
-fn xdp(args: &[String]) -> Result<()> {
+fn bench(name: &str, packages: &[(&str, &str)], args: &[String]) -> Result<()> {
     if !is_root() {
         // Loading XDP programs, creating namespaces and firewall rules all
         // need root; a benchmark that cannot run says so and is not a
         // failure.
-        println!("SKIPPED: bench xdp needs root");
+        println!("SKIPPED: bench {name} needs root");
         return Ok(());
     }
-    step("Debian packages for bench xdp");
-    prereq::ensure(prereq::BENCH_XDP_PACKAGES)?;
+    step(&format!("Debian packages for bench {name}"));
+    prereq::ensure(packages)?;
     let object = build_ebpf()?;
     step("building sentinel and sentinel-bench (release)");
     run_command(cargo(&object).args([
@@ -57,21 +69,21 @@ fn xdp(args: &[String]) -> Result<()> {
     let bench = release.join("sentinel-bench");
     let out_dir = root().join("target/bench");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let out_path = out_dir.join("xdp.md");
+    let out_path = out_dir.join(format!("{name}.md"));
     let mut copy = fs::File::create(&out_path)
         .with_context(|| format!("cannot create {}", out_path.display()))?;
-    let mut shown = vec!["cargo xtask bench xdp".to_owned()];
+    let mut shown = vec![format!("cargo xtask bench {name}")];
     if !args.is_empty() {
         shown.push("--".to_owned());
         shown.extend(args.iter().cloned());
     }
     step(&format!(
-        "running {} xdp (tables also written to {})",
+        "running {} {name} (tables also written to {})",
         bench.display(),
         out_path.display()
     ));
     let mut child = Command::new(&bench)
-        .arg("xdp")
+        .arg(name)
         .arg("--sentinel-bin")
         .arg(release.join("sentinel"))
         .args(args)
@@ -91,7 +103,7 @@ fn xdp(args: &[String]) -> Result<()> {
     let status = child.wait().context("cannot wait for the benchmark")?;
     if !status.success() {
         bail!(
-            "sentinel-bench xdp failed with {status} (partial tables in {})",
+            "sentinel-bench {name} failed with {status} (partial tables in {})",
             out_path.display()
         );
     }

@@ -19,6 +19,9 @@ pub const BENCH_XDP_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
 ];
 
+/// What `cargo xtask bench proxy` compares against and measures with.
+pub const BENCH_PROXY_PACKAGES: &[(&str, &str)] = &[("nginx", "nginx"), ("wrk", "wrk")];
+
 fn have(command: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {command}")])
