@@ -23,7 +23,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, watch},
+    sync::{Notify, OwnedSemaphorePermit, watch},
 };
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -178,8 +178,10 @@ async fn drive<I>(
 
     let header_read = spec.config.header_read_timeout;
     let keepalive = spec.config.keepalive_timeout;
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer per connection, set to the next moment a clock could
+    // expire; a request head starting wakes the loop to arm its clock.
+    let wake = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(wake);
     let mut closing = false;
     if *draining.borrow() {
         conn.as_mut().graceful_shutdown();
@@ -197,17 +199,25 @@ async fn drive<I>(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = tick.tick() => match activity.clock(header_read, keepalive) {
-                Clock::Keep => {}
-                Clock::CloseIdle => if !closing {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                },
-                Clock::Abort => {
-                    debug!("request head not received in time; connection dropped");
-                    break;
+            _ = activity.head_started_signal.notified() => {
+                let (_, next) = activity.clock(header_read, keepalive);
+                wake.as_mut().reset(tokio::time::Instant::now() + next);
+            }
+            _ = wake.as_mut() => {
+                let (clock, next) = activity.clock(header_read, keepalive);
+                match clock {
+                    Clock::Keep => {}
+                    Clock::CloseIdle => if !closing {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    },
+                    Clock::Abort => {
+                        debug!("request head not received in time; connection dropped");
+                        break;
+                    }
                 }
-            },
+                wake.as_mut().reset(tokio::time::Instant::now() + next);
+            }
         }
     }
 }
@@ -235,6 +245,7 @@ pub struct Activity {
     multiplexed: AtomicBool,
     /// Framing verdicts of HTTP/1 request heads not yet handled, in order.
     verdicts: Mutex<VecDeque<Verdict>>,
+    head_started_signal: Notify,
 }
 
 impl Activity {
@@ -246,6 +257,7 @@ impl Activity {
             head_started: AtomicU64::new(0),
             multiplexed: AtomicBool::new(false),
             verdicts: Mutex::new(VecDeque::new()),
+            head_started_signal: Notify::new(),
         }
     }
 
@@ -280,24 +292,28 @@ impl Activity {
             .unwrap_or(Verdict::Clean)
     }
 
-    fn clock(&self, header_read: Duration, keepalive: Duration) -> Clock {
+    /// What the clocks say now, and when to ask them again.
+    fn clock(&self, header_read: Duration, keepalive: Duration) -> (Clock, Duration) {
+        let (head_ms, idle_ms) = (header_read.as_millis() as u64, keepalive.as_millis() as u64);
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return Clock::Keep;
+            // A request in flight has its own deadlines; look again later
+            // for the idle clock that starts when it ends.
+            return (Clock::Keep, header_read.min(keepalive));
         }
         let now = self.now_ms();
         let started = self.head_started.load(Ordering::Relaxed);
         if started != 0 {
-            if now.saturating_sub(started - 1) > header_read.as_millis() as u64 {
-                return Clock::Abort;
+            let elapsed = now.saturating_sub(started - 1);
+            if elapsed > head_ms {
+                return (Clock::Abort, Duration::ZERO);
             }
-            return Clock::Keep;
+            return (Clock::Keep, Duration::from_millis(head_ms - elapsed + 1));
         }
-        if now.saturating_sub(self.idle_since.load(Ordering::Relaxed))
-            > keepalive.as_millis() as u64
-        {
-            return Clock::CloseIdle;
+        let idle = now.saturating_sub(self.idle_since.load(Ordering::Relaxed));
+        if idle > idle_ms {
+            return (Clock::CloseIdle, header_read.min(keepalive));
         }
-        Clock::Keep
+        (Clock::Keep, Duration::from_millis(idle_ms - idle + 1))
     }
 }
 
