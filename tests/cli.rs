@@ -332,3 +332,124 @@ fn bad_input_changes_nothing_in_a_running_daemon() {
         Some(2.0)
     );
 }
+
+/// The seed's pre-flight form, `sentinel --config FILE --validate`: a bad
+/// file exits 1 with every problem on stderr, each at its file, line and
+/// column, the seed's transport wording included; nothing on stdout.
+#[test]
+fn validate_flag_reports_every_problem_with_its_position() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let bad = dir.path().join("bad.kdl");
+    let socket = dir.path().join("auth.sock");
+    std::fs::write(
+        &bad,
+        format!(
+            r#"routes {{
+    route "api" {{
+        upstream "backnd"
+        filters "auth-filter"
+    }}
+}}
+upstreams {{
+    upstream "backend" {{
+        targets {{ target {{ address "backend.internal"; }} }}
+    }}
+}}
+filters {{
+    filter "auth-filter" {{ agent "auth"; timeout-ms 0; }}
+}}
+agents {{
+    agent "auth" type="auth" {{
+        unix-socket "{socket}"
+        request-body-mode "hybrid:0"
+        circuit-breaker {{ failure-threshold 0; }}
+    }}
+}}
+"#,
+            socket = socket.display()
+        ),
+    )
+    .expect("write the configuration");
+    let mut command = Command::new(daemon::bin());
+    command.arg("--config").arg(&bad).arg("--validate");
+    let out = daemon::output(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let file = bad.display().to_string();
+    let expected = [
+        format!(
+            "error: {file}:3:18: route 'api': upstream 'backnd' is not defined (did you mean 'backend'?)"
+        ),
+        format!(
+            "error: {file}:9:36: target address 'backend.internal' is not host:port \
+             (such as \"10.0.0.1:8080\" or \"backend.internal:8080\")"
+        ),
+        format!("error: {file}:13:53: 'timeout-ms' must be between 1 and 300000, found 0"),
+        format!(
+            "error: {file}:17:21: Agent 'auth' socket path '{}' does not exist",
+            socket.display()
+        ),
+        format!(
+            "error: {file}:18:27: 'request-body-mode' hybrid threshold must be between 1 \
+             and 1073741824 bytes, found 0"
+        ),
+        format!("error: {file}:19:45: 'failure-threshold' must be between 1 and 10000, found 0"),
+    ];
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines, expected, "stderr: {stderr}");
+}
+
+/// `--validate` on a file using every proxy block exits 0 and says so.
+#[test]
+fn validate_flag_accepts_a_good_file() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket_path = dir.path().join("waf.sock");
+    let _agent = std::os::unix::net::UnixListener::bind(&socket_path).expect("bind a socket");
+    let good = dir.path().join("good.kdl");
+    std::fs::write(
+        &good,
+        format!(
+            r#"system {{ worker-threads 2; }}
+listeners {{ listener "http" {{ address "127.0.0.1:0"; }} }}
+routes {{
+    route "api" {{
+        matches {{ path-prefix "/api/"; }}
+        upstream "backend"
+        filters "waf-filter"
+    }}
+    route "health" {{ static-response 200 "ok"; }}
+}}
+upstreams {{ upstream "backend" {{ targets {{ target {{ address "127.0.0.1:3000"; }} }} }} }}
+filters {{ filter "waf-filter" {{ type "agent"; agent "waf"; }} }}
+agents {{
+    agent "waf" type="waf" {{
+        unix-socket "{}"
+        events "request_headers" "request_body"
+        config {{ paranoia-level 2; }}
+    }}
+}}
+waf {{ body-inspection {{ inspect-request-body #true; }} }}
+limits {{ max-body-bytes 1048576; }}
+profile {{ mode "monitor"; }}
+"#,
+            socket_path.display()
+        ),
+    )
+    .expect("write the configuration");
+    let mut command = Command::new(daemon::bin());
+    command.arg("--config").arg(&good).arg("--validate");
+    let out = daemon::output(command);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.is_empty(), "stderr: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("configuration is valid"),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

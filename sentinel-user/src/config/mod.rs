@@ -6,7 +6,13 @@
 //! in docs/configuration.md.
 
 mod agents;
+mod files;
 mod proxy;
+mod read_agents;
+mod read_listeners;
+mod read_proxy;
+mod read_upstreams;
+mod refs;
 mod walk;
 
 pub use agents::*;
@@ -257,7 +263,20 @@ impl Default for ObservabilityConfig {
     }
 }
 
-const TOP_LEVEL: &[&str] = &["kernel", "admin", "observability"];
+const TOP_LEVEL: &[&str] = &[
+    "system",
+    "listeners",
+    "routes",
+    "upstreams",
+    "filters",
+    "agents",
+    "waf",
+    "limits",
+    "observability",
+    "kernel",
+    "admin",
+    "profile",
+];
 
 impl Config {
     /// Reads and validates a file.
@@ -297,6 +316,7 @@ impl Config {
         };
 
         let mut config = Config::default();
+        let mut names = refs::Names::default();
         let mut seen: Vec<String> = Vec::new();
         for node in doc.nodes() {
             let name = node.name().value();
@@ -307,13 +327,30 @@ impl Config {
                 }
                 seen.push(name.to_owned());
             }
+            let w = &mut walker;
             match name {
-                "kernel" => kernel(&mut walker, node, &mut config.kernel),
-                "admin" => admin(&mut walker, node, &mut config.admin),
-                "observability" => observability(&mut walker, node, &mut config.observability),
-                _ => walker.unknown(node, "block", TOP_LEVEL),
+                "system" => read_proxy::system(w, node, &mut config.system),
+                "listeners" => {
+                    read_listeners::listeners(w, node, &mut config.listeners, &mut names)
+                }
+                "routes" => read_proxy::routes(w, node, &mut config.routes, &mut names),
+                "upstreams" => {
+                    read_upstreams::upstreams(w, node, &mut config.upstreams, &mut names)
+                }
+                "filters" => read_agents::filters(w, node, &mut config.filters, &mut names),
+                "agents" => read_agents::agents(w, node, &mut config.agents, &mut names),
+                "waf" => read_agents::waf(w, node, &mut config.waf),
+                "limits" => read_proxy::limits(w, node, &mut config.limits),
+                "observability" => observability(w, node, &mut config.observability),
+                "kernel" => kernel(w, node, &mut config.kernel),
+                "admin" => admin(w, node, &mut config.admin),
+                "profile" => profile(w, node, &mut config.profile),
+                _ => w.unknown(node, "block", TOP_LEVEL),
             }
         }
+        names.check(&mut walker);
+        // In file order, whichever check found them.
+        walker.problems.sort_by_key(|p| (p.line, p.column));
         if walker.problems.is_empty() {
             Ok(config)
         } else {
@@ -572,41 +609,80 @@ fn admin(w: &mut Walker<'_>, node: &KdlNode, out: &mut AdminConfig) {
 }
 
 fn observability(w: &mut Walker<'_>, node: &KdlNode, out: &mut ObservabilityConfig) {
-    w.block(node, &["metrics"], |w, name, child| {
-        if name != "metrics" {
+    w.options(node, &["metrics", "logging"], &[], |w, name, child| {
+        match name {
+            "metrics" => metrics(w, child, out),
+            "logging" => logging(w, child, &mut out.access_log),
+            _ => return false,
+        }
+        true
+    });
+}
+
+fn metrics(w: &mut Walker<'_>, node: &KdlNode, out: &mut ObservabilityConfig) {
+    let mut enabled = true;
+    w.options(node, &["address", "enabled"], &[], |w, name, leaf| {
+        match name {
+            "address" => {
+                if let Some(addr) = w.string(leaf) {
+                    match addr.parse::<SocketAddr>() {
+                        Ok(a) => out.metrics_address = Some(a),
+                        Err(_) => w.error(
+                            leaf,
+                            format!("'address' must be IP:PORT such as \"127.0.0.1:9090\", found \"{addr}\""),
+                        ),
+                    }
+                }
+            }
+            "enabled" => {
+                if let Some(b) = w.boolean(leaf) {
+                    enabled = b;
+                }
+            }
+            _ => return false,
+        }
+        true
+    });
+    if !enabled {
+        out.metrics_address = None;
+    }
+}
+
+/// `logging { access-log #true; format "json" }`.
+fn logging(w: &mut Walker<'_>, node: &KdlNode, out: &mut AccessLog) {
+    w.options(node, &["access-log", "format"], &[], |w, name, leaf| {
+        match name {
+            "access-log" => {
+                if let Some(b) = w.boolean(leaf) {
+                    out.enabled = b;
+                }
+            }
+            "format" => {
+                let choices = [("text", LogFormat::Text), ("json", LogFormat::Json)];
+                if let Some(f) = w.choice(leaf, &choices) {
+                    out.format = f;
+                }
+            }
+            _ => return false,
+        }
+        true
+    });
+}
+
+/// `profile { mode "protection" }`.
+fn profile(w: &mut Walker<'_>, node: &KdlNode, out: &mut ProfileConfig) {
+    w.options(node, &["mode"], &[], |w, name, leaf| {
+        if name != "mode" {
             return false;
         }
-        let mut enabled = true;
-        w.block(child, &["address", "enabled"], |w, name, leaf| {
-            match name {
-                "address" => {
-                    if let Some(addr) = w.string(leaf) {
-                        match addr.parse::<SocketAddr>() {
-                            Ok(a) => out.metrics_address = Some(a),
-                            Err(_) => w.error(
-                                leaf,
-                                format!("'address' must be IP:PORT such as \"127.0.0.1:9090\", found \"{addr}\""),
-                            ),
-                        }
-                    }
-                }
-                "enabled" => {
-                    if let Some(entry) = w.single(leaf) {
-                        match entry.value() {
-                            KdlValue::Bool(b) => enabled = *b,
-                            other => w.error(
-                                entry,
-                                format!("'enabled' must be #true or #false, found {}", walk::kind(other)),
-                            ),
-                        }
-                    }
-                }
-                _ => return false,
-            }
-            true
-        });
-        if !enabled {
-            out.metrics_address = None;
+        let choices = [
+            ("off", ProfileMode::Off),
+            ("lite", ProfileMode::Lite),
+            ("monitor", ProfileMode::Monitor),
+            ("protection", ProfileMode::Protection),
+        ];
+        if let Some(mode) = w.choice(leaf, &choices) {
+            out.mode = mode;
         }
         true
     });
@@ -614,3 +690,9 @@ fn observability(w: &mut Walker<'_>, node: &KdlNode, out: &mut ObservabilityConf
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_agents;
+#[cfg(test)]
+mod tests_complete;
+#[cfg(test)]
+mod tests_proxy;

@@ -2,7 +2,9 @@ use std::path::Path;
 
 use super::*;
 
-fn parse(text: &str) -> Result<Config, Vec<String>> {
+/// Parses `text` as `test.kdl`: the configuration, or every problem as
+/// `file:line:column: message`.
+pub(super) fn parse(text: &str) -> Result<Config, Vec<String>> {
     Config::parse(&Source::new(Path::new("test.kdl"), text)).map_err(|e| match e {
         ConfigError::Invalid { problems } => problems.iter().map(|p| p.to_string()).collect(),
         other => vec![other.to_string()],
@@ -171,4 +173,72 @@ fn metrics_can_be_disabled() {
     let cfg =
         parse("observability { metrics { enabled #false\n address \"127.0.0.1:1\" } }").unwrap();
     assert_eq!(cfg.observability.metrics_address, None);
+}
+
+/// Files a configuration can name, in a temporary directory: PEM
+/// certificates and keys, an empty file, a listening Unix socket.
+pub(super) struct Files {
+    dir: tempfile::TempDir,
+    _socket: std::os::unix::net::UnixListener,
+}
+
+impl Files {
+    pub(super) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        // The checks read PEM structure only, so any base64 body will do.
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIBAAEC\n-----END CERTIFICATE-----\n";
+        let key = "-----BEGIN PRIVATE KEY-----\nMIIBAAEC\n-----END PRIVATE KEY-----\n";
+        for (name, text) in [
+            ("cert.pem", cert),
+            ("ca.pem", cert),
+            ("key.pem", key),
+            ("empty.pem", ""),
+            ("not-pem.txt", "hello\n"),
+            ("plain-file", "x"),
+        ] {
+            std::fs::write(dir.path().join(name), text).expect("write fixture");
+        }
+        let socket = std::os::unix::net::UnixListener::bind(dir.path().join("agent.sock"))
+            .expect("bind a unix socket");
+        Self {
+            dir,
+            _socket: socket,
+        }
+    }
+
+    /// `$D` in `text` becomes the directory holding the fixtures.
+    pub(super) fn expand(&self, text: &str) -> String {
+        text.replace("$D", &self.dir.path().display().to_string())
+    }
+
+    pub(super) fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Parses `text` after [`Files::expand`].
+    pub(super) fn parse(&self, text: &str) -> Result<Config, Vec<String>> {
+        parse(&self.expand(text))
+    }
+
+    /// The problems of `text`, which must not parse.
+    pub(super) fn errors(&self, text: &str) -> Vec<String> {
+        match self.parse(text) {
+            Ok(_) => panic!("expected errors in:\n{text}"),
+            Err(e) => e,
+        }
+    }
+}
+
+/// Asserts that exactly one problem contains `needle`, and that it is at
+/// `line:column`.
+#[track_caller]
+pub(super) fn assert_problem(errors: &[String], line_col: &str, needle: &str) {
+    let found: Vec<&String> = errors.iter().filter(|e| e.contains(needle)).collect();
+    assert_eq!(found.len(), 1, "expected one {needle:?} in {errors:#?}");
+    let prefix = format!("test.kdl:{line_col}: ");
+    assert!(
+        found[0].starts_with(&prefix),
+        "expected {needle:?} at {line_col}, got {} among {errors:#?}",
+        found[0]
+    );
 }

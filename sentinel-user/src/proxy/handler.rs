@@ -66,6 +66,9 @@ pub async fn handle(
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID.clone(), request_id.clone());
+    // The client's protocol, not the upstream's (an HTTP/1.0 upstream must
+    // not turn the client's connection into HTTP/1.0).
+    *response.version_mut() = version;
 
     let route_label = route.as_ref().map_or("none", |r| r.name.as_str());
     let status = response.status();
@@ -89,7 +92,9 @@ pub async fn handle(
             status = status.as_u16(),
             route = route_label,
             upstream = attempt.upstream.as_deref().unwrap_or("-"),
-            target = attempt.target.as_deref().unwrap_or("-"),
+            // Not `target`: JSON log lines carry the event's target under
+            // that key already, and one of the two would be lost.
+            upstream_target = attempt.target.as_deref().unwrap_or("-"),
             attempts = attempt.count,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or("-"),
