@@ -157,6 +157,9 @@ pub fn client_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
                 for (iface, mode) in &status.interfaces {
                     println!("interface:   {iface} ({mode})");
                 }
+                for (name, address) in &status.listeners {
+                    println!("listener:    {name} on {address}");
+                }
             }
             Ok(())
         }

@@ -124,6 +124,12 @@ pub struct DaemonConfig {
     /// More lines for the `kernel` block, e.g. `max-ttl-seconds 3600` or a
     /// `port-policy { ... }` block.
     pub kernel_extra: String,
+    /// More lines for the `observability` block (whose metrics address the
+    /// harness writes), e.g. `logging { format "json" }`.
+    pub observability_extra: String,
+    /// Top-level blocks appended to the file: `system`, `listeners`,
+    /// `routes`, `upstreams`, `limits`.
+    pub blocks: String,
 }
 
 impl DaemonConfig {
@@ -132,7 +138,7 @@ impl DaemonConfig {
         Self {
             interfaces: vec![interface.to_owned()],
             xdp_mode: Some(mode.to_owned()),
-            kernel_extra: String::new(),
+            ..Self::default()
         }
     }
 
@@ -140,6 +146,20 @@ impl DaemonConfig {
     pub fn with_kernel(mut self, lines: &str) -> Self {
         self.kernel_extra.push_str(lines);
         self.kernel_extra.push('\n');
+        self
+    }
+
+    /// With `lines` added to the `observability` block.
+    pub fn with_observability(mut self, lines: &str) -> Self {
+        self.observability_extra.push_str(lines);
+        self.observability_extra.push('\n');
+        self
+    }
+
+    /// With the top-level `blocks` appended to the file.
+    pub fn with_blocks(mut self, blocks: &str) -> Self {
+        self.blocks.push_str(blocks);
+        self.blocks.push('\n');
         self
     }
 }
@@ -195,8 +215,10 @@ impl Daemon {
         kernel.push_str(&config.kernel_extra);
         let text = format!(
             "kernel {{\n{kernel}}}\n\nadmin {{\n    socket \"{}\"\n}}\n\n\
-             observability {{\n    metrics {{\n        address \"127.0.0.1:0\"\n    }}\n}}\n",
-            admin_socket.display()
+             observability {{\n    metrics {{\n        address \"127.0.0.1:0\"\n    }}\n{}}}\n\n{}",
+            admin_socket.display(),
+            config.observability_extra,
+            config.blocks,
         );
         fs::write(&config_path, text)
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", config_path.display()));
@@ -276,6 +298,34 @@ impl Daemon {
     /// Everything the daemon wrote to stderr, over all its runs.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The proxy listeners and their bound addresses, from `status --json`.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let status = self.status();
+        status["listeners"]
+            .as_array()
+            .unwrap_or_else(|| panic!("`status --json` has no listener list: {status}"))
+            .iter()
+            .map(|pair| {
+                let name = pair[0].as_str();
+                let addr = pair[1].as_str().and_then(|a| a.parse().ok());
+                match (name, addr) {
+                    (Some(n), Some(a)) => (n.to_owned(), a),
+                    _ => panic!("`status --json` lists a listener as {pair}"),
+                }
+            })
+            .collect()
+    }
+
+    /// The address the proxy listener `name` is bound to.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        let listeners = self.listeners();
+        listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no listener '{name}' in `status --json`: {listeners:?}"))
     }
 
     /// Process id of the running daemon.
@@ -413,11 +463,22 @@ impl Daemon {
         parse_metric(&self.metrics(), name, labels)
     }
 
-    fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
-        let mut child = self.child.take().expect("the daemon is not running");
+    /// Sends `signal` (SIGHUP to reload, SIGTERM to stop) without waiting.
+    pub fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("the daemon is not running");
         // SAFETY: kill() with the pid of a child we have not reaped yet.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    fn signal_and_wait(&mut self, signal: libc::c_int) -> ExitStatus {
+        self.signal(signal);
+        self.wait_exit(signal)
+    }
+
+    /// Waits for the daemon to exit after `signal` was sent; its status.
+    pub fn wait_exit(&mut self, signal: libc::c_int) -> ExitStatus {
+        let mut child = self.child.take().expect("the daemon is not running");
         let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
             match child.try_wait() {

@@ -1,12 +1,16 @@
 //! Test support shared by the test binaries of `sentinel-tests`:
 //! [`netns`] (throwaway network namespaces joined by a veth pair),
 //! [`daemon`] (the real `sentinel` binary with a generated configuration),
-//! `harness` and `packet` (the fast path in-process, crafted frames).
+//! `harness` and `packet` (the fast path in-process, crafted frames),
+//! [`http`] (test upstreams and clients for the proxy) and [`tls`] (a
+//! throwaway CA).
 
 pub mod daemon;
 pub mod harness;
+pub mod http;
 pub mod netns;
 pub mod packet;
+pub mod tls;
 
 use std::{fs::File, io::Write as _};
 

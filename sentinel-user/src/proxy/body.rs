@@ -17,7 +17,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -101,8 +101,11 @@ pin_project! {
     pub struct ReadTimeout<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        // Armed at the first frame that is not ready: most small responses
+        // arrive whole and never touch the timer wheel.
+        sleep: Option<Pin<Box<Sleep>>>,
+        // A frame came since the timer was last set.
+        progressed: bool,
         after: Duration,
     }
 }
@@ -111,7 +114,8 @@ impl<B> ReadTimeout<B> {
     pub fn new(inner: B, after: Duration) -> Self {
         Self {
             inner,
-            sleep: tokio::time::sleep(after),
+            sleep: None,
+            progressed: false,
             after,
         }
     }
@@ -129,19 +133,31 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
-                let after = *this.after;
-                this.sleep.as_mut().reset(Instant::now() + after);
+                // Progress: the next wait starts its own clock.
+                *this.progressed = true;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyError::UpstreamStalled {
-                    after: *this.after,
-                })))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let after = *this.after;
+                let sleep = match this.sleep {
+                    Some(sleep) => {
+                        if std::mem::take(this.progressed) {
+                            sleep.as_mut().reset(tokio::time::Instant::now() + after);
+                        }
+                        sleep
+                    }
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep(after))),
+                };
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(Box::new(BodyError::UpstreamStalled { after }))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

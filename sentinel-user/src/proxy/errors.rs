@@ -29,8 +29,26 @@ pub enum ProxyError {
     },
     #[error("request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("request head is over the limit of {limit} bytes")]
+    HeadTooLarge { limit: usize },
     #[error("bad request: {reason}")]
     BadRequest { reason: String },
+}
+
+/// An error and its causes on one line, for the log: hyper's client errors
+/// say "client error (Connect)" and keep the reason in their sources.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 impl ProxyError {
@@ -47,6 +65,7 @@ impl ProxyError {
             // The upstream was reached but did not answer in time.
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -73,7 +92,9 @@ impl ProxyError {
         );
         if matches!(
             self,
-            ProxyError::BadRequest { .. } | ProxyError::BodyTooLarge { .. }
+            ProxyError::BadRequest { .. }
+                | ProxyError::BodyTooLarge { .. }
+                | ProxyError::HeadTooLarge { .. }
         ) {
             // The rest of what the client sent cannot be trusted to frame a
             // next request.

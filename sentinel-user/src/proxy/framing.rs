@@ -11,9 +11,16 @@
 //! verdict per head, in order; the handler takes one verdict per request
 //! and refuses the flagged ones with 400 before anything is forwarded.
 //!
+//! It also holds heads to `limits.max-header-bytes` exactly: hyper's own
+//! bound is its read buffer, which cannot be smaller than 8 KiB.
+//!
 //! When the tracker cannot follow the stream any more (a head hyper will
-//! reject anyway, an upgrade, HTTP/2), it stops and records nothing more;
-//! requests without a verdict are not flagged.
+//! reject anyway, HTTP/2), it stops and records nothing more; requests
+//! without a verdict are not flagged. An upgrade request (or CONNECT) does
+//! not stop it: whether the connection leaves HTTP is the upstream's
+//! answer, and when that is not 101 the client may go on sending requests.
+//! After a switch the tracker reads tunnel bytes that hyper no longer
+//! parses, and its verdicts on them are never asked for.
 
 use std::collections::VecDeque;
 
@@ -23,6 +30,8 @@ pub enum Verdict {
     Clean,
     /// A framing conflict: the reason, for the log.
     Smuggling(&'static str),
+    /// The head is longer than the configured maximum.
+    HeadTooLarge,
 }
 
 #[derive(Debug)]
@@ -47,15 +56,19 @@ pub struct Framing {
     /// The head (or line) read so far.
     pending: Vec<u8>,
     max_head: usize,
+    /// hyper's header count limit: a head with more is one hyper refuses,
+    /// any head with fewer must be followed.
+    max_headers: usize,
     pub verdicts: VecDeque<Verdict>,
 }
 
 impl Framing {
-    pub fn new(max_head: usize) -> Self {
+    pub fn new(max_head: usize, max_headers: usize) -> Self {
         Self {
             state: State::Head,
             pending: Vec::new(),
             max_head,
+            max_headers,
             verdicts: VecDeque::new(),
         }
     }
@@ -70,23 +83,38 @@ impl Framing {
             match self.state {
                 State::Lost => return,
                 State::Head => {
-                    let before = self.pending.len();
-                    self.pending.extend_from_slice(data);
-                    match self.parse_head() {
-                        Some(len) => {
-                            // The previous, shorter `pending` was partial,
-                            // so the head ends inside `data`.
-                            data = &data[len.saturating_sub(before).min(data.len())..];
-                            self.pending.clear();
+                    if self.pending.is_empty() {
+                        // Usually a whole head arrives in one read: parse
+                        // it in place, without copying.
+                        if let Some(len) = self.parse_head(data) {
+                            data = &data[len.min(data.len())..];
+                            continue;
                         }
-                        None => {
-                            if self.pending.len() > self.max_head {
-                                // hyper answers 431.
-                                self.state = State::Lost;
-                            }
+                        if self.lost() {
                             return;
                         }
+                        self.pending.extend_from_slice(data);
+                    } else {
+                        let before = self.pending.len();
+                        let mut buf = std::mem::take(&mut self.pending);
+                        buf.extend_from_slice(data);
+                        if let Some(len) = self.parse_head(&buf) {
+                            // The previous, shorter `pending` was partial,
+                            // so the head ends inside `data`; the buffer
+                            // is released rather than kept for an idle
+                            // connection.
+                            data = &data[len.saturating_sub(before).min(data.len())..];
+                            continue;
+                        }
+                        self.pending = buf;
                     }
+                    if self.pending.len() > self.max_head && !self.lost() {
+                        // hyper answers 431 itself past its buffer, the
+                        // handler does below it.
+                        self.verdicts.push_back(Verdict::HeadTooLarge);
+                        self.state = State::Lost;
+                    }
+                    return;
                 }
                 State::Fixed(n) => {
                     let skip = (data.len() as u64).min(n);
@@ -150,10 +178,17 @@ impl Framing {
     }
 
     /// Parses the head in `pending`; its length once complete.
-    fn parse_head(&mut self) -> Option<usize> {
-        let mut headers = [httparse::EMPTY_HEADER; 256];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(&self.pending) {
+    fn parse_head(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut stack = [httparse::EMPTY_HEADER; 128];
+        let mut heap;
+        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= stack.len() {
+            &mut stack[..self.max_headers]
+        } else {
+            heap = vec![httparse::EMPTY_HEADER; self.max_headers];
+            &mut heap
+        };
+        let mut req = httparse::Request::new(headers);
+        let len = match req.parse(buf) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             Err(_) => {
@@ -165,7 +200,6 @@ impl Framing {
         let mut content_length: Option<&[u8]> = None;
         let mut lengths_differ = false;
         let mut transfer_encoding: Option<&[u8]> = None;
-        let mut upgrade = req.method == Some("CONNECT");
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 match content_length {
@@ -174,11 +208,11 @@ impl Framing {
                 }
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 transfer_encoding = Some(h.value);
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
-        let verdict = if content_length.is_some() && transfer_encoding.is_some() {
+        let verdict = if len > self.max_head {
+            Verdict::HeadTooLarge
+        } else if content_length.is_some() && transfer_encoding.is_some() {
             Verdict::Smuggling("Content-Length together with Transfer-Encoding")
         } else if lengths_differ {
             Verdict::Smuggling("Content-Length given twice with different values")
@@ -186,8 +220,8 @@ impl Framing {
             Verdict::Clean
         };
         self.verdicts.push_back(verdict);
-        self.state = if verdict != Verdict::Clean || upgrade {
-            // Flagged heads close the connection; upgrades leave HTTP.
+        self.state = if verdict != Verdict::Clean {
+            // Refused heads close the connection.
             State::Lost
         } else if let Some(te) = transfer_encoding {
             let last = te.rsplit(|b| *b == b',').next().unwrap_or(te);
@@ -225,7 +259,7 @@ mod tests {
     use super::*;
 
     fn verdicts(stream: &[u8], step: usize) -> (Vec<Verdict>, bool) {
-        let mut f = Framing::new(65536);
+        let mut f = Framing::new(65536, 100);
         for piece in stream.chunks(step) {
             f.feed(piece);
         }
@@ -256,6 +290,59 @@ mod tests {
         assert_eq!(v[0], Verdict::Clean);
         assert!(matches!(v[1], Verdict::Smuggling(_)));
         assert!(lost);
+    }
+
+    #[test]
+    fn holds_heads_to_the_configured_size() {
+        let head = |n: usize| {
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(n)
+            )
+        };
+        for step in [1, 100, 5000] {
+            let mut f = Framing::new(1024, 100);
+            let stream = head(900) + &head(2000);
+            for piece in stream.as_bytes().chunks(step) {
+                f.feed(piece);
+            }
+            assert_eq!(
+                f.verdicts.iter().copied().collect::<Vec<_>>(),
+                [Verdict::Clean, Verdict::HeadTooLarge],
+                "step {step}"
+            );
+            assert!(f.lost());
+        }
+    }
+
+    #[test]
+    fn follows_heads_with_as_many_headers_as_allowed() {
+        let mut stream = String::from("GET / HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..300 {
+            stream.push_str(&format!("X-H{i}: {i}\r\n"));
+        }
+        stream.push_str(
+            "\r\nPOST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let mut f = Framing::new(65536, 1000);
+        f.feed(stream.as_bytes());
+        assert_eq!(f.verdicts.len(), 2);
+        assert_eq!(f.verdicts[0], Verdict::Clean);
+        assert!(matches!(f.verdicts[1], Verdict::Smuggling(_)));
+    }
+
+    #[test]
+    fn keeps_following_after_an_upgrade_request() {
+        // The upstream did not switch protocols: the client goes on.
+        let stream =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\
+            POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for step in [1, 9, stream.len()] {
+            let (v, _) = verdicts(stream, step);
+            assert_eq!(v.len(), 2, "step {step}");
+            assert_eq!(v[0], Verdict::Clean);
+            assert!(matches!(v[1], Verdict::Smuggling(_)), "step {step}");
+        }
     }
 
     #[test]

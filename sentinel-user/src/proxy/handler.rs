@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
     body::{self, BodyError, Limited, ReadTimeout, Tracked},
-    forward,
+    errors, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
     router::{Action, Route, request_host},
@@ -45,12 +45,27 @@ pub async fn handle(
     let version = req.version();
     let path = req.uri().path().to_owned();
     let mut req = req;
+    // hyper counts HTTP/1 header fields itself; HTTP/2 bounds only the
+    // header block's size, so the count is checked here too (before the
+    // request id may add one).
+    let verdict = match activity.framing_verdict() {
+        Verdict::Clean if req.headers().len() > snapshot.limits.max_header_count => {
+            Verdict::HeadTooLarge
+        }
+        verdict => verdict,
+    };
     let request_id = forward::request_id(req.headers_mut());
-    let (route, outcome) = match activity.framing_verdict() {
+    let (route, outcome) = match verdict {
         Verdict::Clean => dispatch(req, &conn, &snapshot).await,
         Verdict::Smuggling(reason) => {
             let error = ProxyError::BadRequest {
                 reason: reason.to_owned(),
+            };
+            (None, Err((error, Attempt::default())))
+        }
+        Verdict::HeadTooLarge => {
+            let error = ProxyError::HeadTooLarge {
+                limit: snapshot.limits.max_header_bytes,
             };
             (None, Err((error, Attempt::default())))
         }
@@ -196,12 +211,14 @@ async fn proxy(
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
 
     let host = request_host(&parts);
-    let original_authority = parts.headers.get(HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The request target's authority wins over `Host` (RFC 9112 §3.2.2),
+    // as it did for routing: the upstream must see the host the route
+    // was chosen for.
+    let original_authority = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(HOST).cloned());
     forward::strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref());
     // We answer `100-continue` ourselves (hyper does when the body is
     // first read); the upstream gets the body without the handshake.
@@ -222,7 +239,10 @@ async fn proxy(
     parts.version = match upstream.config.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => {
-            // HTTP/2 carries the authority in the URI.
+            // `:authority` names the target, whose pooled connection is
+            // chosen by it; a `Host` that differs from it makes the request
+            // malformed (RFC 9113 §8.3.1). The client's host travels in
+            // X-Forwarded-Host and Forwarded.
             parts.headers.remove(HOST);
             Version::HTTP_2
         }
@@ -247,7 +267,8 @@ async fn proxy(
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
 
-    for _ in 0..=retries {
+    let mut parts = Some(parts);
+    for attempt_no in 0..=retries {
         let Some(index) = upstream.pick(&tried) else {
             break;
         };
@@ -266,7 +287,16 @@ async fn proxy(
                 ));
             }
         };
-        let mut head = parts.clone();
+        // The last attempt takes the head; earlier ones copy it.
+        let mut head = match (attempt_no == retries, parts.take()) {
+            (true, Some(p)) => p,
+            (false, Some(p)) => {
+                let copy = p.clone();
+                parts = Some(p);
+                copy
+            }
+            (_, None) => break,
+        };
         head.uri = uri;
         let outgoing: ProxyBody = match body.take() {
             Some(b) if !empty_body => b.boxed(),
@@ -383,11 +413,7 @@ async fn tunnel(
 }
 
 fn count_upstream(upstream: &Upstream, result: &str) {
-    upstream
-        .metrics
-        .upstream_requests
-        .with_label_values(&[upstream.name.as_str(), result])
-        .inc();
+    upstream.count(result);
 }
 
 fn status_class(status: StatusCode) -> &'static str {
@@ -420,9 +446,12 @@ fn method_label(method: &Method) -> &'static str {
 fn log_error(error: &ProxyError, conn: &ConnInfo, route: Option<&Route>) {
     let route = route.map_or("none", |r| r.name.as_str());
     match error {
-        ProxyError::NoRoute | ProxyError::BodyTooLarge { .. } | ProxyError::BadRequest { .. } => {
-            debug!(client = %conn.peer, route, %error, "request refused")
+        ProxyError::NoRoute
+        | ProxyError::BodyTooLarge { .. }
+        | ProxyError::HeadTooLarge { .. }
+        | ProxyError::BadRequest { .. } => {
+            debug!(client = %conn.peer, route, error = %errors::chain(error), "request refused")
         }
-        _ => warn!(client = %conn.peer, route, %error, "request failed"),
+        _ => warn!(client = %conn.peer, route, error = %errors::chain(error), "request failed"),
     }
 }

@@ -109,10 +109,13 @@ async fn serve(
         .with_label_values(&[&*info.listener]);
     gauge.inc();
     let activity = Arc::new(Activity::new());
-    let max_head = shared.snapshot.load().limits.max_header_bytes;
+    let (max_head, max_headers) = {
+        let limits = &shared.snapshot.load().limits;
+        (limits.max_header_bytes, limits.max_header_count)
+    };
     match &spec.tls {
         None => {
-            let io = Watched::new(stream, activity.clone(), max_head);
+            let io = Watched::new(stream, activity.clone(), max_head, max_headers);
             drive(io, false, info, &spec, shared, activity).await
         }
         Some(acceptor) => {
@@ -125,7 +128,7 @@ async fn serve(
                     if h2 {
                         activity.multiplexed.store(true, Ordering::Relaxed);
                     }
-                    let io = Watched::new(tls, activity.clone(), max_head);
+                    let io = Watched::new(tls, activity.clone(), max_head, max_headers);
                     drive(io, h2, info, &spec, shared, activity).await;
                 }
                 Ok(Err(error)) => debug!(peer = %info.peer, %error, "TLS handshake failed"),
@@ -337,9 +340,9 @@ struct Watched<I> {
 }
 
 impl<I> Watched<I> {
-    fn new(inner: I, activity: Arc<Activity>, max_head: usize) -> Self {
-        let framing =
-            (!activity.multiplexed.load(Ordering::Relaxed)).then(|| Framing::new(max_head));
+    fn new(inner: I, activity: Arc<Activity>, max_head: usize, max_headers: usize) -> Self {
+        let framing = (!activity.multiplexed.load(Ordering::Relaxed))
+            .then(|| Framing::new(max_head, max_headers));
         Self {
             inner,
             activity,

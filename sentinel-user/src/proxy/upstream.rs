@@ -14,7 +14,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tracing::{info, warn};
 
 use super::{ProxyBody, tls};
@@ -22,6 +22,19 @@ use crate::{
     config::{LoadBalancing, UpstreamConfig, UpstreamProtocol},
     metrics::ProxyMetrics,
 };
+
+/// Results of an attempt, the `result` label of
+/// `sentinel_upstream_requests_total`.
+pub const RESULTS: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "connect_error",
+    "timeout",
+    "error",
+];
 
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
 
@@ -59,7 +72,9 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     pub targets: Vec<Target>,
     pub client: HttpClient,
-    pub metrics: ProxyMetrics,
+    /// `sentinel_upstream_requests_total{upstream=name}`, one counter per
+    /// result, resolved once rather than per request.
+    results: Vec<(&'static str, IntCounter)>,
     /// Round-robin order, each target repeated by its weight, interleaved.
     schedule: Vec<usize>,
     next: AtomicUsize,
@@ -133,11 +148,26 @@ impl Upstream {
             config: cfg.clone(),
             targets,
             client: client.build(connector),
-            metrics: metrics.clone(),
+            results: RESULTS
+                .iter()
+                .map(|r| {
+                    let counter = metrics
+                        .upstream_requests
+                        .with_label_values(&[cfg.name.as_str(), r]);
+                    (*r, counter)
+                })
+                .collect(),
             schedule,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
         }))
+    }
+
+    /// Counts one attempt under `result` (one of [`RESULTS`]).
+    pub fn count(&self, result: &str) {
+        if let Some((_, counter)) = self.results.iter().find(|(r, _)| *r == result) {
+            counter.inc();
+        }
     }
 
     fn now_ms(&self) -> u64 {
