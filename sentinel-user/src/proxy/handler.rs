@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
-    body::{self, BodyError, Limited, ReadTimeout, Tracked},
+    body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
     errors, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
@@ -56,7 +56,12 @@ pub async fn handle(
     };
     let request_id = forward::request_id(req.headers_mut());
     let (route, outcome) = match verdict {
-        Verdict::Clean => dispatch(req, &conn, &snapshot).await,
+        Verdict::Clean => {
+            // The listener's whole-request deadline, when it has one.
+            let hard = (!conn.request_timeout.is_zero())
+                .then(|| tokio::time::Instant::now() + conn.request_timeout);
+            dispatch(req, &conn, &snapshot, &activity, hard).await
+        }
         Verdict::Smuggling(reason) => {
             let error = ProxyError::BadRequest {
                 reason: reason.to_owned(),
@@ -132,6 +137,8 @@ async fn dispatch(
     req: Request<Incoming>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
+    activity: &Arc<Activity>,
+    hard: Option<tokio::time::Instant>,
 ) -> (Option<Arc<Route>>, Outcome) {
     let (parts, body) = req.into_parts();
     let Some(route) = snapshot.router.route(&parts) else {
@@ -148,7 +155,15 @@ async fn dispatch(
                 .policies
                 .timeout
                 .unwrap_or(upstream.config.timeouts.total);
-            proxy(parts, body, conn, upstream.clone(), limit, deadline).await
+            let request = Forwarding {
+                conn,
+                activity,
+                upstream: upstream.clone(),
+                limit,
+                deadline,
+                hard,
+            };
+            proxy(parts, body, request).await
         }
     };
     (Some(route), outcome)
@@ -184,14 +199,28 @@ fn declared_length(parts: &Parts) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn proxy(
-    mut parts: Parts,
-    body: Incoming,
-    conn: &ConnInfo,
+/// Where and under which limits a request is forwarded.
+struct Forwarding<'a> {
+    conn: &'a ConnInfo,
+    activity: &'a Arc<Activity>,
     upstream: Arc<Upstream>,
+    /// Request body limit; 0: none.
     limit: u64,
+    /// All attempts together (route timeout, else the upstream's total).
     deadline: Duration,
-) -> Outcome {
+    /// The listener's whole-request deadline.
+    hard: Option<tokio::time::Instant>,
+}
+
+async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome {
+    let Forwarding {
+        conn,
+        activity,
+        upstream,
+        limit,
+        deadline,
+        hard,
+    } = fwd;
     let mut attempt = Attempt {
         upstream: Some(upstream.name.clone()),
         ..Attempt::default()
@@ -256,13 +285,17 @@ async fn proxy(
     } else {
         0
     };
-    let mut body = Some(Limited::new(body, limit));
+    let progress = Arc::new(BodyProgress::new());
+    let mut body = Some(Limited::new(body, limit).with_progress(progress.clone()));
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let give_up_at = tokio::time::Instant::now() + deadline;
+    let give_up_at = {
+        let total = tokio::time::Instant::now() + deadline;
+        hard.map_or(total, |hard| total.min(hard))
+    };
     let read_timeout = upstream.config.timeouts.read;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -306,12 +339,38 @@ async fn proxy(
         };
         let request = Request::from_parts(head, outgoing);
         let in_flight = InFlight::new(upstream.clone(), index);
-        let wait =
-            read_timeout.min(give_up_at.saturating_duration_since(tokio::time::Instant::now()));
-        let sent = tokio::time::timeout(wait, upstream.client.request(request)).await;
+        let attempt_started = tokio::time::Instant::now();
+        // Whoever owes the next bytes has the read timeout to send them:
+        // the client while its body is unfinished, the upstream after.
+        let owed = || {
+            if empty_body {
+                (false, attempt_started)
+            } else {
+                progress.owed()
+            }
+        };
+        let sent = wait_for_head(
+            upstream.client.request(request),
+            owed,
+            read_timeout,
+            give_up_at,
+        )
+        .await;
         let metrics_result;
         let error = match sent {
-            Ok(Ok(mut response)) => {
+            Waited::ClientStalled => {
+                // Not the target's fault: it is not blamed, and the client
+                // gets 408.
+                drop(in_flight);
+                count_upstream(&upstream, "client_timeout");
+                return Err((
+                    ProxyError::ClientTimeout {
+                        after_ms: read_timeout.as_millis(),
+                    },
+                    attempt,
+                ));
+            }
+            Waited::Done(Ok(mut response)) => {
                 let status = response.status();
                 let failed = upstream.config.passive_health.count_5xx
                     && matches!(
@@ -330,7 +389,11 @@ async fn proxy(
                     && let Some(on_client) = on_client_upgrade
                 {
                     let on_upstream = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(on_client, on_upstream, in_flight));
+                    tokio::spawn(tunnel(
+                        on_client,
+                        on_upstream,
+                        (in_flight, activity.clone()),
+                    ));
                     let (head, _) = response.into_parts();
                     let empty = Empty::<Bytes>::new()
                         .map_err(|never| match never {})
@@ -338,11 +401,16 @@ async fn proxy(
                     return Ok((Response::from_parts(head, empty), attempt));
                 }
                 forward::strip_hop_by_hop(response.headers_mut(), None);
-                let response = response
-                    .map(|b| Tracked::new(ReadTimeout::new(b, read_timeout), in_flight).boxed());
+                let response = response.map(|b| {
+                    Tracked::new(
+                        ReadTimeout::new(b, read_timeout).with_deadline(hard),
+                        in_flight,
+                    )
+                    .boxed()
+                });
                 return Ok((response, attempt));
             }
-            Ok(Err(e)) => {
+            Waited::Done(Err(e)) => {
                 let source: &(dyn std::error::Error + 'static) = &e;
                 if let Some(b) = body::find_body_error(source) {
                     // The client's own body failed: not the target's fault.
@@ -368,11 +436,11 @@ async fn proxy(
                     }
                 }
             }
-            Err(_) => {
+            Waited::UpstreamStalled => {
                 metrics_result = "timeout";
                 ProxyError::Timeout {
                     target: target.address.clone(),
-                    after_ms: wait.as_millis(),
+                    after_ms: attempt_started.elapsed().as_millis(),
                 }
             }
         };
@@ -391,12 +459,52 @@ async fn proxy(
     Err((error, attempt))
 }
 
+enum Waited<T> {
+    Done(T),
+    /// The client's body stopped for the read timeout.
+    ClientStalled,
+    /// The upstream sent no response head for the read timeout after the
+    /// body ended, or the request's deadline passed.
+    UpstreamStalled,
+}
+
+/// Waits for the response head, telling who stalled when it does not come.
+async fn wait_for_head<F: std::future::Future>(
+    head: F,
+    owed: impl Fn() -> (bool, tokio::time::Instant),
+    read: Duration,
+    give_up_at: tokio::time::Instant,
+) -> Waited<F::Output> {
+    tokio::pin!(head);
+    loop {
+        let (_, since) = owed();
+        let wake = (since + read).min(give_up_at);
+        tokio::select! {
+            out = &mut head => return Waited::Done(out),
+            _ = tokio::time::sleep_until(wake) => {
+                let now = tokio::time::Instant::now();
+                // Progress may have come while we slept: look again.
+                let (client_owes, since) = owed();
+                if now >= since + read || now >= give_up_at {
+                    return if client_owes {
+                        Waited::ClientStalled
+                    } else {
+                        Waited::UpstreamStalled
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and upstream (a
 /// WebSocket, say) until either side closes.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    _in_flight: InFlight,
+    // The target's in-flight count and the client connection's place under
+    // the caps, held while the tunnel lives.
+    _held: (InFlight, Arc<Activity>),
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
