@@ -422,3 +422,84 @@ profile { mode "on"; }
         errors[5]
     );
 }
+
+/// The options this project adds to the seed's agent and waf blocks:
+/// defaults, and bounds that keep a push from naming everyone.
+#[test]
+fn kernel_push_guardrail_and_challenge_options() {
+    let cfg = parse(
+        r#"agents {
+    agent "a" type="waf" {
+        http "http://a:1/"
+        kernel-push
+    }
+}
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(cfg.agents[0].kernel_push, Some(KernelPushConfig::default()));
+    assert_eq!(
+        KernelPushConfig::default(),
+        KernelPushConfig {
+            max_ttl: Duration::from_secs(3600),
+            min_prefix_len_v4: 32,
+            min_prefix_len_v6: 64,
+        }
+    );
+    assert_eq!(cfg.waf.challenge, ChallengeConfig::default());
+    assert_eq!(cfg.waf.challenge.status, 403);
+    assert_eq!(cfg.waf.challenge.difficulty, 16);
+
+    let errors = parse(
+        r#"agents {
+    agent "a" type="waf" {
+        http "http://a:1/"
+        kernel-push {
+            max-ttl-seconds 0
+            min-prefix-length-v4 0
+            min-prefix-length-v6 8
+            max-ttl 5
+        }
+        max-concurrent-calls 0
+        guardrail-types "toxicity"
+    }
+}
+waf {
+    challenge {
+        status 99
+        cookie-name "a b"
+        difficulty 40
+        page "/nonexistent/challenge.html"
+    }
+}
+"#,
+    )
+    .unwrap_err();
+    assert_problem(&errors, "5:29", "'max-ttl-seconds' must be between 1 and");
+    assert_problem(
+        &errors,
+        "6:34",
+        "'min-prefix-length-v4' must be between 8 and 32",
+    );
+    assert_problem(
+        &errors,
+        "7:34",
+        "'min-prefix-length-v6' must be between 16 and 128",
+    );
+    assert_problem(&errors, "8:13", "unknown option in 'kernel-push' 'max-ttl'");
+    assert_problem(
+        &errors,
+        "10:30",
+        "'max-concurrent-calls' must be between 1 and",
+    );
+    assert_problem(&errors, "11:25", "unknown guardrail type 'toxicity'");
+    assert_problem(&errors, "16:16", "'status' must be between 200 and 599");
+    assert_problem(&errors, "17:21", "'cookie-name' must be letters");
+    assert_problem(&errors, "18:20", "'difficulty' must be between 0 and 32");
+    assert_problem(
+        &errors,
+        "19:14",
+        "'page' file '/nonexistent/challenge.html' does not exist",
+    );
+    assert_eq!(errors.len(), 10, "{errors:#?}");
+}

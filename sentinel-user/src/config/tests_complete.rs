@@ -132,6 +132,12 @@ agents {
             limits { per-ip 10; burst 20; }
             owner name="ops" id=7
         }
+        max-concurrent-calls 8
+        kernel-push {
+            max-ttl-seconds 600
+            min-prefix-length-v4 24
+        }
+        guardrail-types "pii_detection" "prompt_injection"
     }
     agent "jwt-auth" type="auth" {
         grpc "https://auth.internal:50051" {
@@ -158,6 +164,12 @@ waf {
         decompress #true
         max-decompression-ratio 50.0
         max-decompressed-bytes 4096
+    }
+    challenge {
+        status 429
+        cookie-name "sx_pass"
+        ttl-seconds 60
+        difficulty 4
     }
 }
 limits {
@@ -370,8 +382,18 @@ fn complete_file_reads_every_block() {
                 "limits": { "per-ip": 10, "burst": 20 },
                 "owner": { "name": "ops", "id": 7 },
             }),
+            max_concurrent_calls: 8,
+            kernel_push: Some(KernelPushConfig {
+                max_ttl: Duration::from_secs(600),
+                min_prefix_len_v4: 24,
+                min_prefix_len_v6: 64,
+            }),
+            guardrail_types: vec!["pii_detection".into(), "prompt_injection".into()],
         }
     );
+    assert_eq!(cfg.agents[1].max_concurrent_calls, 100);
+    assert_eq!(cfg.agents[1].kernel_push, None);
+    assert_eq!(cfg.agents[1].guardrail_types, ["prompt_injection"]);
     assert_eq!(cfg.agents[1].agent_type, AgentType::Auth);
     assert_eq!(
         cfg.agents[1].transport,
@@ -406,6 +428,17 @@ fn complete_file_reads_every_block() {
             decompress: true,
             max_decompression_ratio: 50.0,
             max_decompressed_bytes: 4096,
+        }
+    );
+    assert_eq!(
+        cfg.waf.challenge,
+        ChallengeConfig {
+            status: 429,
+            page: None,
+            cookie_name: "sx_pass".into(),
+            ttl: Duration::from_secs(60),
+            difficulty: 4,
+            secret_file: None,
         }
     );
     assert_eq!(
