@@ -281,9 +281,7 @@ async fn waf_inspection_decompresses_and_follows_the_seed_table() {
 
     for route_mode in ["open", "closed"] {
         let a = ScriptAgent::unix(true, on_events(|_| decide(Decision::Allow))).await;
-        let blocks = format!(
-            "waf {{\n    body-inspection {{\n        inspect-request-body #true\n        decompress #true\n        max-decompression-ratio 100.0\n        content-types \"application/json\"\n    }}\n}}\n"
-        );
+        let blocks = "waf {\n    body-inspection {\n        inspect-request-body #true\n        decompress #true\n        max-decompression-ratio 100.0\n        content-types \"application/json\"\n    }\n}\n";
         let d = {
             let names = ["\"w\""];
             let text = format!(

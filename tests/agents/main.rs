@@ -19,8 +19,6 @@ mod faults;
 mod kernel;
 mod transports;
 
-use std::time::Duration;
-
 use sentinel_tests::{
     self as support,
     agent::ScriptAgent,
@@ -84,27 +82,4 @@ fn daemon(
 
 fn metric(daemon: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
     daemon.metric_value(name, labels).unwrap_or(0.0)
-}
-
-/// Waits up to `limit` for a metric to reach `at_least`.
-async fn metric_reaches(
-    daemon: &Daemon,
-    name: &str,
-    labels: &[(&str, &str)],
-    at_least: f64,
-    limit: Duration,
-) -> f64 {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let v = metric(daemon, name, labels);
-        if v >= at_least {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name}{labels:?} is {v}, not {at_least}, after {limit:?}; daemon log:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

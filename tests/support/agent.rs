@@ -404,10 +404,11 @@ async fn tcp_accept(
         let tls = tls.clone();
         let task = tokio::spawn(async move {
             match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls) => serve(TokioIo::new(tls), state, grpc).await,
-                    Err(_) => {}
-                },
+                Some(acceptor) => {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        serve(TokioIo::new(tls), state, grpc).await;
+                    }
+                }
                 None => serve(TokioIo::new(stream), state, grpc).await,
             }
         });
