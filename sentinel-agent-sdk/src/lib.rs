@@ -10,10 +10,13 @@
 //! - gRPC (the `sentinel.agent.v1.AgentProcessor` service),
 //! - HTTP (JSON POST with `X-Sentinel-Protocol-Version: 1`),
 //!
-//! the last two optionally behind TLS or mutual TLS.
+//! the last two optionally behind TLS or mutual TLS. [`ServerArgs`] is the
+//! command line every agent binary shares; [`run`] serves an agent with it
+//! until SIGTERM or SIGINT.
 //!
 //! ```no_run
-//! use sentinel_agent_sdk::{Agent, AgentServer, RequestExt, RequestHeadersEvent, UnixOptions, Verdict};
+//! use clap::Parser;
+//! use sentinel_agent_sdk::{Agent, RequestExt, RequestHeadersEvent, ServerArgs, Verdict};
 //!
 //! struct NoAdmin;
 //!
@@ -28,20 +31,24 @@
 //!     }
 //! }
 //!
+//! #[derive(Parser)]
+//! struct Cli {
+//!     #[command(flatten)]
+//!     server: ServerArgs,
+//! }
+//!
 //! #[tokio::main]
 //! async fn main() -> Result<(), sentinel_agent_sdk::ServerError> {
-//!     AgentServer::new(NoAdmin)
-//!         .unix_socket(UnixOptions::new("/run/sentinel/no-admin.sock"))
-//!         .bind()
-//!         .await?
-//!         .serve()
-//!         .await
+//!     let cli = Cli::parse();
+//!     cli.server.init_tracing();
+//!     sentinel_agent_sdk::run(NoAdmin, &cli.server).await
 //! }
 //! ```
 //!
 //! docs/agent-sdk.md is the guide; docs/agent-protocol.md the protocol.
 
 mod agent;
+mod cli;
 mod dispatch;
 mod request;
 pub mod server;
@@ -49,6 +56,7 @@ pub mod tls;
 mod verdict;
 
 pub use agent::{Agent, ConfigureError};
+pub use cli::{ServerArgs, TransportArgs, run};
 pub use request::RequestExt;
 pub use server::{AgentServer, BoundServer, ServerError, UnixOptions};
 pub use tls::{TlsError, TlsOptions};
