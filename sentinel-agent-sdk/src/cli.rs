@@ -9,6 +9,8 @@ use crate::{Agent, AgentServer, ServerError, UnixOptions, tls::TlsOptions};
 /// Where to serve: at least one of the three.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 #[group(id = "transport", required = true, multiple = true)]
+// The doc comment is for rustdoc, not for the agent's --help.
+#[command(about = None, long_about = None)]
 pub struct TransportArgs {
     /// Serve the Unix-socket transport on this path (a stale socket file
     /// there is replaced).
@@ -41,6 +43,7 @@ pub struct TransportArgs {
 /// assert_eq!(cli.threshold, Some(3));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[command(about = None, long_about = None)]
 pub struct ServerArgs {
     #[command(flatten)]
     pub transports: TransportArgs,
@@ -194,6 +197,15 @@ mod tests {
         assert_eq!(cli.server.socket_mode, 0o660);
         assert_eq!(cli.server.tls(), None);
         assert!(parse(&["--grpc", "not-an-address"]).is_err());
+    }
+
+    #[test]
+    fn the_sdk_docs_stay_out_of_the_agents_help() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(!help.contains("flattens"), "{help}");
+        assert!(!help.contains("Where to serve"), "{help}");
+        assert!(help.contains("--tls-client-ca"), "{help}");
     }
 
     #[test]
