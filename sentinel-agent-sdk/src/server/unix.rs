@@ -148,7 +148,7 @@ async fn connection<A: Agent>(
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let (answers, to_write) = mpsc::channel::<Vec<u8>>(64);
-    let writer = tokio::spawn(write_answers(write, to_write));
+    let mut writer = tokio::spawn(write_answers(write, to_write));
     // The first failure of a concurrent request closes the connection.
     let (fail, mut failed) = mpsc::channel::<String>(1);
     let slots = Arc::new(Semaphore::new(max_in_flight));
@@ -234,8 +234,12 @@ async fn connection<A: Agent>(
         _ = async { while in_flight.join_next().await.is_some() {} } => {}
     }
     match tokio::select! {
-        _ = abort.cancelled() => None,
-        done = writer => Some(done),
+        _ = abort.cancelled() => {
+            // A peer that stopped reading would keep it blocked for ever.
+            writer.abort();
+            None
+        }
+        done = &mut writer => Some(done),
     } {
         Some(Ok(Err(error))) => debug!(%error, "answers could not all be written"),
         Some(Err(error)) => error!(%error, "the writer task failed"),

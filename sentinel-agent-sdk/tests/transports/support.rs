@@ -152,6 +152,8 @@ pub struct Serve {
     pub grpc: bool,
     pub http: bool,
     pub tls: Option<sentinel_agent_sdk::TlsOptions>,
+    /// Default: 5 s.
+    pub drain_timeout: Option<Duration>,
 }
 
 pub async fn start(what: Serve) -> Running {
@@ -160,7 +162,8 @@ pub async fn start(what: Serve) -> Running {
         .prefix("sentinel-sdk-test-")
         .tempdir()
         .unwrap();
-    let mut server = AgentServer::new(agent.clone()).drain_timeout(Duration::from_secs(5));
+    let mut server = AgentServer::new(agent.clone())
+        .drain_timeout(what.drain_timeout.unwrap_or(Duration::from_secs(5)));
     if what.unix {
         server = server.unix_socket(sentinel_agent_sdk::UnixOptions::new(
             dir.path().join("agent.sock"),

@@ -280,3 +280,49 @@ impl UnixClient {
         tokio::net::UnixStream::connect(path).await
     }
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_cut_off_after_the_drain_timeout() {
+    use sentinel_agent_sdk::BodyChunkEvent;
+    let server = start(Serve {
+        unix: true,
+        drain_timeout: Some(Duration::from_millis(300)),
+        ..Serve::default()
+    })
+    .await;
+    let mut client = server.unix_client().await;
+    client
+        .call(&configure_event(&[extensions::MULTIPLEX], json!({})))
+        .await;
+    let (read, mut write) = client.stream.into_split();
+    // Large answers that nobody reads fill the socket and block the agent.
+    let flood = tokio::spawn(async move {
+        for id in 0..2000u64 {
+            let mut chunk = AgentRequest::new(Event::RequestBodyChunk(BodyChunkEvent {
+                correlation_id: "c".into(),
+                data: vec![b'x'; 64 * 1024],
+                ..BodyChunkEvent::default()
+            }));
+            chunk.id = Some(id);
+            if frame::write_frame(&mut write, &chunk.to_json())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    server.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    // The agent let go of the socket, though its peer never read: the
+    // flood's next write fails instead of blocking for ever.
+    let ended = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    assert!(ended.is_ok(), "the agent still holds the connection open");
+    drop(read);
+}
