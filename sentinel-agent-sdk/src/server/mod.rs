@@ -306,8 +306,8 @@ impl<A: Agent> BoundServer<A> {
 
 fn log_listening(agent: &str, transport: &str, listener: &TcpListener, tls: bool) {
     match listener.local_addr() {
-        Ok(addr) => info!(agent, transport, %addr, tls, "listening"),
-        Err(error) => warn!(agent, transport, %error, "listening on an unknown address"),
+        Ok(addr) => info!(%agent, %transport, %addr, tls, "listening"),
+        Err(error) => warn!(%agent, %transport, %error, "listening on an unknown address"),
     }
 }
 
