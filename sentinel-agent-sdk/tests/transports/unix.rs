@@ -263,8 +263,15 @@ async fn shutdown_finishes_requests_in_flight_then_removes_the_socket() {
         .call(&configure_event(&[extensions::MULTIPLEX], json!({})))
         .await;
     client.send_with_id(headers_event("/sleep/300"), 7).await;
-    // Let the request reach the agent before the signal.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The signal must come while the request is in the agent's hands.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.agent.most_at_once.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let stopping = tokio::spawn(server.stop());
     let answer = client.recv().await.expect("the request in flight was lost");
     assert_eq!(answer.id, Some(7));
