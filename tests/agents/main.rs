@@ -11,12 +11,14 @@
 //!   oversized or of another version; the circuit breaker; a thousand
 //!   concurrent requests on one Unix-socket connection;
 //! - `transports`: gRPC and HTTP, with TLS and mutual TLS;
-//! - `kernel`: an agent's kernel push, end to end in a network namespace.
+//! - `kernel`: an agent's kernel push, end to end in a network namespace;
+//! - `reference`: the SDK's echo and denylist agents beside the daemon.
 
 mod bodies;
 mod decisions;
 mod faults;
 mod kernel;
+mod reference;
 mod transports;
 
 use sentinel_tests::{
