@@ -362,7 +362,8 @@ fn binary_body_bytes_travel_as_base64() {
 fn schema(name: &str) -> jsonschema::Validator {
     let path = format!("{}/schema/{name}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let value: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
     jsonschema::validator_for(&value).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -383,7 +384,10 @@ fn the_json_schemas_match_the_types() {
     });
     for request in &all {
         let value: serde_json::Value = serde_json::from_slice(&request.to_json()).unwrap();
-        let errors: Vec<String> = requests.iter_errors(&value).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = requests
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{value}: {errors:?}");
     }
     let seed: serde_json::Value = serde_json::from_str(SEED_REQUEST).unwrap();
@@ -406,7 +410,10 @@ fn the_json_schemas_match_the_types() {
     }
     for answer in &answers {
         let value: serde_json::Value = serde_json::from_slice(&answer.to_json()).unwrap();
-        let errors: Vec<String> = responses.iter_errors(&value).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = responses
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
         assert!(errors.is_empty(), "{value}: {errors:?}");
     }
     let seed: serde_json::Value = serde_json::from_str(SEED_RESPONSE).unwrap();
@@ -419,7 +426,10 @@ fn the_json_schemas_match_the_types() {
         json!({"version": 1, "request_headers": [{"rename": {"name": "a"}}]}),
     ] {
         assert!(!responses.is_valid(&bad), "the schema accepts {bad}");
-        assert!(AgentResponse::from_json(bad.to_string().as_bytes()).is_err(), "the types accept {bad}");
+        assert!(
+            AgentResponse::from_json(bad.to_string().as_bytes()).is_err(),
+            "the types accept {bad}"
+        );
     }
     assert!(!requests.is_valid(&json!({"version": 1, "event_type": "nope", "payload": {}})));
 }

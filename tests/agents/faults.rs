@@ -246,6 +246,62 @@ async fn the_breaker_opens_at_its_threshold_and_half_opens_after_its_timeout() {
     );
 }
 
+fn open_fds(d: &Daemon) -> usize {
+    let pid = d
+        .pid()
+        .unwrap_or_else(|| panic!("the daemon is not running"));
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or_else(|e| panic!("cannot list the daemon's descriptors: {e}"))
+}
+
+/// Faults over and over leak nothing: the daemon's descriptors come back
+/// to where they were (broken connections are closed, not kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_faults_leak_no_descriptors() {
+    if skip() {
+        return;
+    }
+    let app = Upstream::start("app").await;
+    let n = Arc::new(AtomicU64::new(0));
+    let counter = n.clone();
+    // Rotates through every fault, one per call.
+    let a = ScriptAgent::unix(
+        false,
+        on_events(move |_| match counter.fetch_add(1, Ordering::Relaxed) % 4 {
+            0 => Reply::Frame(b"{not json".to_vec()),
+            1 => Reply::Bytes((11u32 * 1024 * 1024).to_be_bytes().to_vec()),
+            2 => Reply::Close,
+            _ => Reply::Hang,
+        }),
+    )
+    .await;
+    let d = through(
+        &app,
+        &a,
+        "open",
+        "timeout-ms 100
+        circuit-breaker { failure-threshold 10000; }",
+    );
+    let addr = d.listener("http");
+    for _ in 0..8 {
+        assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+    }
+    let before = open_fds(&d);
+    for _ in 0..200 {
+        assert_eq!(get(addr, "/").await.status, StatusCode::OK);
+    }
+    // Client connections close as their requests end; give the last ones
+    // a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = open_fds(&d);
+    assert!(
+        after <= before + 4,
+        "descriptors grew from {before} to {after} over 200 faulty calls"
+    );
+    assert!(n.load(Ordering::Relaxed) >= 200);
+}
+
 /// A thousand requests at once through one agent: one Unix connection,
 /// many calls in flight on it, every answer matched to its request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,9 @@
 //! order. When the proxy's `configure` offers `multiplex` and the answer
 //! accepts it, later requests carry an `id`, run concurrently (at most
 //! `max_in_flight` at once) and are answered with their `id` as each
-//! finishes; one writer task puts the answers on the socket.
+//! finishes. A hook that finishes at once is answered from the reading
+//! task itself, and answers are written by whichever task has one ready
+//! (frame::SharedWriter), so an answer takes no hop between tasks.
 //!
 //! Anything the connection cannot make sense of — a frame that is not
 //! JSON, a length over the limit, another protocol version, the peer
@@ -15,15 +17,21 @@
 
 use std::{
     fs,
+    future::Future,
     io::ErrorKind,
     os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
-use sentinel_agent_protocol::{AgentRequest, Event, MAX_MESSAGE_SIZE, frame};
+use sentinel_agent_protocol::{
+    AgentRequest, Event, MAX_MESSAGE_SIZE,
+    frame::{self, SharedWriter},
+};
 use tokio::{
-    io::{AsyncWriteExt, BufReader, BufWriter},
+    io::BufReader,
     net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
     sync::{Semaphore, mpsc},
     task::JoinSet,
@@ -147,8 +155,7 @@ async fn connection<A: Agent>(
     debug!("connection opened");
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let (answers, to_write) = mpsc::channel::<Vec<u8>>(64);
-    let mut writer = tokio::spawn(write_answers(write, to_write));
+    let answers = Arc::new(SharedWriter::new(write));
     // The first failure of a concurrent request closes the connection.
     let (fail, mut failed) = mpsc::channel::<String>(1);
     let slots = Arc::new(Semaphore::new(max_in_flight));
@@ -169,6 +176,9 @@ async fn connection<A: Agent>(
             Ok(None) => break None,
             Err(e) => break Some(e.to_string()),
         };
+        if answers.is_broken() {
+            break Some("writing answers failed".to_owned());
+        }
         let request = match AgentRequest::from_json(&bytes) {
             Ok(request) => request,
             Err(e) => break Some(format!("bad frame: {e}")),
@@ -189,13 +199,27 @@ async fn connection<A: Agent>(
             let Ok(slot) = slot else {
                 break Some("request slots closed".to_owned());
             };
-            let (agent, answers, fail) = (agent.clone(), answers.clone(), fail.clone());
-            in_flight.spawn(async move {
-                let _slot = slot;
-                if let Err(reason) = answer(&*agent, request, &answers).await {
-                    let _ = fail.try_send(reason);
+            let (agent, answers) = (agent.clone(), answers.clone());
+            let mut work: Pin<Box<dyn Future<Output = Result<Answered, String>> + Send>> =
+                Box::pin(async move {
+                    let _slot = slot;
+                    answer(&*agent, request, &answers).await
+                });
+            // Most hooks finish at once: answer from here, with no task
+            // hand-over. One that has to wait becomes its own task (which
+            // polls it again with a real waker).
+            match work.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(reason)) => break Some(reason),
+                Poll::Pending => {
+                    let fail = fail.clone();
+                    in_flight.spawn(async move {
+                        if let Err(reason) = work.await {
+                            let _ = fail.try_send(reason);
+                        }
+                    });
                 }
-            });
+            }
             // Reap what has finished so that the set holds only what runs.
             while in_flight.try_join_next().is_some() {}
             continue;
@@ -226,24 +250,19 @@ async fn connection<A: Agent>(
         }
         None => debug!("connection ending; finishing requests in flight"),
     }
-    // The writer ends once every answer in flight is written: each task
-    // holds a sender.
-    drop(answers);
+    // Every answer in flight is written before the socket is shut.
     tokio::select! {
         _ = abort.cancelled() => in_flight.abort_all(),
         _ = async { while in_flight.join_next().await.is_some() {} } => {}
     }
-    match tokio::select! {
-        _ = abort.cancelled() => {
-            // A peer that stopped reading would keep it blocked for ever.
-            writer.abort();
-            None
+    tokio::select! {
+        // A peer that stopped reading would keep it blocked for ever.
+        _ = abort.cancelled() => {}
+        done = answers.shutdown() => {
+            if let Err(error) = done {
+                debug!(%error, "answers could not all be written");
+            }
         }
-        done = &mut writer => Some(done),
-    } {
-        Some(Ok(Err(error))) => debug!(%error, "answers could not all be written"),
-        Some(Err(error)) => error!(%error, "the writer task failed"),
-        _ => {}
     }
     debug!("connection closed");
 }
@@ -253,7 +272,7 @@ async fn connection<A: Agent>(
 async fn answer<A: Agent>(
     agent: &A,
     request: AgentRequest,
-    answers: &mpsc::Sender<Vec<u8>>,
+    answers: &SharedWriter<OwnedWriteHalf>,
 ) -> Result<Answered, String> {
     let event = request.event.event_type();
     let dispatched = dispatch(agent, &request, Transport::Unix)
@@ -269,27 +288,11 @@ async fn answer<A: Agent>(
     let bytes = frame::encode(&response.to_json())
         .map_err(|e| format!("the answer to {event} cannot be sent: {e}"))?;
     answers
-        .send(bytes)
+        .send(&bytes)
         .await
-        .map_err(|_| "the connection's writer has stopped".to_owned())?;
+        .map_err(|e| format!("the answer to {event} cannot be written: {e}"))?;
     Ok(Answered {
         multiplex: dispatched.multiplex,
         refused: dispatched.refused,
     })
-}
-
-/// Writes queued answers, flushing when nothing else is waiting.
-async fn write_answers(
-    write: OwnedWriteHalf,
-    mut to_write: mpsc::Receiver<Vec<u8>>,
-) -> std::io::Result<()> {
-    let mut out = BufWriter::new(write);
-    while let Some(frame) = to_write.recv().await {
-        out.write_all(&frame).await?;
-        while let Ok(frame) = to_write.try_recv() {
-            out.write_all(&frame).await?;
-        }
-        out.flush().await?;
-    }
-    out.shutdown().await
 }

@@ -144,6 +144,8 @@ pub struct Exchange {
     pub enforce: bool,
     /// The request's path and query, for challenge pages.
     pub target: String,
+    /// The client's `Cookie` headers, where a passed challenge is.
+    cookies: HeaderMap,
     state: std::sync::Mutex<State>,
 }
 
@@ -153,8 +155,6 @@ struct State {
     response_ops: Vec<HeaderOp>,
     decisions: Vec<DecisionRecord>,
     audits: Vec<(String, Audit)>,
-    /// The request's headers as the agents left them (challenge cookies).
-    request_headers: HeaderMap,
 }
 
 /// Headers as the protocol carries them: lowercase names, values in
@@ -259,7 +259,12 @@ impl Exchange {
         client: IpAddr,
         enforce: bool,
         target: String,
+        request: &HeaderMap,
     ) -> Self {
+        let mut cookies = HeaderMap::new();
+        for value in request.get_all(header::COOKIE) {
+            cookies.append(header::COOKIE, value.clone());
+        }
         Self {
             agents,
             context,
@@ -267,6 +272,7 @@ impl Exchange {
             client,
             enforce,
             target,
+            cookies,
             state: std::sync::Mutex::new(State::default()),
         }
     }
@@ -375,10 +381,7 @@ impl Exchange {
         match &answer.decision {
             Decision::Allow => None,
             Decision::Challenge { .. }
-                if self
-                    .context
-                    .challenges
-                    .passed(&self.state().request_headers, self.client) =>
+                if self.context.challenges.passed(&self.cookies, self.client) =>
             {
                 debug!(agent, "challenge already passed");
                 self.state().decisions.push(DecisionRecord {
@@ -433,7 +436,6 @@ impl Exchange {
 
     /// The `request_headers` event, through every subscribed filter.
     pub async fn request_headers(&self, method: &str, uri: &str, headers: &mut HeaderMap) -> Step {
-        self.state().request_headers = headers.clone();
         let agents = self.agents.clone();
         for filter in agents
             .filters
@@ -449,12 +451,10 @@ impl Exchange {
             match filter.agent.call(event, filter.timeout).await {
                 Ok(answer) => {
                     apply_ops(headers, &answer.request_headers, filter.agent.name());
-                    {
-                        let mut state = self.state();
-                        state
+                    if !answer.response_headers.is_empty() {
+                        self.state()
                             .response_ops
                             .extend(answer.response_headers.iter().cloned());
-                        state.request_headers = headers.clone();
                     }
                     if let Some(stop) = self.settle(filter, &answer).await {
                         return Step::Respond(stop);

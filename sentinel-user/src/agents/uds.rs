@@ -23,15 +23,14 @@ use std::{
 
 use sentinel_agent_protocol::{
     AgentRequest, AgentResponse, ConfigureEvent, Decision, Event, MAX_MESSAGE_SIZE, extensions,
-    frame::{self, FrameError},
+    frame::{self, FrameError, SharedWriter},
 };
 use tokio::{
-    io::AsyncWriteExt,
     net::{
         UnixStream,
         unix::{OwnedReadHalf, OwnedWriteHalf},
     },
-    sync::{mpsc, oneshot},
+    sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -40,10 +39,11 @@ use super::AgentError;
 
 type Reply = oneshot::Sender<Result<AgentResponse, AgentError>>;
 
-/// One multiplexed connection: a writer task, a reader task and the calls
-/// waiting for their answers.
+/// One multiplexed connection: a shared writer (each call writes its own
+/// frame, or several at once under contention, with no hand-over to a
+/// writer task), a reader task and the calls waiting for their answers.
 struct Mux {
-    frames: mpsc::UnboundedSender<Vec<u8>>,
+    writer: SharedWriter<OwnedWriteHalf>,
     pending: Mutex<HashMap<u64, Reply>>,
     next_id: AtomicU64,
     alive: AtomicBool,
@@ -52,6 +52,10 @@ struct Mux {
 }
 
 impl Mux {
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && !self.writer.is_broken()
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Reply>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -77,9 +81,18 @@ impl Mux {
         // Removes the entry if this call is dropped first (its timeout),
         // so that a late answer finds nobody and is discarded.
         let _forget = Forget { mux: self, id };
-        if !self.alive.load(Ordering::Acquire) || self.frames.send(frame).is_err() {
+        if !self.alive() {
             return Err(AgentError::Closed {
                 reason: "the connection to the agent closed".to_owned(),
+            });
+        }
+        if let Err(e) = self.writer.send(&frame).await {
+            debug!(error = %e, "agent connection write failed");
+            self.fail_all(|| AgentError::Closed {
+                reason: format!("writing to the agent failed: {e}"),
+            });
+            return Err(AgentError::Closed {
+                reason: format!("writing to the agent failed: {e}"),
             });
         }
         rx.await.unwrap_or_else(|_| {
@@ -98,39 +111,6 @@ struct Forget<'a> {
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         self.mux.pending().remove(&self.id);
-    }
-}
-
-/// Writes queued frames, several per system call when they pile up.
-async fn write_loop(
-    mux: Arc<Mux>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-    mut w: OwnedWriteHalf,
-) {
-    let mut batch = Vec::new();
-    loop {
-        let frame = tokio::select! {
-            frame = rx.recv() => match frame {
-                Some(frame) => frame,
-                None => return,
-            },
-            _ = mux.closed.cancelled() => return,
-        };
-        batch.clear();
-        batch.extend_from_slice(&frame);
-        while batch.len() < 256 * 1024 {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = w.write_all(&batch).await {
-            debug!(error = %e, "agent connection write failed");
-            mux.fail_all(|| AgentError::Closed {
-                reason: format!("writing to the agent failed: {e}"),
-            });
-            return;
-        }
     }
 }
 
@@ -268,10 +248,7 @@ impl UdsClient {
 
     fn live_mux(&self) -> Option<Arc<Mux>> {
         let guard = self.mux.lock().unwrap_or_else(|p| p.into_inner());
-        guard
-            .as_ref()
-            .filter(|m| m.alive.load(Ordering::Acquire))
-            .cloned()
+        guard.as_ref().filter(|m| m.alive()).cloned()
     }
 
     fn take_idle(&self) -> Option<Sequential> {
@@ -350,15 +327,13 @@ impl UdsClient {
         }
         debug!(agent = %self.agent, "agent accepted multiplexing");
         let (r, w) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
         let mux = Arc::new(Mux {
-            frames: tx,
+            writer: SharedWriter::new(w),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             closed: CancellationToken::new(),
         });
-        tokio::spawn(write_loop(mux.clone(), rx, w));
         tokio::spawn(read_loop(mux.clone(), r, self.agent.clone()));
         *self.mux.lock().unwrap_or_else(|p| p.into_inner()) = Some(mux.clone());
         Ok(Opened::Mux(mux))

@@ -107,6 +107,7 @@ pub fn begin(
             client,
             enforce,
             target,
+            &parts.headers,
         )),
         request_bytes: Arc::new(AtomicU64::new(0)),
     })
