@@ -60,6 +60,27 @@ fn the_seeds_messages_parse() {
     assert_eq!(response.audit.unwrap().rule_ids, vec!["auth-001"]);
 }
 
+/// The payload may come before its type, and unknown fields are ignored.
+#[test]
+fn envelope_fields_in_any_order() {
+    let text = r#"{"payload": {"agent_id": "a", "config": {"k": 1}}, "future": [1, 2],
+                   "event_type": "configure", "version": 1}"#;
+    let request = AgentRequest::from_json(text.as_bytes()).unwrap();
+    match request.event {
+        Event::Configure(c) => assert_eq!(c.config, json!({"k": 1})),
+        other => panic!("{other:?}"),
+    }
+    for bad in [
+        r#"{"version": 1, "event_type": "configure"}"#,
+        r#"{"version": 1, "payload": {}}"#,
+        r#"{"event_type": "configure", "payload": {"agent_id": "a"}}"#,
+        r#"{"version": 1, "event_type": "request_headers", "payload": {"method": "GET"}}"#,
+        r#"[1, 2]"#,
+    ] {
+        assert!(AgentRequest::from_json(bad.as_bytes()).is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn a_request_without_extensions_carries_only_the_seeds_fields() {
     let request = AgentRequest::new(Event::RequestHeaders(RequestHeadersEvent {

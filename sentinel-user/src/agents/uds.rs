@@ -26,6 +26,7 @@ use sentinel_agent_protocol::{
     frame::{self, FrameError, SharedWriter},
 };
 use tokio::{
+    io::BufReader,
     net::{
         UnixStream,
         unix::{OwnedReadHalf, OwnedWriteHalf},
@@ -114,8 +115,10 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// Reads answers and hands each to the call with its id.
-async fn read_loop(mux: Arc<Mux>, mut r: OwnedReadHalf, agent: String) {
+/// Reads answers and hands each to the call with its id. Buffered: under
+/// load one read brings many answers.
+async fn read_loop(mux: Arc<Mux>, r: OwnedReadHalf, agent: String) {
+    let mut r = BufReader::with_capacity(64 * 1024, r);
     loop {
         let read = tokio::select! {
             read = frame::read_frame(&mut r, MAX_MESSAGE_SIZE) => read,
@@ -203,12 +206,12 @@ impl FrameKind {
 
 /// A connection used for one call at a time.
 struct Sequential {
-    stream: UnixStream,
+    stream: BufReader<UnixStream>,
 }
 
 impl Sequential {
     async fn call(&mut self, request: &AgentRequest) -> Result<AgentResponse, AgentError> {
-        frame::write_frame(&mut self.stream, &request.to_json()).await?;
+        frame::write_frame(self.stream.get_mut(), &request.to_json()).await?;
         match frame::read_frame(&mut self.stream, MAX_MESSAGE_SIZE).await? {
             Some(answer) => Ok(AgentResponse::from_json(&answer)?),
             None => Err(AgentError::Closed {
@@ -323,7 +326,9 @@ impl UdsClient {
         }
         if !answer.extensions.iter().any(|e| e == extensions::MULTIPLEX) {
             debug!(agent = %self.agent, "agent answers one call at a time per connection");
-            return Ok(Opened::Sequential(Sequential { stream }));
+            return Ok(Opened::Sequential(Sequential {
+                stream: BufReader::new(stream),
+            }));
         }
         debug!(agent = %self.agent, "agent accepted multiplexing");
         let (r, w) = stream.into_split();
