@@ -331,7 +331,7 @@ const AGENT_TLS_OPTIONS: &[&str] = &[
 ];
 
 /// The block under `grpc "URL" { ... }` / `http "URL" { ... }`.
-fn agent_tls(w: &mut Walker<'_>, node: &KdlNode) -> Option<AgentTls> {
+pub(super) fn agent_tls(w: &mut Walker<'_>, node: &KdlNode) -> Option<AgentTls> {
     let mut out = AgentTls::default();
     let mut client = ClientCert::default();
     let mut ok = true;
