@@ -97,7 +97,8 @@ struct State {
 /// - `sleep_ms=N`: wait N ms before answering;
 /// - `status=N`: answer with status N;
 /// - `hop=1`: add hop-by-hop headers (`Connection: x-hop-secret`,
-///   `X-Hop-Secret`, `Keep-Alive`) the proxy must remove.
+///   `X-Hop-Secret`, `Keep-Alive`) the proxy must remove;
+/// - `set=NAME:VALUE`: add that response header (`%20` for spaces).
 ///
 /// `/big?bytes=N` streams N zero bytes; `/ws` with an `Upgrade` header
 /// answers 101, writes `welcome\n` and echoes bytes; `/wsframes` answers
@@ -424,6 +425,14 @@ async fn answer(
         );
         r
     };
+    if let Some((name, value)) = query.get("set").and_then(|kv| kv.split_once(':'))
+        && let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value.replace("%20", " ")),
+        )
+    {
+        reply.headers_mut().insert(name, value);
+    }
     if query.contains_key("hop") {
         let h = reply.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("x-hop-secret"));

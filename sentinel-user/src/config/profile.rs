@@ -98,9 +98,14 @@ impl Default for MetadataConfig {
             agent_name: "sentinel".to_owned(),
             body_bytes: 2048,
             file_content_bytes: 0,
-            redact_headers: ["authorization", "cookie", "set-cookie", "proxy-authorization"]
-                .map(str::to_owned)
-                .to_vec(),
+            redact_headers: [
+                "authorization",
+                "cookie",
+                "set-cookie",
+                "proxy-authorization",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
             redact_fields: [
                 "password",
                 "passwd",

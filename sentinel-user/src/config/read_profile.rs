@@ -225,7 +225,10 @@ fn store(w: &mut Walker<'_>, node: &KdlNode) -> Option<StoreConfig> {
             Some(out)
         }
         None => {
-            w.error(node, "'store' needs a 'path' (a directory for the record files)");
+            w.error(
+                node,
+                "'store' needs a 'path' (a directory for the record files)",
+            );
             None
         }
     }

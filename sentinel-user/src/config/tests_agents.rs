@@ -530,13 +530,25 @@ routes {
     .unwrap_err();
     assert_problem(&errors, "2:10", "found \"strict\"");
     assert_problem(&errors, "3:5", "'collector' needs a 'store'");
-    assert_problem(&errors, "4:13", "collector url 'ftp://x' is not a valid URL");
+    assert_problem(
+        &errors,
+        "4:13",
+        "collector url 'ftp://x' is not a valid URL",
+    );
     assert_problem(&errors, "5:9", "'header' takes a name and a value");
     assert_problem(&errors, "3:5", "'backoff-min-ms' is above 'backoff-max-ms'");
     assert_problem(&errors, "9:5", "'store' needs a 'path'");
     assert_problem(&errors, "9:23", "'max-files' must be between 1 and");
-    assert_problem(&errors, "10:38", "'x-frame-options' is not a valid header value");
-    assert_problem(&errors, "10:46", "unknown option in 'secure-headers' 'x-powered-by'");
+    assert_problem(
+        &errors,
+        "10:38",
+        "'x-frame-options' is not a valid header value",
+    );
+    assert_problem(
+        &errors,
+        "10:46",
+        "unknown option in 'secure-headers' 'x-powered-by'",
+    );
     assert_problem(&errors, "11:27", "'body-bytes' must be between 0 and");
     assert_problem(&errors, "16:24", "found \"loud\"");
     assert_eq!(errors.len(), 11, "{errors:#?}");

@@ -70,7 +70,7 @@ pub fn begin(
     parts: &Parts,
     request_id: &HeaderValue,
 ) -> Option<Agents> {
-    let enforce = match snapshot.profile_mode {
+    let enforce = match snapshot.profiles.mode(Some(&route.name)) {
         ProfileMode::Off | ProfileMode::Lite => return None,
         ProfileMode::Monitor => false,
         ProfileMode::Protection => true,

@@ -96,6 +96,13 @@ pub async fn handle(
     if let Some(agents) = &agents {
         agents.exchange.finish_headers(response.headers_mut());
     }
+    let route_name = route.as_deref().map(|r| r.name.as_str());
+    if snapshot.profiles.secure_headers(route_name) {
+        snapshot
+            .profiles
+            .headers
+            .apply(response.headers_mut(), conn.scheme == "https");
+    }
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID.clone(), request_id.clone());

@@ -16,6 +16,7 @@ mod framing;
 mod handler;
 mod health;
 mod listener;
+mod profile;
 mod router;
 pub(crate) mod tls;
 mod upstream;
@@ -47,7 +48,7 @@ use crate::{
         metrics::AgentMetrics,
         pipeline::{self, AgentContext, RouteAgents},
     },
-    config::{Config, LimitsConfig, ListenerConfig, ProfileMode},
+    config::{Config, LimitsConfig, ListenerConfig},
     metrics::ProxyMetrics,
 };
 
@@ -73,7 +74,8 @@ pub struct Snapshot {
     /// Each route's filters, for routes that have some.
     pub route_agents: HashMap<String, Arc<RouteAgents>>,
     pub agent_context: Arc<AgentContext>,
-    pub profile_mode: ProfileMode,
+    /// Each route's profile mode and secure headers.
+    pub profiles: profile::Profiles,
 }
 
 impl Snapshot {
@@ -170,7 +172,7 @@ impl Snapshot {
             route_agents: pipeline::route_agents(config, &agents),
             agents,
             agent_context,
-            profile_mode: config.profile.mode,
+            profiles: profile::Profiles::new(config),
         })
     }
 }
