@@ -14,7 +14,10 @@
 //! - [`metrics`]: the `sentinel_profile_*` families.
 
 pub mod metrics;
+pub mod shipper;
 pub mod store;
 
+#[cfg(test)]
+mod tests_shipper;
 #[cfg(test)]
 mod tests_store;
