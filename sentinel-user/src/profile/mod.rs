@@ -14,9 +14,12 @@
 //! - [`metrics`]: the `sentinel_profile_*` families.
 
 pub mod metrics;
+pub mod multipart;
 pub mod shipper;
 pub mod store;
 
+#[cfg(test)]
+mod tests_multipart;
 #[cfg(test)]
 mod tests_shipper;
 #[cfg(test)]
