@@ -15,4 +15,5 @@ pub mod inspect;
 pub mod kernel;
 pub mod metrics;
 pub mod net;
+pub mod profile;
 pub mod proxy;
