@@ -264,6 +264,8 @@ async fn start(
         metrics: state.metrics.proxy.clone(),
         agent_metrics: state.metrics.agents.clone(),
         kernel: Some(state.clone() as Arc<dyn KernelBridge>),
+        facts: None,
+        store: None,
     };
     let mut proxy = Proxy::start(config, deps).await?;
     state.set_listeners(proxy.bound());

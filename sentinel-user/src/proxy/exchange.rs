@@ -25,7 +25,12 @@ use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use sentinel_agent_protocol::RequestMetadata;
 
-use super::{BoxError, ProxyBody, Snapshot, listener::ConnInfo, router::Route};
+use super::{
+    BoxError, ProxyBody, Snapshot,
+    listener::ConnInfo,
+    record::{Ending, Pending},
+    router::Route,
+};
 pub use crate::agents::body::Inspection;
 use crate::{
     agents::{
@@ -267,9 +272,44 @@ pub async fn response(
     }
 }
 
-/// What `request_complete` reports, gathered as the request went.
+/// A record for this request, when its mode records and the record goes
+/// somewhere (the store, or the route's log agents).
+pub fn record(
+    snapshot: &Snapshot,
+    route: Option<&Route>,
+    conn: &ConnInfo,
+    parts: &Parts,
+) -> Option<Pending> {
+    let recorder = snapshot.recorder.as_ref()?;
+    let name = route.map(|r| r.name.as_str());
+    let mode = snapshot.profiles.mode(name);
+    if mode == ProfileMode::Off {
+        return None;
+    }
+    let to_agents = name
+        .and_then(|n| snapshot.route_agents.get(n))
+        .is_some_and(|a| a.wants(AgentEvent::Log));
+    if recorder.store().is_none() && !to_agents {
+        return None;
+    }
+    let host = super::router::request_host(parts);
+    Some(recorder.begin(
+        mode,
+        name,
+        parts,
+        client_ip(conn.peer.ip()),
+        conn.scheme,
+        host.as_deref(),
+    ))
+}
+
+/// What `request_complete` and the record report, gathered as the request
+/// went.
 pub struct Done {
-    pub completion: Completion,
+    pub completion: Option<Completion>,
+    pub record: Option<Pending>,
+    /// The decisions of the request's agents.
+    pub decisions: Vec<sentinel_agent_protocol::DecisionRecord>,
     pub started: Instant,
     pub status: u16,
     pub attempts: u32,
@@ -308,15 +348,27 @@ impl<B> Counted<B> {
 }
 
 fn finish(done: Done, sent: u64, cut: Option<String>) {
-    done.completion.send(Outcome {
-        status: done.status,
-        duration: done.started.elapsed(),
-        request_body_size: done.request_bytes.load(Ordering::Relaxed),
-        response_body_size: sent,
-        upstream_attempts: done.attempts,
-        error: done.error.or(cut),
-        record: None,
+    let error = done.error.or(cut);
+    let record = done.record.map(|pending| {
+        pending.store(Ending {
+            status: done.status,
+            duration: done.started.elapsed(),
+            response_bytes: sent,
+            decisions: serde_json::to_value(&done.decisions).unwrap_or_default(),
+            error: error.clone(),
+        })
     });
+    if let Some(completion) = done.completion {
+        completion.send(Outcome {
+            status: done.status,
+            duration: done.started.elapsed(),
+            request_body_size: done.request_bytes.load(Ordering::Relaxed),
+            response_body_size: sent,
+            upstream_attempts: done.attempts,
+            error,
+            record,
+        });
+    }
 }
 
 impl<B: Body<Data = Bytes>> Body for Counted<B> {

@@ -20,7 +20,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
-use super::exchange::Inspection;
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
     body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
@@ -30,6 +29,7 @@ use super::{
     router::{Action, Route, request_host},
     upstream::{InFlight, Upstream},
 };
+use super::{exchange::Inspection, record::Pending};
 use crate::{
     agents::{
         body as agent_body, challenge,
@@ -63,25 +63,39 @@ pub async fn handle(
         verdict => verdict,
     };
     let request_id = forward::request_id(req.headers_mut());
-    let (route, outcome, agents) = match verdict {
+    let refused = |error: ProxyError, req: Request<Incoming>| {
+        let (parts, _) = req.into_parts();
+        Dispatched {
+            route: None,
+            outcome: Err((error, Attempt::default())),
+            agents: None,
+            record: exchange::record(&snapshot, None, &conn, &parts),
+        }
+    };
+    let Dispatched {
+        route,
+        outcome,
+        agents,
+        record,
+    } = match verdict {
         Verdict::Clean => {
             // The listener's whole-request deadline, when it has one.
             let hard = (!conn.request_timeout.is_zero())
                 .then(|| tokio::time::Instant::now() + conn.request_timeout);
             dispatch(req, &conn, &snapshot, &activity, hard, &request_id).await
         }
-        Verdict::Smuggling(reason) => {
-            let error = ProxyError::BadRequest {
+        Verdict::Smuggling(reason) => refused(
+            ProxyError::BadRequest {
                 reason: reason.to_owned(),
-            };
-            (None, Err((error, Attempt::default())), None)
-        }
-        Verdict::HeadTooLarge => {
-            let error = ProxyError::HeadTooLarge {
+            },
+            req,
+        ),
+        Verdict::HeadTooLarge => refused(
+            ProxyError::HeadTooLarge {
                 limit: snapshot.limits.max_header_bytes,
-            };
-            (None, Err((error, Attempt::default())), None)
-        }
+            },
+            req,
+        ),
     };
 
     let mut failure = None;
@@ -140,21 +154,35 @@ pub async fn handle(
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
-    let completion = agents.as_ref().and_then(|a| {
-        let completion = a.exchange.completion()?;
-        Some(exchange::Done {
-            completion,
-            started,
-            status: status.as_u16(),
-            attempts: attempt.count,
-            error: failure,
-            request_bytes: a.request_bytes.clone(),
-        })
+    let completion = agents.as_ref().and_then(|a| a.exchange.completion());
+    let done = (completion.is_some() || record.is_some()).then(|| exchange::Done {
+        completion,
+        record,
+        decisions: agents
+            .as_ref()
+            .map(|a| a.exchange.decisions())
+            .unwrap_or_default(),
+        started,
+        status: status.as_u16(),
+        attempts: attempt.count,
+        error: failure,
+        request_bytes: agents
+            .as_ref()
+            .map(|a| a.request_bytes.clone())
+            .unwrap_or_default(),
     });
-    Ok(response.map(|b| match completion {
+    Ok(response.map(|b| match done {
         Some(done) => Tracked::new(exchange::Counted::new(b, done), guard).boxed(),
         None => Tracked::new(b, guard).boxed(),
     }))
+}
+
+/// What a request's dispatch decided, and what it leaves for the end.
+struct Dispatched {
+    route: Option<Arc<Route>>,
+    outcome: Outcome,
+    agents: Option<exchange::Agents>,
+    record: Option<Pending>,
 }
 
 /// What the access log says about where a request went.
@@ -174,7 +202,7 @@ async fn dispatch(
     activity: &Arc<Activity>,
     hard: Option<tokio::time::Instant>,
     request_id: &HeaderValue,
-) -> (Option<Arc<Route>>, Outcome, Option<exchange::Agents>) {
+) -> Dispatched {
     let (mut parts, body) = req.into_parts();
     if parts.uri.path() == challenge::VERIFY_PATH {
         let query = parts.uri.query().unwrap_or("");
@@ -183,11 +211,22 @@ async fn dispatch(
             exchange::client_ip(conn.peer.ip()),
             conn.scheme == "https",
         );
-        return (None, Ok((response, Attempt::default())), None);
+        return Dispatched {
+            route: None,
+            outcome: Ok((response, Attempt::default())),
+            agents: None,
+            record: None,
+        };
     }
     let Some(route) = snapshot.router.route(&parts) else {
-        return (None, Err((ProxyError::NoRoute, Attempt::default())), None);
+        return Dispatched {
+            route: None,
+            outcome: Err((ProxyError::NoRoute, Attempt::default())),
+            agents: None,
+            record: exchange::record(snapshot, None, conn, &parts),
+        };
     };
+    let record = exchange::record(snapshot, Some(&route), conn, &parts);
     let agents = exchange::begin(snapshot, &route, conn, &parts, request_id);
     if let Some(a) = &agents {
         let method = parts.method.as_str().to_owned();
@@ -201,7 +240,12 @@ async fn dispatch(
             .request_headers(&method, &uri, &mut parts.headers)
             .await
         {
-            return (Some(route), Ok((stop, Attempt::default())), agents);
+            return Dispatched {
+                route: Some(route),
+                outcome: Ok((stop, Attempt::default())),
+                agents,
+                record,
+            };
         }
     }
     let outcome = match &route.action {
@@ -223,6 +267,7 @@ async fn dispatch(
                 deadline,
                 hard,
                 agents: agents.as_ref(),
+                record: record.as_ref(),
             };
             proxy(parts, body, request).await
         }
@@ -234,7 +279,12 @@ async fn dispatch(
         )),
         (_, other) => other,
     };
-    (Some(route), outcome, agents)
+    Dispatched {
+        route: Some(route),
+        outcome,
+        agents,
+        record,
+    }
 }
 
 fn static_response(r: &StaticResponse) -> Response<ProxyBody> {
@@ -280,6 +330,8 @@ struct Forwarding<'a> {
     hard: Option<tokio::time::Instant>,
     /// The route's agents, when it has some and the profile calls them.
     agents: Option<&'a exchange::Agents>,
+    /// The request's metadata record, which sees its body go past.
+    record: Option<&'a Pending>,
 }
 
 async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome {
@@ -291,6 +343,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         deadline,
         hard,
         agents,
+        record,
     } = fwd;
     let mut attempt = Attempt {
         upstream: Some(upstream.name.clone()),
@@ -358,6 +411,10 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     };
     let progress = Arc::new(BodyProgress::new());
     let limited = Limited::new(body, limit).with_progress(progress.clone());
+    let limited: ProxyBody = match record {
+        Some(r) => r.tap(limited).boxed(),
+        None => limited.boxed(),
+    };
     let give_up_at = {
         let total = tokio::time::Instant::now() + deadline;
         hard.map_or(total, |hard| total.min(hard))
@@ -395,7 +452,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
             }
         }
         Some(a) => (Some(exchange::count_request(limited, a)), None),
-        None => (Some(limited.boxed()), None),
+        None => (Some(limited), None),
     };
     let path_and_query = parts
         .uri

@@ -17,6 +17,7 @@ mod handler;
 mod health;
 mod listener;
 mod profile;
+pub mod record;
 mod router;
 pub(crate) mod tls;
 mod upstream;
@@ -76,6 +77,8 @@ pub struct Snapshot {
     pub agent_context: Arc<AgentContext>,
     /// Each route's profile mode and secure headers.
     pub profiles: profile::Profiles,
+    /// Builds requests' metadata records, when they go anywhere.
+    pub recorder: Option<Arc<record::Recorder>>,
 }
 
 impl Snapshot {
@@ -173,6 +176,13 @@ impl Snapshot {
             agents,
             agent_context,
             profiles: profile::Profiles::new(config),
+            recorder: deps.facts.clone().map(|facts| {
+                Arc::new(record::Recorder::new(
+                    &config.profile.metadata,
+                    facts,
+                    deps.store.clone(),
+                ))
+            }),
         })
     }
 }
@@ -185,6 +195,10 @@ pub struct Deps {
     /// The kernel denylist, for agents' kernel pushes; `None` in tools and
     /// tests that run the proxy alone.
     pub kernel: Option<Arc<dyn KernelBridge>>,
+    /// Client and host facts for metadata records; `None`: no records.
+    pub facts: Option<Arc<dyn record::Facts>>,
+    /// The local store of records, when `profile { store }` is set.
+    pub store: Option<crate::profile::store::StoreHandle>,
 }
 
 /// What every connection and request shares.
