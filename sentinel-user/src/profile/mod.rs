@@ -14,6 +14,7 @@
 //! - [`metrics`]: the `sentinel_profile_*` families.
 
 pub mod client;
+pub mod host;
 pub mod metrics;
 pub mod multipart;
 pub mod shipper;
