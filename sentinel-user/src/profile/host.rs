@@ -245,13 +245,18 @@ impl HostSampler {
     }
 
     /// Samples once now, then every `interval` (at least
-    /// [`MIN_INTERVAL`]) in a task of the current tokio runtime.
+    /// [`MIN_INTERVAL`]) in a task of the current tokio runtime (outside
+    /// one, the first sample stays, with a warning).
     pub fn start(interval: Duration) -> HostInfo {
         let mut sampler = HostSampler::new();
         let latest = Arc::new(ArcSwap::from_pointee(sampler.sample()));
         let weak: Weak<ArcSwap<HostSnapshot>> = Arc::downgrade(&latest);
         let interval = interval.max(MIN_INTERVAL);
-        tokio::spawn(async move {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            warn!("host facts sampled once: no tokio runtime to refresh them in");
+            return HostInfo { latest };
+        };
+        runtime.spawn(async move {
             let mut sampler = Some(sampler);
             loop {
                 tokio::time::sleep(interval).await;
@@ -473,6 +478,12 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    #[test]
+    fn outside_a_runtime_the_first_sample_stays() {
+        let info = HostSampler::start(Duration::from_secs(1));
+        assert_eq!(info.snapshot().pid, std::process::id());
     }
 
     #[test]

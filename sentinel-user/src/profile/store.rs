@@ -757,27 +757,36 @@ fn last_newline(file: &mut File, end: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
-/// `seq` of the last line of a segment of complete lines.
+/// `seq` of the last line that has one, in a segment of complete lines
+/// (lines without one, garbage a power loss can leave, are passed over).
 fn last_seq_in(path: &Path) -> io::Result<Option<u64>> {
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let Some(last) = last_newline(&mut file, len)? else {
-        return Ok(None);
-    };
-    let start = last_newline(&mut file, last)?.map_or(0, |i| i + 1);
-    let mut line = vec![0u8; (last - start) as usize];
-    file.seek(SeekFrom::Start(start))?;
-    file.read_exact(&mut line)?;
     #[derive(serde::Deserialize)]
     struct Seq {
         seq: u64,
     }
-    match serde_json::from_slice::<Seq>(&line) {
-        Ok(s) => Ok(Some(s.seq)),
-        Err(error) => {
-            warn!(%error, path = %path.display(), "last profile record has no seq; numbering restarts");
-            Ok(None)
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // `end`: the offset of the newline that ends the line looked at.
+    let Some(mut end) = last_newline(&mut file, len)? else {
+        return Ok(None);
+    };
+    let mut skipped = 0u64;
+    loop {
+        let start = last_newline(&mut file, end)?.map_or(0, |i| i + 1);
+        let mut line = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut line)?;
+        if let Ok(s) = serde_json::from_slice::<Seq>(&line) {
+            if skipped > 0 {
+                warn!(path = %path.display(), lines = skipped, "profile lines without a seq at the end of a segment");
+            }
+            return Ok(Some(s.seq));
         }
+        skipped += 1;
+        if start == 0 {
+            return Ok(None);
+        }
+        end = start - 1;
     }
 }
 

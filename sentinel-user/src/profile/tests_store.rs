@@ -341,6 +341,23 @@ async fn a_second_store_on_the_same_directory_is_refused_until_the_first_is_clos
 }
 
 #[tokio::test]
+async fn numbering_passes_over_garbage_lines_at_the_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join(segment_name(1)),
+        "{\"seq\":9,\"record_id\":\"a\"}\n\0\0\0\n{\"seq\":\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join(segment_name(2)), "\0\0\n").expect("write");
+    let store = start(options(dir.path(), 1 << 20, 10, 8));
+    store.push(json!({"n": 1}));
+    store.shutdown().await;
+    let newest = std::fs::read_to_string(dir.path().join(segment_name(2))).expect("read");
+    let last: Value = serde_json::from_str(newest.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["seq"], 10);
+}
+
+#[tokio::test]
 async fn files_that_are_not_segments_are_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("cursor.json"), "{}").expect("write");
