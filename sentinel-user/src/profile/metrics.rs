@@ -17,14 +17,17 @@ const STATIC: &str = "static metric definition is valid";
 /// - `retention`: stored but not yet shipped when its segment was deleted to
 ///   keep `max_files` segments;
 /// - `partial_line`: a line cut short by a crash, removed when the store
-///   was opened again.
-pub const DROP_REASONS: [&str; 6] = [
+///   was opened again;
+/// - `corrupt`: a stored line that is not a JSON object (garbage left by a
+///   power loss), skipped by the shipper.
+pub const DROP_REASONS: [&str; 7] = [
     "queue_full",
     "closed",
     "invalid",
     "write_error",
     "retention",
     "partial_line",
+    "corrupt",
 ];
 
 /// `reason` of `sentinel_profile_batches_retried_total`: `connect` (no
@@ -68,7 +71,7 @@ impl ProfileMetrics {
         let dropped = IntCounterVec::new(
             Opts::new(
                 "sentinel_profile_records_dropped_total",
-                "Profile records lost, by reason (queue_full, closed, invalid, write_error, retention, partial_line)",
+                "Profile records lost, by reason (queue_full, closed, invalid, write_error, retention, partial_line, corrupt)",
             ),
             &["reason"],
         )

@@ -13,6 +13,8 @@
 //! - [`host`]: host and process facts, sampled in the background;
 //! - [`metrics`]: the `sentinel_profile_*` families.
 
+pub mod client;
+pub mod host;
 pub mod metrics;
 pub mod multipart;
 pub mod shipper;

@@ -25,7 +25,11 @@
 //!   drop repeats.
 //! - A segment deleted by retention before it was shipped is skipped (the
 //!   store counts its records as dropped); the shipper goes on with the
-//!   oldest segment left after it.
+//!   oldest segment left after it. A line that is not a JSON object (what
+//!   a power loss can leave in the middle of a segment) is skipped and
+//!   counted as dropped with reason `corrupt`, so one bad line cannot
+//!   block the queue behind it.
+//! - One shipper per store.
 
 use std::{
     fs::File,
@@ -401,6 +405,9 @@ enum Read {
     Batch {
         body: Vec<u8>,
         records: u64,
+        /// Lines skipped as not JSON objects (garbage a power loss can
+        /// leave); counted as dropped once the cursor passes them.
+        corrupt: u64,
         end: Position,
     },
     /// Nothing to send from here: the cursor moves to another segment.
@@ -451,7 +458,21 @@ impl ShipperTask {
                     );
                     self.advance(next).await;
                 }
-                Read::Batch { body, records, end } => {
+                Read::Batch {
+                    records: 0,
+                    corrupt,
+                    end,
+                    ..
+                } => {
+                    self.metrics.drop_records("corrupt", corrupt);
+                    self.advance(end).await;
+                }
+                Read::Batch {
+                    body,
+                    records,
+                    corrupt,
+                    end,
+                } => {
                     let full = records >= self.options.batch_size as u64
                         || body.len() >= self.options.max_batch_bytes;
                     if !full {
@@ -470,6 +491,7 @@ impl ShipperTask {
                             Ok(()) => {
                                 attempt = 0;
                                 self.metrics.shipped.inc_by(records);
+                                self.metrics.drop_records("corrupt", corrupt);
                                 self.advance(end).await;
                                 break;
                             }
@@ -635,6 +657,7 @@ fn read_batch(dir: &Path, at: Position, max_records: usize, max_bytes: usize) ->
     reader.seek(SeekFrom::Start(at.offset))?;
     let mut body = Vec::new();
     let mut records = 0u64;
+    let mut corrupt = 0u64;
     let mut offset = at.offset;
     while records < max_records as u64 && body.len() < max_bytes {
         let start = body.len();
@@ -652,12 +675,26 @@ fn read_batch(dir: &Path, at: Position, max_records: usize, max_bytes: usize) ->
             break;
         }
         offset += n as u64;
+        let line = &body[start..];
+        if line.first() != Some(&b'{')
+            || serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err()
+        {
+            warn!(
+                path = %path.display(),
+                offset = offset - n as u64,
+                "profile segment line is not a JSON object; skipped"
+            );
+            body.truncate(start);
+            corrupt += 1;
+            continue;
+        }
         records += 1;
     }
-    if records > 0 {
+    if records > 0 || corrupt > 0 {
         return Ok(Read::Batch {
             body,
             records,
+            corrupt,
             end: Position {
                 segment: at.segment,
                 offset,

@@ -28,6 +28,10 @@
 //!   is valid JSON Lines.
 //! - [`StoreHandle::shutdown`] stops the queue, writes what was in it,
 //!   fsyncs and returns once that is done.
+//! - One store per directory: open takes an exclusive lock on `LOCK_FILE`
+//!   in it, held until the writer ends, so a second daemon pointed at the
+//!   same directory gets [`StoreError::Locked`] instead of interleaving
+//!   its lines.
 
 use std::{
     collections::VecDeque,
@@ -51,6 +55,9 @@ use super::metrics::ProfileMetrics;
 /// File names of segments are `records-` + number + `.jsonl`.
 pub const SEGMENT_PREFIX: &str = "records-";
 pub const SEGMENT_SUFFIX: &str = ".jsonl";
+
+/// Locked by the store that owns the directory.
+pub const LOCK_FILE: &str = "store.lock";
 
 /// Field the store sets on every record: its sequence number.
 pub const SEQ_FIELD: &str = "seq";
@@ -133,6 +140,8 @@ pub enum StoreError {
         option: &'static str,
         reason: &'static str,
     },
+    #[error("profile store {path} is in use by another process")]
+    Locked { path: PathBuf },
     #[error("profile store {path}: {source}")]
     Io {
         path: PathBuf,
@@ -383,6 +392,9 @@ impl StoreTask {
         }
         blocking(&mut writer, |w| w.sync()).await;
         written.notify_one();
+        // Closes the files and releases the lock before anyone waiting for
+        // the shutdown can open the store again.
+        drop(writer);
         info!("profile store closed");
         let _ = done.send(true);
     }
@@ -414,6 +426,8 @@ async fn blocking<T: Send + 'static>(
 
 /// The segment files as the writer sees them.
 struct SegmentWriter {
+    /// Holds the directory's lock while open.
+    _lock: File,
     dir: PathBuf,
     max_file_bytes: u64,
     max_files: usize,
@@ -437,6 +451,25 @@ struct SegmentWriter {
 impl SegmentWriter {
     fn open(options: &StoreOptions, progress: Arc<Progress>) -> Result<Self, StoreError> {
         let dir = &options.dir;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked { path: dir.clone() });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
         let mut segments: VecDeque<u64> = list_segments(dir)
             .map_err(io_error(dir))?
             .into_iter()
@@ -472,6 +505,7 @@ impl SegmentWriter {
             "profile store opened"
         );
         Ok(Self {
+            _lock: lock,
             dir: dir.clone(),
             max_file_bytes: options.max_file_bytes,
             max_files: options.max_files,
@@ -723,27 +757,36 @@ fn last_newline(file: &mut File, end: u64) -> io::Result<Option<u64>> {
     Ok(None)
 }
 
-/// `seq` of the last line of a segment of complete lines.
+/// `seq` of the last line that has one, in a segment of complete lines
+/// (lines without one, garbage a power loss can leave, are passed over).
 fn last_seq_in(path: &Path) -> io::Result<Option<u64>> {
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let Some(last) = last_newline(&mut file, len)? else {
-        return Ok(None);
-    };
-    let start = last_newline(&mut file, last)?.map_or(0, |i| i + 1);
-    let mut line = vec![0u8; (last - start) as usize];
-    file.seek(SeekFrom::Start(start))?;
-    file.read_exact(&mut line)?;
     #[derive(serde::Deserialize)]
     struct Seq {
         seq: u64,
     }
-    match serde_json::from_slice::<Seq>(&line) {
-        Ok(s) => Ok(Some(s.seq)),
-        Err(error) => {
-            warn!(%error, path = %path.display(), "last profile record has no seq; numbering restarts");
-            Ok(None)
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // `end`: the offset of the newline that ends the line looked at.
+    let Some(mut end) = last_newline(&mut file, len)? else {
+        return Ok(None);
+    };
+    let mut skipped = 0u64;
+    loop {
+        let start = last_newline(&mut file, end)?.map_or(0, |i| i + 1);
+        let mut line = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut line)?;
+        if let Ok(s) = serde_json::from_slice::<Seq>(&line) {
+            if skipped > 0 {
+                warn!(path = %path.display(), lines = skipped, "profile lines without a seq at the end of a segment");
+            }
+            return Ok(Some(s.seq));
         }
+        skipped += 1;
+        if start == 0 {
+            return Ok(None);
+        }
+        end = start - 1;
     }
 }
 

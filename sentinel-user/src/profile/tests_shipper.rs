@@ -696,3 +696,26 @@ async fn a_collector_that_never_answers_times_out_and_shutdown_still_returns() {
     store.shutdown().await;
     holder.abort();
 }
+
+#[tokio::test]
+async fn garbage_lines_in_a_segment_are_skipped_and_counted_not_sent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What a power loss can leave: zeroed blocks and torn text between
+    // good lines.
+    std::fs::write(
+        dir.path().join(super::store::segment_name(1)),
+        b"{\"seq\":1,\"record_id\":\"a\"}\n\0\0\0\0\0\0\n[1,2]\n{\"seq\":2,\"record_id\":\"b\"}\n{\"seq\":3,\"rec\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join(super::store::segment_name(2)), b"\0\0\0\n").expect("write");
+    let collector = Collector::plain().await;
+    let store = start_store(store_options(dir.path(), 1 << 20, 10));
+    let shipper = start_shipper(&store, fast(collector.url("http")));
+    push_n(&store, 0, 1);
+    wait_for("the new record", || collector.seqs().contains(&3)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(collector.seqs(), [1, 2, 3]);
+    assert_eq!(store.metrics().dropped("corrupt"), 4);
+    shipper.shutdown().await;
+    store.shutdown().await;
+}

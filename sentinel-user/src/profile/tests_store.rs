@@ -323,6 +323,41 @@ async fn a_segment_without_a_newline_is_emptied_and_numbering_comes_from_the_one
 }
 
 #[tokio::test]
+async fn a_second_store_on_the_same_directory_is_refused_until_the_first_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(options(dir.path(), 1 << 20, 4, 8));
+    match Store::open(options(dir.path(), 1 << 20, 4, 8)) {
+        Err(e @ StoreError::Locked { .. }) => assert!(e.to_string().contains("in use"), "{e}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("two stores on one directory"),
+    }
+    store.push(json!({"n": 1}));
+    store.shutdown().await;
+    // Shutdown returned: the directory is free again.
+    let again = start(options(dir.path(), 1 << 20, 4, 8));
+    again.push(json!({"n": 2}));
+    again.shutdown().await;
+    assert_eq!(seqs(&read_all(dir.path())), [1, 2]);
+}
+
+#[tokio::test]
+async fn numbering_passes_over_garbage_lines_at_the_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join(segment_name(1)),
+        "{\"seq\":9,\"record_id\":\"a\"}\n\0\0\0\n{\"seq\":\n",
+    )
+    .expect("write");
+    std::fs::write(dir.path().join(segment_name(2)), "\0\0\n").expect("write");
+    let store = start(options(dir.path(), 1 << 20, 10, 8));
+    store.push(json!({"n": 1}));
+    store.shutdown().await;
+    let newest = std::fs::read_to_string(dir.path().join(segment_name(2))).expect("read");
+    let last: Value = serde_json::from_str(newest.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["seq"], 10);
+}
+
+#[tokio::test]
 async fn files_that_are_not_segments_are_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("cursor.json"), "{}").expect("write");
