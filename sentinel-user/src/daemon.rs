@@ -30,6 +30,7 @@ use crate::{
     kernel::{Kernel, SOURCE_CONFIG, clock},
     metrics::{self, Metrics},
     net::RuleList,
+    profile::runtime::ProfileRuntime,
     proxy::Proxy,
 };
 
@@ -260,12 +261,16 @@ async fn start(
         }),
     });
     tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
+    let profile = tokio::task::block_in_place(|| {
+        ProfileRuntime::start(&config.profile, &state.metrics.profile)
+    })
+    .context("profile")?;
     let deps = crate::proxy::Deps {
         metrics: state.metrics.proxy.clone(),
         agent_metrics: state.metrics.agents.clone(),
         kernel: Some(state.clone() as Arc<dyn KernelBridge>),
-        facts: None,
-        store: None,
+        facts: Some(profile.facts()),
+        store: profile.store(),
     };
     let mut proxy = Proxy::start(config, deps).await?;
     state.set_listeners(proxy.bound());
@@ -304,6 +309,7 @@ async fn start(
             _ = int.recv() => break,
             _ = hup.recv() => {
                 if let Some(config) = reload(&state, &mut proxy, config_path, &running).await {
+                    profile.check_reload(&config.profile);
                     running = config;
                 }
             }
@@ -317,6 +323,8 @@ async fn start(
     proxy
         .shutdown(running.system.graceful_shutdown_timeout)
         .await;
+    // Every record of a drained request has been pushed: now it is written.
+    profile.shutdown().await;
     let _ = shutdown_tx.send(true);
     for task in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;

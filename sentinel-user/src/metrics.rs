@@ -43,6 +43,7 @@ pub struct Metrics {
     allowlist_updates: IntCounterVec,
     pub proxy: ProxyMetrics,
     pub agents: crate::agents::metrics::AgentMetrics,
+    pub profile: crate::profile::metrics::ProfileMetrics,
 }
 
 // Metric definitions below are constants: building them cannot fail at run
@@ -88,9 +89,11 @@ impl Metrics {
         }
         let proxy = ProxyMetrics::new(&registry);
         let agents = crate::agents::metrics::AgentMetrics::new(&registry);
+        let profile = crate::profile::metrics::ProfileMetrics::new(&registry);
         Self {
             proxy,
             agents,
+            profile,
             registry,
             denylist_entries,
             allowlist_entries,

@@ -4,10 +4,14 @@
 //!
 //! - `modes`: off, lite, monitor and protection on one daemon, and a reload;
 //! - `headers`: secure headers with and without upstream values, HSTS on
-//!   TLS only, per-route switches.
+//!   TLS only, per-route switches;
+//! - `records`: what each mode records, every field, redaction, uploads;
+//! - `store`: rotation, the collector's outage and return, a crash.
 
 mod headers;
 mod modes;
+mod records;
+mod store;
 
 use sentinel_tests::{
     self as support,

@@ -550,6 +550,50 @@ impl hyper::body::Body for Zeros {
     }
 }
 
+/// A body made of `chunks` as they are sent, each its own frame: a large
+/// body built from a few shared buffers costs no memory.
+pub struct Chunks {
+    chunks: Box<dyn Iterator<Item = Bytes> + Send + Sync>,
+    left: u64,
+}
+
+impl Chunks {
+    /// `chunks`, announced as `len` bytes (Content-Length), which must be
+    /// their total.
+    pub fn sized(len: u64, chunks: impl Iterator<Item = Bytes> + Send + Sync + 'static) -> Self {
+        Self {
+            chunks: Box::new(chunks),
+            left: len,
+        }
+    }
+
+    pub fn boxed(self) -> Body {
+        BodyExt::boxed(self)
+    }
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.chunks.next() {
+            Some(chunk) => {
+                self.left = self.left.saturating_sub(chunk.len() as u64);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.left)
+    }
+}
+
 /// A whole response, as a client got it.
 #[derive(Debug)]
 pub struct Reply {
