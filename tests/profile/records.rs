@@ -406,7 +406,10 @@ async fn log_agents_get_the_record_in_request_complete_without_a_store() {
     else {
         panic!("no request_complete");
     };
-    let record = done.record.clone().unwrap_or_else(|| panic!("no record: {done:?}"));
+    let record = done
+        .record
+        .clone()
+        .unwrap_or_else(|| panic!("no record: {done:?}"));
     assert_eq!(record["mode"], "monitor");
     assert_eq!(record["route"], "app");
     assert_eq!(record["request"]["body"], "user=ann&password=[redacted]");

@@ -104,9 +104,16 @@ impl Recorder {
         let path = parts.uri.path();
         let query = parts.uri.query();
         let host = host.unwrap_or("");
+        // The URL as the client addressed it: its port stays.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| header_str(headers, header::HOST))
+            .unwrap_or(host);
         let url = match query {
-            Some(q) => format!("{scheme}://{host}{path}?{q}"),
-            None => format!("{scheme}://{host}{path}"),
+            Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+            None => format!("{scheme}://{authority}{path}"),
         };
         let mut request = Map::new();
         request.insert("method".into(), Value::String(parts.method.to_string()));
