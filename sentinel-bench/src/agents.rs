@@ -76,7 +76,7 @@ fn wait_until(at: Instant) {
 
 /// `requests` GETs of `/small` on one keep-alive connection, one every
 /// 1/`rate` s; the latency of each.
-fn http_run(addr: SocketAddr, rate: u32, requests: usize) -> Result<Run> {
+pub(crate) fn http_run(addr: SocketAddr, rate: u32, requests: usize) -> Result<Run> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -178,6 +178,24 @@ impl Daemon {
             .with_context(|| format!("`status` lists no listener '{name}': {status}"))
     }
 
+    /// The value of the unlabelled series `name` at `/metrics`.
+    pub fn metric(&self, name: &str) -> Result<f64> {
+        use std::io::{Read as _, Write as _};
+        let status: serde_json::Value = self.client()?.call(&Request::Status {})?;
+        let addr: std::net::SocketAddr = status["metrics_address"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("`status` has no metrics address: {status}"))?;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("no {name} at /metrics"))
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }

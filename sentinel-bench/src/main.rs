@@ -31,6 +31,7 @@ mod flood;
 mod import;
 mod latency;
 mod netns;
+mod profile;
 mod proxy;
 mod report;
 mod stale;
@@ -70,6 +71,35 @@ enum Bench {
     /// What an agent adds to a request: latency at a fixed rate over each
     /// transport against a raw Unix-socket floor, and throughput (root).
     Agents(AgentsArgs),
+    /// What each runtime-profile mode (off, lite, monitor, protection)
+    /// costs a request: wrk throughput and latency, and latency at a fixed
+    /// rate, side by side (root).
+    Profile(ProfileArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProfileArgs {
+    /// The `sentinel` binary (default: next to this program).
+    #[arg(long, value_name = "PATH")]
+    sentinel_bin: Option<PathBuf>,
+    /// Requests per second of the fixed-rate runs.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Requests per fixed-rate run.
+    #[arg(long, default_value_t = 5_000)]
+    requests: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Rounds, rotating the order (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Short runs: a smoke test, not a measurement.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args, Debug)]
@@ -519,6 +549,58 @@ fn bench_agents(mut args: AgentsArgs) -> Result<bool> {
     Ok(true)
 }
 
+fn bench_profile(mut args: ProfileArgs) -> Result<bool> {
+    if args.quick {
+        args.requests = 500;
+        args.duration = 2;
+        args.rounds = 1;
+    }
+    if args.rounds == 0 || args.requests == 0 || args.rate == 0 || args.duration == 0 {
+        bail!("--rounds, --requests, --rate and --duration must not be zero");
+    }
+    let bin = match &args.sentinel_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()
+            .context("cannot locate this program")?
+            .with_file_name("sentinel"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} does not exist: build it or pass --sentinel-bin",
+            bin.display()
+        );
+    }
+    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
+    for line in stale::clean() {
+        eprintln!("    removed a leftover of an earlier run: {line}");
+    }
+    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
+        Ok(command) => vec![command],
+        Err(_) => std::env::args().collect(),
+    };
+    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench profile", 1);
+    println!("{head}- proxy peers: {}\n", proxy::versions());
+    let plan = profile::Plan {
+        rate: args.rate,
+        requests: args.requests,
+        rounds: args.rounds,
+        wrk: proxy::Plan {
+            duration: Duration::from_secs(args.duration),
+            connections: args.connections,
+            rounds: args.rounds,
+            idle_connections: 0,
+        },
+    };
+    let started = Instant::now();
+    settle("the profile benchmark");
+    let results = profile::run(&bin, &plan)?;
+    for table in profile::report(&results, &plan) {
+        print(&table);
+    }
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.bench {
@@ -529,6 +611,21 @@ fn main() -> ExitCode {
             }
             install_signal_handlers();
             match bench_agents(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Bench::Profile(args) => {
+            if !is_root() {
+                println!("SKIPPED: bench profile needs root (the daemon loads BPF)");
+                return ExitCode::SUCCESS;
+            }
+            install_signal_handlers();
+            match bench_profile(args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

@@ -190,7 +190,7 @@ pub(crate) fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
     parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
 }
 
-fn parse_wrk(text: &str) -> Option<WrkResult> {
+pub(crate) fn parse_wrk(text: &str) -> Option<WrkResult> {
     let rps = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?

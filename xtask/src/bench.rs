@@ -46,6 +46,15 @@ pub enum Bench {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// What each runtime-profile mode costs a request: wrk throughput and
+    /// latency, and latency at a fixed rate, for off, lite, monitor and
+    /// protection side by side. Needs root; prints SKIPPED otherwise.
+    Profile {
+        /// Extra arguments for `sentinel-bench profile`, after `--` (e.g.
+        /// `-- --quick`; `-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn run(which: Bench) -> Result<()> {
@@ -53,6 +62,7 @@ pub fn run(which: Bench) -> Result<()> {
         Bench::Xdp { args } => bench("xdp", prereq::BENCH_XDP_PACKAGES, &args),
         Bench::Proxy { args } => bench("proxy", prereq::BENCH_PROXY_PACKAGES, &args),
         Bench::Agents { args } => bench("agents", prereq::BENCH_PROXY_PACKAGES, &args),
+        Bench::Profile { args } => bench("profile", prereq::BENCH_PROXY_PACKAGES, &args),
     }
 }
 

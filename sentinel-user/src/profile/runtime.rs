@@ -2,9 +2,13 @@
 //! sampler, the local store's writer and the collector's shipper, started
 //! from `profile { ... }` and stopped in order on shutdown.
 
-use std::{net::IpAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+};
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -20,22 +24,40 @@ use crate::{
     proxy::record::Facts,
 };
 
-/// Client facts parsed per request, host facts from the latest sample.
+/// User-Agents whose parse is kept: real traffic has few distinct ones.
+const USER_AGENT_CACHE: usize = 4096;
+
+/// Client facts from the User-Agent (parsed once per distinct one) and
+/// the address, host facts from the latest sample.
 struct SystemFacts {
     host: HostInfo,
+    /// User-Agent (absent: `None`) to its fields; emptied when full.
+    parsed: Mutex<HashMap<Option<String>, Map<String, Value>>>,
 }
 
 impl Facts for SystemFacts {
     fn client(&self, ip: IpAddr, user_agent: Option<&str>) -> Map<String, Value> {
-        let profile = client::client_profile(user_agent, ip);
-        match serde_json::to_value(profile) {
-            Ok(Value::Object(mut fields)) => {
-                // `ip` is the recorder's own (the peer as it saw it).
-                fields.remove("ip");
+        let key = user_agent.map(str::to_owned);
+        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fields = match parsed.get(&key) {
+            Some(fields) => fields.clone(),
+            None => {
+                let ua = client::parse_user_agent(user_agent.unwrap_or_default());
+                let mut fields = Map::new();
+                fields.insert("device_type".into(), json!(ua.device_type));
+                fields.insert("platform".into(), json!(ua.platform));
+                fields.insert("browser".into(), json!(ua.browser));
+                fields.insert("browser_version".into(), json!(ua.browser_version));
+                if parsed.len() >= USER_AGENT_CACHE {
+                    parsed.clear();
+                }
+                parsed.insert(key, fields.clone());
                 fields
             }
-            _ => Map::new(),
-        }
+        };
+        drop(parsed);
+        fields.insert("network_type".into(), json!(client::network_type(ip)));
+        fields
     }
 
     fn host(&self) -> Value {
@@ -88,7 +110,10 @@ impl ProfileRuntime {
             _ => None,
         };
         Ok(Self {
-            facts: Arc::new(SystemFacts { host }),
+            facts: Arc::new(SystemFacts {
+                host,
+                parsed: Mutex::new(HashMap::new()),
+            }),
             store,
             shipper,
             tasks,

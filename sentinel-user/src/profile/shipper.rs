@@ -5,8 +5,8 @@
 //!   segment number and byte offset of the next record to send), only
 //!   complete lines, and POSTs them in batches of at most `batch_size`
 //!   records and about `max_batch_bytes` (a single larger record goes
-//!   alone). A batch smaller than `batch_size` waits up to `flush_interval`
-//!   for more records first.
+//!   alone). A batch smaller than `batch_size` waits `flush_interval` for
+//!   more records first (read once more then, not at each new record).
 //! - The body is NDJSON: the records' lines exactly as stored, each ending
 //!   in `\n`, with `Content-Type: application/x-ndjson` (unless an extra
 //!   header sets another) and the configured extra headers.
@@ -448,7 +448,7 @@ impl ShipperTask {
             match read {
                 Read::Idle => {
                     flush_at = None;
-                    self.wait(None).await;
+                    self.wait().await;
                 }
                 Read::Moved(next) => {
                     debug!(
@@ -480,7 +480,14 @@ impl ShipperTask {
                             tokio::time::Instant::now() + self.options.flush_interval
                         });
                         if tokio::time::Instant::now() < deadline {
-                            self.wait(Some(deadline)).await;
+                            // Not woken by each new record: reading the
+                            // batch again per record would parse it over
+                            // and over. A batch that fills meanwhile goes
+                            // at the deadline.
+                            tokio::select! {
+                                _ = self.cancel.cancelled() => {}
+                                _ = tokio::time::sleep_until(deadline) => {}
+                            }
                             continue;
                         }
                     }
@@ -514,14 +521,12 @@ impl ShipperTask {
         let _ = self.done.send(true);
     }
 
-    /// Waits for new records, `deadline`, a poll interval or shutdown.
-    async fn wait(&self, deadline: Option<tokio::time::Instant>) {
-        let poll = tokio::time::Instant::now() + self.options.flush_interval;
-        let until = deadline.map_or(poll, |d| d.min(poll));
+    /// Waits for new records, a poll interval or shutdown.
+    async fn wait(&self) {
         tokio::select! {
             _ = self.cancel.cancelled() => {}
             _ = self.written.notified() => {}
-            _ = tokio::time::sleep_until(until) => {}
+            _ = tokio::time::sleep(self.options.flush_interval) => {}
         }
     }
 

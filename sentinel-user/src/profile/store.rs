@@ -100,10 +100,22 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 
 /// What can be pushed: a JSON object, or one already serialized (a single
 /// JSON object; the writer parses it to set `seq` and `record_id`).
-#[derive(Debug)]
 pub enum Record {
     Value(Value),
     Line(String),
+    /// Made by the writer, off the request's task: what the request path
+    /// captured, turned into a JSON object only when it is written.
+    Deferred(Box<dyn FnOnce() -> Value + Send>),
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Value(v) => f.debug_tuple("Value").field(v).finish(),
+            Self::Line(l) => f.debug_tuple("Line").field(l).finish(),
+            Self::Deferred(_) => f.write_str("Deferred(..)"),
+        }
+    }
 }
 
 impl From<Value> for Record {
@@ -557,6 +569,10 @@ impl SegmentWriter {
         let mut map: Map<String, Value> = match record {
             Record::Value(Value::Object(map)) => map,
             Record::Value(_) => return false,
+            Record::Deferred(make) => match make() {
+                Value::Object(map) => map,
+                _ => return false,
+            },
             Record::Line(line) => match serde_json::from_str(&line) {
                 Ok(map) => map,
                 Err(_) => return false,

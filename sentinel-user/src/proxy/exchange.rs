@@ -349,14 +349,18 @@ impl<B> Counted<B> {
 
 fn finish(done: Done, sent: u64, cut: Option<String>) {
     let error = done.error.or(cut);
-    let record = done.record.map(|pending| {
-        pending.store(Ending {
-            status: done.status,
-            duration: done.started.elapsed(),
-            response_bytes: sent,
-            decisions: serde_json::to_value(&done.decisions).unwrap_or_default(),
-            error: error.clone(),
-        })
+    let wanted = done.completion.is_some();
+    let record = done.record.and_then(|pending| {
+        pending.store(
+            Ending {
+                status: done.status,
+                duration: done.started.elapsed(),
+                response_bytes: sent,
+                decisions: serde_json::to_value(&done.decisions).unwrap_or_default(),
+                error: error.clone(),
+            },
+            wanted,
+        )
     });
     if let Some(completion) = done.completion {
         completion.send(Outcome {

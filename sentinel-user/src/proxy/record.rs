@@ -19,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, header, request::Parts};
+use http::{HeaderMap, Method, Uri, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value, json};
@@ -28,7 +28,7 @@ use crate::{
     config::{MetadataConfig, ProfileMode},
     profile::{
         multipart::{self, MultipartObserver},
-        store::StoreHandle,
+        store::{Record, StoreHandle},
     },
 };
 
@@ -85,54 +85,26 @@ impl Recorder {
         self.store.as_ref()
     }
 
-    /// Starts the record of a request in `mode` (never `off`).
+    /// Starts the record of a request in `mode` (never `off`). Only what
+    /// the record needs is captured here (cheap clones of the head); the
+    /// record itself is made by [`Pending::finish`], on the store's writer
+    /// when no agent waits for it.
     pub fn begin(
         self: &Arc<Self>,
         mode: ProfileMode,
         route: Option<&str>,
         parts: &Parts,
         client: IpAddr,
-        scheme: &str,
+        scheme: &'static str,
         host: Option<&str>,
     ) -> Pending {
-        let created = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let headers = &parts.headers;
-        let user_agent = header_str(headers, header::USER_AGENT);
-        let mut client_fields = Map::new();
-        client_fields.insert("ip".into(), Value::String(client.to_string()));
-        client_fields.extend(self.facts.client(client, user_agent));
-        let path = parts.uri.path();
-        let query = parts.uri.query();
-        let host = host.unwrap_or("");
-        // The URL as the client addressed it: its port stays.
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| header_str(headers, header::HOST))
-            .unwrap_or(host);
-        let url = match query {
-            Some(q) => format!("{scheme}://{authority}{path}?{q}"),
-            None => format!("{scheme}://{authority}{path}"),
-        };
-        let mut request = Map::new();
-        request.insert("method".into(), Value::String(parts.method.to_string()));
-        request.insert("url".into(), Value::String(self.redact_url(&url, query)));
-        request.insert("scheme".into(), Value::String(scheme.to_owned()));
-        request.insert("host".into(), Value::String(host.to_owned()));
-        request.insert("endpoint".into(), Value::String(path.to_owned()));
-        request.insert("headers".into(), self.headers(headers));
-        request.insert(
-            "query_parameters".into(),
-            Value::Object(self.query(query.unwrap_or(""))),
-        );
-        let content_type = header_str(headers, header::CONTENT_TYPE).map(str::to_owned);
         let tap = (mode != ProfileMode::Lite).then(|| {
+            let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
             Arc::new(Mutex::new(Tap {
                 kept: Vec::new(),
                 keep: self.body_bytes,
                 seen: 0,
-                multipart: content_type.as_deref().and_then(|ct| {
+                multipart: content_type.and_then(|ct| {
                     MultipartObserver::new(
                         ct,
                         multipart::Limits {
@@ -147,12 +119,51 @@ impl Recorder {
             recorder: self.clone(),
             mode,
             route: route.map(str::to_owned),
-            created,
-            client: client_fields,
-            request,
-            content_type,
+            created: SystemTime::now(),
+            client,
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+            scheme,
+            host: host.map(str::to_owned),
             tap,
         }
+    }
+
+    /// The `client` and `request` objects of a record.
+    fn request(&self, p: &Pending) -> (Map<String, Value>, Map<String, Value>) {
+        let headers = &p.headers;
+        let user_agent = header_str(headers, header::USER_AGENT);
+        let mut client = Map::new();
+        client.insert("ip".into(), Value::String(p.client.to_string()));
+        client.extend(self.facts.client(p.client, user_agent));
+        let path = p.uri.path();
+        let query = p.uri.query();
+        let host = p.host.as_deref().unwrap_or("");
+        // The URL as the client addressed it: its port stays.
+        let authority = p
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| header_str(headers, header::HOST))
+            .unwrap_or(host);
+        let scheme = p.scheme;
+        let url = match query {
+            Some(q) => format!("{scheme}://{authority}{path}?{q}"),
+            None => format!("{scheme}://{authority}{path}"),
+        };
+        let mut request = Map::new();
+        request.insert("method".into(), Value::String(p.method.to_string()));
+        request.insert("url".into(), Value::String(self.redact_url(&url, query)));
+        request.insert("scheme".into(), Value::String(scheme.to_owned()));
+        request.insert("host".into(), Value::String(host.to_owned()));
+        request.insert("endpoint".into(), Value::String(path.to_owned()));
+        request.insert("headers".into(), self.headers(headers));
+        request.insert(
+            "query_parameters".into(),
+            Value::Object(self.query(query.unwrap_or(""))),
+        );
+        (client, request)
     }
 
     /// The request headers, with the configured ones redacted. The seed's
@@ -364,15 +375,19 @@ impl Tap {
     }
 }
 
-/// A record begun, waiting for its response.
+/// A record begun, waiting for its response: the request's head as it
+/// arrived, and the tap its body feeds.
 pub struct Pending {
     recorder: Arc<Recorder>,
     mode: ProfileMode,
     route: Option<String>,
-    created: String,
-    client: Map<String, Value>,
-    request: Map<String, Value>,
-    content_type: Option<String>,
+    created: SystemTime,
+    client: IpAddr,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    scheme: &'static str,
+    host: Option<String>,
     tap: Option<Arc<Mutex<Tap>>>,
 }
 
@@ -397,13 +412,12 @@ impl Pending {
 
     /// The finished record, redacted.
     pub fn finish(self, ending: Ending) -> Value {
-        let mut request = self.request;
+        let (client, mut request) = self.recorder.request(&self);
+        let content_type = header_str(&self.headers, header::CONTENT_TYPE);
         if let Some(tap) = &self.tap {
             let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
             let truncated = tap.seen > tap.kept.len() as u64;
-            let body = self
-                .recorder
-                .body(&tap.kept, truncated, self.content_type.as_deref());
+            let body = self.recorder.body(&tap.kept, truncated, content_type);
             request.insert("body".into(), body);
             request.insert("body_size".into(), json!(tap.seen));
             request.insert("body_truncated".into(), json!(truncated));
@@ -418,7 +432,7 @@ impl Pending {
         record.insert("agent_name".into(), json!(self.recorder.agent_name));
         record.insert("mode".into(), json!(self.mode.as_str()));
         record.insert("route".into(), json!(self.route));
-        record.insert("client".into(), Value::Object(self.client));
+        record.insert("client".into(), Value::Object(client));
         record.insert("request".into(), Value::Object(request));
         record.insert(
             "response".into(),
@@ -431,21 +445,29 @@ impl Pending {
         );
         record.insert("decisions".into(), ending.decisions);
         record.insert("host".into(), self.recorder.facts.host());
-        record.insert("request_created_at".into(), json!(self.created));
+        let created = humantime::format_rfc3339_millis(self.created).to_string();
+        record.insert("request_created_at".into(), json!(created));
         Value::Object(record)
     }
 
-    /// Finishes the record and hands it to the store; returns it (for log
-    /// agents).
-    pub fn store(self, ending: Ending) -> Value {
-        let recorder = self.recorder.clone();
-        let record = self.finish(ending);
-        if let Some(store) = &recorder.store {
-            // A full queue drops the record and counts it; the request
-            // never waits for the store.
-            store.push(record.clone());
+    /// Finishes the record and hands it to the store. With `wanted` (a log
+    /// agent gets it) the record is made here and returned; otherwise the
+    /// store's writer makes it, and the request's task only queues what it
+    /// captured. A full queue drops the record and counts it: the request
+    /// never waits for the store.
+    pub fn store(self, ending: Ending, wanted: bool) -> Option<Value> {
+        let store = self.recorder.store.clone();
+        if wanted {
+            let record = self.finish(ending);
+            if let Some(store) = store {
+                store.push(record.clone());
+            }
+            return Some(record);
         }
-        record
+        if let Some(store) = store {
+            store.push(Record::Deferred(Box::new(move || self.finish(ending))));
+        }
+        None
     }
 }
 
