@@ -372,3 +372,24 @@ async fn a_crash_mid_write_loses_nothing_reported_stored_and_leaves_valid_json_l
         Some("/r/9".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_the_last_response_keeps_every_record() {
+    if skip() {
+        return;
+    }
+    let app = Upstream::start("app").await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // A long fsync interval: only the shutdown's flush and fsync count.
+    let mut d = start(&blocks(&app, dir.path(), "fsync-interval-ms 60000", ""));
+    send(d.listener("http"), 0, 200).await;
+    assert!(d.stop().success(), "{}", d.log());
+    let records = stored(dir.path());
+    let paths: Vec<String> = records
+        .iter()
+        .filter_map(|r| r["request"]["endpoint"].as_str().map(str::to_owned))
+        .collect();
+    let want: Vec<String> = (0..200).map(|i| format!("/r/{i}")).collect();
+    assert_eq!(paths, want, "every answered request's record, in order");
+    assert!(d.log().contains("profile store closed"), "{}", d.log());
+}
