@@ -267,7 +267,7 @@ fn scopeguard(path: &std::path::Path) -> PinGuard {
     PinGuard(path.to_owned())
 }
 
-/// Creates and pins an LPM trie with 8-byte values where DENY_V4 belongs.
+/// Creates and pins an LPM trie with 8-byte values where DENY_V4_RULES belongs.
 fn pin_foreign_map(path: &std::path::Path) {
     #[repr(C)]
     struct CreateAttr {
@@ -321,8 +321,8 @@ fn refuses_pinned_maps_of_another_layout() {
         })
         .unwrap(),
     );
-    std::fs::remove_file(pin_path.join("DENY_V4")).unwrap();
-    pin_foreign_map(&pin_path.join("DENY_V4"));
+    std::fs::remove_file(pin_path.join("DENY_V4_RULES")).unwrap();
+    pin_foreign_map(&pin_path.join("DENY_V4_RULES"));
     let err = Kernel::open(&KernelConfig {
         pin_path: pin_path.clone(),
         ..KernelConfig::default()
@@ -331,6 +331,6 @@ fn refuses_pinned_maps_of_another_layout() {
     .expect("a foreign layout must be refused");
     let text = err.to_string();
     assert!(text.contains("incompatible Sentinel version"), "{text}");
-    assert!(text.contains("DENY_V4"), "{text}");
+    assert!(text.contains("DENY_V4_RULES"), "{text}");
     assert!(text.contains("8-byte values"), "{text}");
 }
