@@ -258,7 +258,7 @@ fn rule_maps(ebpf: &mut Ebpf) -> Result<[Box<dyn RuleMap>; 8], KernelError> {
                 });
             }
         };
-        Region::map(map).map_err(|source| KernelError::OtherMap { name, source })
+        Region::new(map).map_err(|source| KernelError::OtherMap { name, source })
     }
     fn prefix4(
         e: &mut Ebpf,

@@ -148,9 +148,25 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
             free: VecDeque::new(),
             next: 1,
         };
-        index.load();
+        index.load()?;
         index.repair()?;
+        index.unmap_if_empty();
         Ok(index)
+    }
+
+    /// Maps the table and the rules array: done before any change, so that
+    /// nothing fails halfway through one.
+    fn map_all(&mut self) -> Result<(), MapError> {
+        self.direct.ensure_mapped()?;
+        self.rules.ensure_mapped()
+    }
+
+    /// An index without rules keeps nothing mapped (see `region`).
+    fn unmap_if_empty(&mut self) {
+        if self.by_key.is_empty() {
+            self.direct.unmap();
+            self.rules.unmap();
+        }
     }
 
     /// Most rules the index holds.
@@ -163,20 +179,37 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         self.by_key.len()
     }
 
-    /// Reads every element in use below the high-water mark. Elements that
-    /// cannot be rules (a length over 32, host bits set, a duplicate) are
-    /// freed with a warning.
-    fn load(&mut self) {
-        let stored = self.rules.read(0).parent as usize;
-        let next = stored.clamp(1, self.rules.len());
+    /// Reads every element in use below the high-water mark (without
+    /// mapping the array when there is none). Elements that cannot be rules
+    /// (a length over 32, host bits set, a duplicate) are freed with a
+    /// warning.
+    fn load(&mut self) -> Result<(), MapError> {
+        let capacity = self.rules.len();
+        let mut next = 1usize;
+        let mut in_use: Vec<(u32, PrefixRule4)> = Vec::new();
+        self.rules.scan(|first, items| {
+            for (offset, element) in items.iter().enumerate() {
+                let index = first + offset;
+                if index == 0 {
+                    next = (element.parent as usize).clamp(1, capacity);
+                    continue;
+                }
+                if index >= next {
+                    return false;
+                }
+                if element.in_use != 0 {
+                    in_use.push((index as u32, *element));
+                }
+            }
+            true
+        })?;
         self.next = next as u32;
         self.nodes = vec![Node::FREE; next];
-        for index in 1..next as u32 {
-            let element = self.rules.read(index as usize);
-            if element.in_use == 0 {
-                self.free.push_back(index);
-                continue;
-            }
+        if !in_use.is_empty() {
+            self.map_all()?;
+        }
+        let mut used = vec![false; next];
+        for (index, element) in in_use {
             let len = element.value.prefix_len;
             let valid = len <= 32 && element.network & direct::mask(len) == element.network;
             let k = key(element.network, len as u8);
@@ -188,9 +221,9 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
                     "dropping an IPv4 prefix rule that cannot be one (bad length, host bits, or a duplicate)"
                 );
                 self.clear(index);
-                self.free.push_back(index);
                 continue;
             }
+            used[index as usize] = true;
             self.nodes[index as usize] = Node {
                 network: element.network,
                 parent: element.parent,
@@ -201,6 +234,8 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
                 self.longer.insert(k);
             }
         }
+        self.free = (1..next as u32).filter(|i| !used[*i as usize]).collect();
+        Ok(())
     }
 
     /// Recomputes parents, the long map and every slot from the rules, and
@@ -265,7 +300,7 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
 
         // Slots: paint rules shortest first, so that longer ones win.
         if self.by_key.is_empty() {
-            self.direct.sync(None);
+            self.direct.sync(None)?;
             return Ok(());
         }
         let mut want = vec![0u32; self.direct.len()];
@@ -287,7 +322,7 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
             let slot = direct::slot_of(node.network, self.bits) as usize;
             want[slot] |= direct::slot(0, self.longer_bit(node.len), self.bits);
         }
-        self.direct.sync(Some(&want));
+        self.direct.sync(Some(&want))?;
         Ok(())
     }
 
@@ -543,6 +578,18 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
 
     /// Adds or replaces one rule; `true` when it was added.
     pub fn upsert(&mut self, network: u32, len: u8, value: &RuleValue) -> Result<bool, MapError> {
+        self.map_all()?;
+        let result = self.upsert_mapped(network, len, value);
+        self.unmap_if_empty();
+        result
+    }
+
+    fn upsert_mapped(
+        &mut self,
+        network: u32,
+        len: u8,
+        value: &RuleValue,
+    ) -> Result<bool, MapError> {
         if let Some(&index) = self.by_key.get(&key(network, len)) {
             let mut value = *value;
             value.prefix_len = u32::from(len);
@@ -583,6 +630,7 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         let Some(&index) = self.by_key.get(&key(network, len)) else {
             return Ok(false);
         };
+        // Mapped already: the index holds a rule.
         if u32::from(len) > self.bits {
             let long_key = LongKey4 {
                 prefix_len: u32::from(len),
@@ -596,6 +644,7 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         self.unlink(index);
         self.by_key.remove(&key(network, len));
         self.release(index);
+        self.unmap_if_empty();
         Ok(true)
     }
 

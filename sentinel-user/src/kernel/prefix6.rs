@@ -175,21 +175,44 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
     }
 
     /// Rewrites every slot from the counts.
-    fn rewrite(&self) {
+    fn rewrite(&mut self) -> Result<(), MapError> {
         if self.counts.is_empty() {
-            self.filter.sync(None);
-            return;
+            self.filter.sync(None)?;
+            self.filter.unmap();
+            return Ok(());
         }
         let mut want = vec![0u32; self.filter.len()];
         for key in self.counts.keys() {
             let (slot, bit) = ((key >> 5) as usize, (key & 31) as u32);
             want[slot] |= 1 << bit;
         }
-        self.filter.sync(Some(&want));
+        self.filter.ensure_mapped()?;
+        self.filter.sync(Some(&want))?;
+        Ok(())
+    }
+
+    /// An index without entries or hosts keeps its filter unmapped (see
+    /// `region`); it is mapped before any change.
+    fn unmap_if_empty(&mut self) {
+        if self.counts.is_empty() {
+            self.filter.unmap();
+        }
     }
 
     /// Adds or replaces one prefix; `true` when it was added.
     pub fn upsert(&mut self, network: u128, len: u8, value: &RuleValue) -> Result<bool, MapError> {
+        self.filter.ensure_mapped()?;
+        let result = self.upsert_mapped(network, len, value);
+        self.unmap_if_empty();
+        result
+    }
+
+    fn upsert_mapped(
+        &mut self,
+        network: u128,
+        len: u8,
+        value: &RuleValue,
+    ) -> Result<bool, MapError> {
         let mut value = *value;
         value.prefix_len = u32::from(len);
         self.prefixes.insert(&key_of(network, len), &value)?;
@@ -211,8 +234,10 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
             Err(e) => return Err(e),
         }
         self.present.remove(&(network, len));
+        // Mapped already: the index holds an entry.
         let change = self.count(network, len, -1);
         self.flip(change);
+        self.unmap_if_empty();
         Ok(true)
     }
 
@@ -232,6 +257,9 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
                 ..*value
             })
             .collect();
+        if let Err(e) = self.filter.ensure_mapped() {
+            return (0, Some(io::Error::other(e.to_string())));
+        }
         let (written, error) = self.prefixes.insert_batch(&keys, &values);
         for &(network, len) in &items[..written] {
             if self.present.insert((network, len)) {
@@ -239,6 +267,7 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
                 self.flip(change);
             }
         }
+        self.unmap_if_empty();
         (written, error)
     }
 
@@ -332,16 +361,19 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
         }
     }
 
-    fn hosts_changed(&mut self, hosts: &[IpNet], present: bool) {
+    fn hosts_changed(&mut self, hosts: &[IpNet], present: bool) -> Result<(), MapError> {
+        self.filter.ensure_mapped()?;
         for host in hosts {
             if let IpNet::V6(net) = host {
                 let change = self.count(u128::from(net.addr()), 128, if present { 1 } else { -1 });
                 self.flip(change);
             }
         }
+        self.unmap_if_empty();
+        Ok(())
     }
 
-    fn restore_hosts(&mut self, hosts: &[IpNet]) {
+    fn restore_hosts(&mut self, hosts: &[IpNet]) -> Result<(), MapError> {
         self.counts.retain(|key, _| key & 31 != u64::from(HOST_BIT));
         for host in hosts {
             if let IpNet::V6(net) = host {
@@ -349,7 +381,7 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
                 let _ = self.count(u128::from(net.addr()), 128, 1);
             }
         }
-        self.rewrite();
+        self.rewrite()
     }
 }
 

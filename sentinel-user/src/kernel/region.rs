@@ -8,6 +8,14 @@
 //! element to a multiple of 8 bytes; the maps used here have element sizes
 //! that are already multiples of 8, so the mapping is one flat array.
 //!
+//! The kernel inserts every page of such a mapping when it is made
+//! (`remap_vmalloc_range`), so a mapped array counts whole in the daemon's
+//! resident memory, although the memory is the kernel's and allocated when
+//! the map was created. A region is therefore mapped only while its index
+//! needs it ([`Region::ensure_mapped`], [`Region::unmap`]): an empty index
+//! maps nothing, and reads it with [`Region::scan`], which goes through
+//! `BPF_MAP_LOOKUP_BATCH` when the region is not mapped.
+//!
 //! The program reads these elements while the daemon writes them. Slots
 //! are written with single aligned 32-bit stores (never torn); a rule's
 //! fields are written one by one with aligned stores, its `in_use` flag
@@ -17,6 +25,7 @@
 
 use std::{
     io,
+    mem::MaybeUninit,
     os::fd::{AsFd, AsRawFd},
     ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
@@ -24,28 +33,31 @@ use std::{
 
 use aya::maps::{MapData, MapError};
 
+use super::sys::{self, BatchAttr};
+
 /// `BPF_F_MMAPABLE` from include/uapi/linux/bpf.h.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-fn mmap_error(io_error: io::Error) -> MapError {
-    MapError::SyscallError(aya::sys::SyscallError {
-        call: "mmap",
-        io_error,
-    })
+fn syscall_error(call: &'static str, io_error: io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error })
 }
 
 /// A flat array of `T` shared with the program (or, in unit tests, plain
 /// heap memory standing in for it).
 pub struct Region<T> {
-    base: NonNull<T>,
+    /// Set while mapped (always, for heap memory).
+    base: Option<NonNull<T>>,
     len: usize,
     backing: Backing,
 }
 
 enum Backing {
-    /// A mapping of `bytes` bytes of an array map; unmapped on drop. The
-    /// map's descriptor is kept with it.
-    Mapped { bytes: usize, _map: MapData },
+    /// An array map of `entries` elements of `value_size` bytes.
+    Map {
+        map: MapData,
+        value_size: usize,
+        entries: u32,
+    },
     /// Heap memory, zeroed, for tests of the index logic.
     #[cfg(test)]
     Heap(#[allow(dead_code)] Vec<u64>),
@@ -57,24 +69,73 @@ enum Backing {
 unsafe impl<T: Send> Send for Region<T> {}
 
 impl<T: Copy> Region<T> {
-    /// Maps the whole of `map`, a `BPF_F_MMAPABLE` array, as `T`s.
-    pub fn map(map: MapData) -> Result<Self, MapError> {
+    /// A view of `map`, a `BPF_F_MMAPABLE` array, as `T`s; not mapped yet.
+    pub fn new(map: MapData) -> Result<Self, MapError> {
         let info = map.info()?;
         let value_size = info.value_size() as usize;
         let item = std::mem::size_of::<T>();
+        let invalid = |detail: String| {
+            syscall_error("mmap", io::Error::new(io::ErrorKind::InvalidInput, detail))
+        };
         if info.map_flags() & BPF_F_MMAPABLE == 0 {
-            return Err(mmap_error(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "the array was not created with BPF_F_MMAPABLE",
-            )));
+            return Err(invalid(
+                "the array was not created with BPF_F_MMAPABLE".to_owned(),
+            ));
         }
         if item == 0 || !value_size.is_multiple_of(8) || !value_size.is_multiple_of(item) {
-            return Err(mmap_error(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("{value_size}-byte elements cannot be viewed as {item}-byte items"),
+            return Err(invalid(format!(
+                "{value_size}-byte elements cannot be viewed as {item}-byte items"
             )));
         }
-        let bytes = value_size * info.max_entries() as usize;
+        let entries = info.max_entries();
+        Ok(Self {
+            base: None,
+            len: value_size * entries as usize / item,
+            backing: Backing::Map {
+                map,
+                value_size,
+                entries,
+            },
+        })
+    }
+
+    /// `len` zeroed items on the heap, always "mapped".
+    #[cfg(test)]
+    pub fn heap(len: usize) -> Self {
+        // u64 words: 8-byte alignment, what every item type here needs.
+        let words = (len * std::mem::size_of::<T>()).div_ceil(8).max(1);
+        let mut buffer = vec![0u64; words];
+        let base = NonNull::new(buffer.as_mut_ptr().cast::<T>());
+        Self {
+            base,
+            len,
+            backing: Backing::Heap(buffer),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// Maps the whole array, if it is not mapped yet.
+    pub fn ensure_mapped(&mut self) -> Result<(), MapError> {
+        let (map, value_size, entries) = match &self.backing {
+            Backing::Map {
+                map,
+                value_size,
+                entries,
+            } => (map, value_size, entries),
+            #[cfg(test)]
+            Backing::Heap(_) => return Ok(()),
+        };
+        if self.base.is_some() {
+            return Ok(());
+        }
+        let bytes = value_size * *entries as usize;
         // SAFETY: a fresh shared mapping of the map's descriptor; the kernel
         // checks the length against the array's size.
         let ptr = unsafe {
@@ -88,46 +149,52 @@ impl<T: Copy> Region<T> {
             )
         };
         if ptr == libc::MAP_FAILED {
-            return Err(mmap_error(io::Error::last_os_error()));
+            return Err(syscall_error("mmap", io::Error::last_os_error()));
         }
-        let base = NonNull::new(ptr.cast::<T>())
-            .ok_or_else(|| mmap_error(io::Error::other("mmap returned a null mapping")))?;
-        Ok(Self {
-            base,
-            len: bytes / item,
-            backing: Backing::Mapped { bytes, _map: map },
-        })
+        self.base = NonNull::new(ptr.cast::<T>());
+        if self.base.is_none() {
+            return Err(syscall_error(
+                "mmap",
+                io::Error::other("mmap returned a null mapping"),
+            ));
+        }
+        Ok(())
     }
 
-    /// `len` zeroed items on the heap.
-    #[cfg(test)]
-    pub fn heap(len: usize) -> Self {
-        // u64 words: 8-byte alignment, what every item type here needs.
-        let words = (len * std::mem::size_of::<T>()).div_ceil(8).max(1);
-        let mut buffer = vec![0u64; words];
-        let base = NonNull::new(buffer.as_mut_ptr().cast::<T>()).expect("vec pointer");
-        Self {
-            base,
-            len,
-            backing: Backing::Heap(buffer),
+    /// Unmaps the array (the map and its contents stay).
+    pub fn unmap(&mut self) {
+        if let (
+            Backing::Map {
+                value_size,
+                entries,
+                ..
+            },
+            Some(base),
+        ) = (&self.backing, self.base)
+        {
+            // SAFETY: unmapping the mapping made in `ensure_mapped`; no
+            // pointer into it outlives this call (accessors need `base`).
+            unsafe { libc::munmap(base.as_ptr().cast(), value_size * *entries as usize) };
+            self.base = None;
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Pointer to item `index`. Indexes are bounds-checked: every index
-    /// used comes from the index logic or from a map entry validated
-    /// against `len` first, so a failure is a bug, not bad input.
+    /// Pointer to item `index` of the mapping. Indexes are bounds-checked,
+    /// and the region must be mapped: every index used comes from the index
+    /// logic or from a map entry validated against `len`, and the indexes
+    /// map their regions before touching them, so a failure is a bug, not
+    /// bad input.
     pub fn ptr(&self, index: usize) -> *mut T {
         assert!(
             index < self.len,
             "index {index} outside a region of {}",
             self.len
         );
+        let Some(base) = self.base else {
+            panic!("a prefix index touched an array it had not mapped");
+        };
         // SAFETY: in bounds, checked above.
-        unsafe { self.base.as_ptr().add(index) }
+        unsafe { base.as_ptr().add(index) }
     }
 
     /// A copy of item `index`, read with a volatile load (the program may
@@ -136,6 +203,55 @@ impl<T: Copy> Region<T> {
         // SAFETY: `ptr` is in bounds and aligned (the mapping is
         // page-aligned, items are laid out at multiples of their size).
         unsafe { std::ptr::read_volatile(self.ptr(index)) }
+    }
+
+    /// Calls `f(first, items)` for the items from 0 on, a few thousand at a
+    /// time, until it returns `false` or the items run out: from the
+    /// mapping when mapped, otherwise through `BPF_MAP_LOOKUP_BATCH`, so
+    /// that reading an array does not map it.
+    pub fn scan(&self, mut f: impl FnMut(usize, &[T]) -> bool) -> Result<(), MapError> {
+        const ITEMS: usize = 16 * 1024;
+        if self.base.is_some() {
+            let mut chunk = Vec::with_capacity(ITEMS);
+            let mut first = 0;
+            while first < self.len {
+                let end = (first + ITEMS).min(self.len);
+                chunk.clear();
+                chunk.extend((first..end).map(|i| self.read(i)));
+                if !f(first, &chunk) {
+                    return Ok(());
+                }
+                first = end;
+            }
+            return Ok(());
+        }
+        let (map, value_size) = match &self.backing {
+            Backing::Map {
+                map, value_size, ..
+            } => (map, value_size),
+            // Heap memory is always "mapped": handled above.
+            #[cfg(test)]
+            Backing::Heap(_) => return Ok(()),
+        };
+        let per_element = value_size / std::mem::size_of::<T>();
+        let elements = (ITEMS / per_element).max(1);
+        // The kernel copies the values straight into a buffer of `T`s: the
+        // elements are `value_size` bytes each, a whole number of items.
+        let mut items: Vec<MaybeUninit<T>> = Vec::with_capacity(elements * per_element);
+        array_batches(
+            map.fd().as_fd(),
+            elements,
+            items.as_mut_ptr().cast::<u8>(),
+            |first_element, got| {
+                // SAFETY: the kernel wrote `got` whole elements, that is
+                // `got * per_element` items of plain data, to the buffer.
+                let read = unsafe {
+                    std::slice::from_raw_parts(items.as_ptr().cast::<T>(), got * per_element)
+                };
+                f(first_element * per_element, read)
+            },
+        )
+        .map_err(|e| syscall_error("bpf_map_lookup_batch", e))
     }
 }
 
@@ -154,60 +270,132 @@ impl Region<u32> {
         // SAFETY: as in `load`.
         unsafe { (*self.ptr(index).cast::<AtomicU32>()).store(value, Ordering::Release) }
     }
-}
 
-/// Slots compared at a time by [`Region::sync`].
-const CHUNK: usize = 4096;
-
-impl Region<u32> {
     /// Makes the slots equal to `want` (all zero when `None`), storing only
-    /// those that differ; returns how many it stored. Chunks are compared
-    /// with `memcmp` first, so a table that is already right costs one
-    /// pass of it (tens of milliseconds for 64 MiB, even unoptimised).
-    ///
-    /// Only for regions the program never writes (direct tables,
-    /// filters): the comparison reads a chunk as a plain slice.
-    pub fn sync(&self, want: Option<&[u32]>) -> usize {
-        static ZEROS: [u32; CHUNK] = [0; CHUNK];
+    /// those that differ; returns how many it stored. The comparison reads
+    /// the array with [`Region::scan`], so an array that is already right
+    /// is not mapped for it; it is mapped to store differences, and left as
+    /// it was found.
+    pub fn sync(&mut self, want: Option<&[u32]>) -> Result<usize, MapError> {
+        static ZEROS: [u32; 16 * 1024] = [0; 16 * 1024];
         assert!(want.is_none_or(|w| w.len() == self.len));
-        let mut stored = 0;
-        let mut start = 0;
-        while start < self.len {
-            let end = (start + CHUNK).min(self.len);
+        let mut differ: Vec<(usize, u32)> = Vec::new();
+        let mut compare = |first: usize, have: &[u32]| {
             let target = match want {
-                Some(w) => &w[start..end],
-                None => &ZEROS[..end - start],
+                Some(w) => &w[first..first + have.len()],
+                None => &ZEROS[..have.len()],
             };
-            // SAFETY: in bounds; nothing writes the slots while this
-            // short-lived slice exists (the program only reads them, and
-            // the stores below come after it is dropped).
-            let same = unsafe {
-                std::slice::from_raw_parts(self.base.as_ptr().add(start), end - start) == target
-            };
-            if !same {
-                for (offset, want) in target.iter().enumerate() {
-                    if self.load(start + offset) != *want {
-                        self.store(start + offset, *want);
-                        stored += 1;
+            // `memcmp` first: nearly every chunk is already right.
+            if have != target {
+                for (offset, (slot, want)) in have.iter().zip(target).enumerate() {
+                    if slot != want {
+                        differ.push((first + offset, *want));
                     }
                 }
             }
-            start = end;
+        };
+        match self.base {
+            // SAFETY (both): in bounds; the program never writes the slots
+            // of a direct table or filter, and nothing here does while the
+            // short-lived slice exists.
+            Some(base) => {
+                let mut first = 0;
+                while first < self.len {
+                    let end = (first + ZEROS.len()).min(self.len);
+                    let have = unsafe {
+                        std::slice::from_raw_parts(base.as_ptr().add(first), end - first)
+                    };
+                    compare(first, have);
+                    first = end;
+                }
+            }
+            None => self.scan(|first, have| {
+                compare(first, have);
+                true
+            })?,
         }
-        stored
+        if differ.is_empty() {
+            return Ok(0);
+        }
+        let was_mapped = self.is_mapped();
+        self.ensure_mapped()?;
+        for (slot, value) in &differ {
+            self.store(*slot, *value);
+        }
+        if !was_mapped {
+            self.unmap();
+        }
+        Ok(differ.len())
     }
 }
 
 impl<T> Drop for Region<T> {
     fn drop(&mut self) {
-        match self.backing {
-            // SAFETY: unmapping the mapping made in `map`; no pointer into
-            // it outlives the region.
-            Backing::Mapped { bytes, .. } => unsafe {
-                libc::munmap(self.base.as_ptr().cast(), bytes);
+        if let (
+            Backing::Map {
+                value_size,
+                entries,
+                ..
             },
-            #[cfg(test)]
-            Backing::Heap(_) => {}
+            Some(base),
+        ) = (&self.backing, self.base)
+        {
+            // SAFETY: unmapping the mapping made in `ensure_mapped`; no
+            // pointer into it outlives the region.
+            unsafe { libc::munmap(base.as_ptr().cast(), value_size * *entries as usize) };
         }
+    }
+}
+
+/// Reads an array map with `BPF_MAP_LOOKUP_BATCH`, `elements` at a time
+/// into `values`, calling `f` after each batch until it returns `false` or
+/// the array ends.
+///
+/// The kernel's generic batch walk (`generic_map_lookup_batch`) continues
+/// after the key given in `in_batch` (from the start without one) and
+/// writes the last key it read to `out_batch`; for an array the keys are
+/// the indexes, in order. `ENOENT` ends the walk.
+///
+/// `values` must have room for `elements` values; `f` gets the index of
+/// the first element and how many were written there.
+fn array_batches(
+    fd: std::os::fd::BorrowedFd<'_>,
+    elements: usize,
+    values: *mut u8,
+    mut f: impl FnMut(usize, usize) -> bool,
+) -> io::Result<()> {
+    let mut keys: Vec<MaybeUninit<u32>> = Vec::with_capacity(elements);
+    let mut token_in = 0u32;
+    let mut token_out = 0u32;
+    let mut first = true;
+    let mut next = 0usize;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw mut token_in) as u64 },
+            out_batch: (&raw mut token_out) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values as u64,
+            count: elements as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: the key and value buffers have room for `count` elements
+        // (the caller's promise for `values`) and the tokens hold a 4-byte
+        // key; all outlive the call.
+        let done = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        let got = (attr.count as usize).min(elements);
+        if got > 0 && !f(next, got) {
+            return Ok(());
+        }
+        next += got;
+        if done || got == 0 {
+            return Ok(());
+        }
+        token_in = token_out;
+        first = false;
     }
 }

@@ -46,11 +46,15 @@ pub trait RuleMap: Send {
     /// Hosts of this store's list and family were added (`present`) or
     /// removed. The IPv6 prefix index keeps a bit per filter slot that
     /// gates the program's host lookups; other stores ignore this.
-    fn hosts_changed(&mut self, _hosts: &[IpNet], _present: bool) {}
+    fn hosts_changed(&mut self, _hosts: &[IpNet], _present: bool) -> Result<(), MapError> {
+        Ok(())
+    }
 
     /// Every host of this store's list and family, once at start: the IPv6
     /// prefix index rebuilds its host bits from them.
-    fn restore_hosts(&mut self, _hosts: &[IpNet]) {}
+    fn restore_hosts(&mut self, _hosts: &[IpNet]) -> Result<(), MapError> {
+        Ok(())
+    }
 }
 
 /// A hash map keyed by the address itself.

@@ -230,7 +230,13 @@ impl RuleTables {
         }
         for slot in Slot::ALL {
             if let Some(gate) = slot.host_gate() {
-                tables.maps[gate as usize].restore_hosts(&hosts[slot as usize]);
+                tables.maps[gate as usize]
+                    .restore_hosts(&hosts[slot as usize])
+                    .map_err(|source| KernelError::Map {
+                        op: "rebuild",
+                        list: slot.list(),
+                        source,
+                    })?;
             }
         }
         tables.sync_populated()?;
@@ -268,9 +274,21 @@ impl RuleTables {
 
     /// Tells the prefix index that gates `slot`'s host lookups, if any,
     /// about hosts added or removed.
-    fn gate_hosts(&mut self, slot: Slot, hosts: &[IpNet], present: bool) {
-        if let Some(gate) = slot.host_gate() {
-            self.maps[gate as usize].hosts_changed(hosts, present);
+    fn gate_hosts(
+        &mut self,
+        slot: Slot,
+        hosts: &[IpNet],
+        present: bool,
+    ) -> Result<(), KernelError> {
+        match slot.host_gate() {
+            Some(gate) => self.maps[gate as usize]
+                .hosts_changed(hosts, present)
+                .map_err(|source| KernelError::Map {
+                    op: "write",
+                    list: slot.list(),
+                    source,
+                }),
+            None => Ok(()),
         }
     }
 
@@ -341,7 +359,7 @@ impl RuleTables {
             self.expiry.insert((value.expires_at_ns, slot, *prefix));
         }
         if self.present[slot as usize].insert(*prefix) {
-            self.gate_hosts(slot, std::slice::from_ref(prefix), true);
+            self.gate_hosts(slot, std::slice::from_ref(prefix), true)?;
         }
         self.sync_populated()?;
         Ok(if previous.is_some() {
@@ -369,7 +387,7 @@ impl RuleTables {
             Err(e) => return Err(map_err(e)),
         }
         if self.present[slot as usize].remove(prefix) {
-            self.gate_hosts(slot, std::slice::from_ref(prefix), false);
+            self.gate_hosts(slot, std::slice::from_ref(prefix), false)?;
         }
         self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
         self.sync_populated()?;
@@ -438,7 +456,10 @@ impl RuleTables {
                 value
             });
             out.created += written;
-            self.gate_hosts(slot, &new[..written], true);
+            if let Err(e) = self.gate_hosts(slot, &new[..written], true) {
+                out.stopped = Some(e);
+                return out;
+            }
             if template.expires_at_ns != 0 {
                 self.expiry.extend(
                     new[..written]

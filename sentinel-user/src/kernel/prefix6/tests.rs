@@ -86,7 +86,7 @@ const BITS: u32 = filter::MIN_BITS;
 fn index(capacity: u32) -> Index {
     let mut ix =
         Prefix6Index::open(Region::heap(1 << BITS), MemTable::new(capacity)).expect("open");
-    ix.restore_hosts(&[]);
+    ix.restore_hosts(&[]).expect("restore");
     ix
 }
 
@@ -207,12 +207,12 @@ fn random_operations_match_brute_force() {
                 1 => {
                     let h = (0x2001_0db8u128 << 96) | (rng.wide() >> 32);
                     model.hosts.push(h);
-                    ix.hosts_changed(&[host(h)], true);
+                    ix.hosts_changed(&[host(h)], true).expect("hosts");
                 }
                 2 if !model.hosts.is_empty() => {
                     let at = rng.below(model.hosts.len() as u64) as usize;
                     let h = model.hosts.swap_remove(at);
-                    ix.hosts_changed(&[host(h)], false);
+                    ix.hosts_changed(&[host(h)], false).expect("hosts");
                 }
                 _ if model.prefixes.len() < 300 => {
                     let (n, l) = random_prefix(&mut rng);
@@ -240,7 +240,7 @@ fn random_operations_match_brute_force() {
             let (filter, map) = ix.into_parts();
             ix = Prefix6Index::open(filter, map).expect("reopen");
             let hosts: Vec<IpNet> = model.hosts.iter().map(|h| host(*h)).collect();
-            ix.restore_hosts(&hosts);
+            ix.restore_hosts(&hosts).expect("restore");
             check(&ix, &model, &mut rng, now);
         }
     }
@@ -331,7 +331,7 @@ fn restart_rebuilds_a_stale_filter() {
     let (n, l) = net("2001:db8:5::/48");
     ix.upsert(n, l, &value(0)).expect("upsert");
     let h = net("2001:db8:6::1/128").0;
-    ix.hosts_changed(&[host(h)], true);
+    ix.hosts_changed(&[host(h)], true).expect("hosts");
     let slot = filter::slot_of(0x2001_0db8, BITS) as usize;
     // A crash left the class bit unset and a junk bit elsewhere; an entry
     // that cannot be one sits in the map.
@@ -341,7 +341,7 @@ fn restart_rebuilds_a_stale_filter() {
     ix.prefix_map().insert(&junk, &value(0)).expect("insert");
     let (filter_region, map) = ix.into_parts();
     let mut ix = Prefix6Index::open(filter_region, map).expect("reopen");
-    ix.restore_hosts(&[host(h)]);
+    ix.restore_hosts(&[host(h)]).expect("restore");
     assert_eq!(
         ix.filter().load(slot),
         filter::HOST | (1 << filter::class_of(48))
