@@ -570,3 +570,77 @@ fn refuses_pinned_maps_of_another_layout() {
     assert!(text.contains("DENY_V4_RULES"), "{text}");
     assert!(text.contains("8-byte values"), "{text}");
 }
+
+/// The bulk path of the prefix indexes: thousands of IPv4 prefixes of
+/// mixed lengths (direct table and long map) and IPv6 prefixes in one
+/// import, in force for every address checked; a second import replaces
+/// them in bulk and keeps their hits.
+#[test]
+fn bulk_import_of_prefixes_is_in_force() {
+    require_root!();
+    let mut h = Harness::new();
+    let mut v4: Vec<IpNet> = (0..3000u32)
+        .map(|i| {
+            let len = [16u8, 20, 24, 24, 26, 28][(i % 6) as usize];
+            let a = std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
+            IpNet::V4(ipnet::Ipv4Net::new(a, len).unwrap().trunc())
+        })
+        .collect();
+    v4.sort();
+    v4.dedup();
+    // Nested ones would make "inside this prefix" ambiguous below.
+    let v4: Vec<IpNet> = v4
+        .iter()
+        .filter(|p| !v4.iter().any(|q| q != *p && q.contains(*p)))
+        .copied()
+        .collect();
+    let v6: Vec<IpNet> = (0..1000u32)
+        .map(|i| {
+            let len = [32u8, 48, 56, 64][(i % 4) as usize];
+            let a = std::net::Ipv6Addr::from(
+                (0x2001_0db8u128 << 96) | (u128::from(i.wrapping_mul(2_654_435_761)) << 64),
+            );
+            IpNet::V6(ipnet::Ipv6Net::new(a, len).unwrap().trunc())
+        })
+        .collect();
+    let mut all = v4.clone();
+    all.extend(&v6);
+    all.sort();
+    all.dedup();
+    let imported = h.kernel.tables.import(RuleList::Deny, &all, &rule(None));
+    assert!(imported.stopped.is_none(), "{:?}", imported.stopped);
+    assert_eq!(imported.created, all.len());
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), all.len());
+    for p in v4.iter().step_by(7) {
+        let IpNet::V4(net) = p else { unreachable!() };
+        let last = net.broadcast().octets();
+        assert_eq!(h.run(&v4_frame(last)).0, XDP_DROP, "{p}");
+    }
+    assert_eq!(h.run(&v4_frame([203, 0, 113, 1])).0, XDP_PASS);
+    for p in v6.iter().step_by(37) {
+        let IpNet::V6(net) = p else { unreachable!() };
+        let inside = std::net::Ipv6Addr::from(u128::from(net.network()) | 1);
+        assert_eq!(h.run(&v6_frame(&inside.to_string())).0, XDP_DROP, "{p}");
+    }
+    assert_eq!(h.run(&v6_frame("2001:db9::1")).0, XDP_PASS);
+    let first_v4 = v4[0];
+    let IpNet::V4(net) = first_v4 else {
+        unreachable!()
+    };
+    assert_eq!(h.run(&v4_frame(net.network().octets())).0, XDP_DROP);
+    // Re-importing replaces in bulk and keeps the hit.
+    let again = h
+        .kernel
+        .tables
+        .import(RuleList::Deny, &all, &rule(Some(Duration::from_secs(60))));
+    assert!(again.stopped.is_none(), "{:?}", again.stopped);
+    assert_eq!((again.created, again.replaced), (0, all.len()));
+    let value = h
+        .kernel
+        .tables
+        .get(RuleList::Deny, &first_v4)
+        .unwrap()
+        .expect("present");
+    assert!(value.hits >= 1, "hits kept across the bulk replacement");
+    assert_ne!(value.expires_at_ns, 0, "and the new TTL taken");
+}

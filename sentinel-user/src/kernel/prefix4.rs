@@ -665,6 +665,19 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         items: &[(u32, u8)],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>) {
+        if let Err(e) = self.map_all() {
+            return (0, Some(io_of(e)));
+        }
+        let written = self.write_many_mapped(items, values);
+        self.unmap_if_empty();
+        written
+    }
+
+    fn write_many_mapped(
+        &mut self,
+        items: &[(u32, u8)],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
         enum Plan {
             Known(u32),
             New(u32),

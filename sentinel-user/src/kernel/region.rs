@@ -58,9 +58,11 @@ enum Backing {
         value_size: usize,
         entries: u32,
     },
-    /// Heap memory, zeroed, for tests of the index logic.
+    /// Heap memory, zeroed, for tests of the index logic. It is "mapped"
+    /// and "unmapped" like an array map, so that the tests hold the index
+    /// to the same discipline.
     #[cfg(test)]
-    Heap(#[allow(dead_code)] Vec<u64>),
+    Heap(Vec<u64>),
 }
 
 // SAFETY: the region owns its mapping (or buffer); all accesses are raw
@@ -99,17 +101,15 @@ impl<T: Copy> Region<T> {
         })
     }
 
-    /// `len` zeroed items on the heap, always "mapped".
+    /// `len` zeroed items on the heap, not "mapped" yet.
     #[cfg(test)]
     pub fn heap(len: usize) -> Self {
         // u64 words: 8-byte alignment, what every item type here needs.
         let words = (len * std::mem::size_of::<T>()).div_ceil(8).max(1);
-        let mut buffer = vec![0u64; words];
-        let base = NonNull::new(buffer.as_mut_ptr().cast::<T>());
         Self {
-            base,
+            base: None,
             len,
-            backing: Backing::Heap(buffer),
+            backing: Backing::Heap(vec![0u64; words]),
         }
     }
 
@@ -130,7 +130,10 @@ impl<T: Copy> Region<T> {
                 entries,
             } => (map, value_size, entries),
             #[cfg(test)]
-            Backing::Heap(_) => return Ok(()),
+            Backing::Heap(buffer) => {
+                self.base = NonNull::new(buffer.as_ptr().cast::<T>().cast_mut());
+                return Ok(());
+            }
         };
         if self.base.is_some() {
             return Ok(());
@@ -163,19 +166,21 @@ impl<T: Copy> Region<T> {
 
     /// Unmaps the array (the map and its contents stay).
     pub fn unmap(&mut self) {
-        if let (
+        let Some(base) = self.base.take() else {
+            return;
+        };
+        match &self.backing {
             Backing::Map {
                 value_size,
                 entries,
                 ..
-            },
-            Some(base),
-        ) = (&self.backing, self.base)
-        {
-            // SAFETY: unmapping the mapping made in `ensure_mapped`; no
-            // pointer into it outlives this call (accessors need `base`).
-            unsafe { libc::munmap(base.as_ptr().cast(), value_size * *entries as usize) };
-            self.base = None;
+            } => {
+                // SAFETY: unmapping the mapping made in `ensure_mapped`; no
+                // pointer into it outlives this call (accessors need `base`).
+                unsafe { libc::munmap(base.as_ptr().cast(), value_size * *entries as usize) };
+            }
+            #[cfg(test)]
+            Backing::Heap(_) => {}
         }
     }
 
@@ -229,9 +234,19 @@ impl<T: Copy> Region<T> {
             Backing::Map {
                 map, value_size, ..
             } => (map, value_size),
-            // Heap memory is always "mapped": handled above.
+            // Heap memory "not mapped": read it as it is.
             #[cfg(test)]
-            Backing::Heap(_) => return Ok(()),
+            Backing::Heap(buffer) => {
+                // SAFETY: the buffer holds `len` items (see `heap`).
+                let items =
+                    unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<T>(), self.len) };
+                for (n, chunk) in items.chunks(ITEMS).enumerate() {
+                    if !f(n * ITEMS, chunk) {
+                        break;
+                    }
+                }
+                return Ok(());
+            }
         };
         let per_element = value_size / std::mem::size_of::<T>();
         let elements = (ITEMS / per_element).max(1);
