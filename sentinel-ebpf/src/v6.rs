@@ -98,10 +98,10 @@ impl HostKey6 {
 /// `v4_verdict`.
 #[inline(never)]
 pub(crate) fn v6_verdict(hi: u64, lo: u64) -> u32 {
-    let host = HostKey6::new(hi, lo);
     let Some(m) = meta() else {
         // No metadata: nothing says which lengths exist; only hosts can be
         // looked up without it.
+        let host = HostKey6::new(hi, lo);
         let mut now = 0u64;
         if host_match(&ALLOW_HOST_V6, &host.0, &mut now) {
             return reason::ALLOWLIST;
@@ -114,10 +114,10 @@ pub(crate) fn v6_verdict(hi: u64, lo: u64) -> u32 {
     // SAFETY: a non-null array lookup result points at the whole value.
     let populated = unsafe { (*m).populated };
     let mut now = 0u64;
-    if v6_list_match::<AllowV6>(m, populated, hi, lo, &host, &mut now) {
+    if v6_list_match::<AllowV6>(m, populated, hi, lo, &mut now) {
         return reason::ALLOWLIST;
     }
-    if v6_list_match::<DenyV6>(m, populated, hi, lo, &host, &mut now) {
+    if v6_list_match::<DenyV6>(m, populated, hi, lo, &mut now) {
         return reason::DENYLIST;
     }
     NO_VERDICT
@@ -130,7 +130,6 @@ fn v6_list_match<M: V6Maps>(
     populated: u32,
     hi: u64,
     lo: u64,
-    host: &HostKey6,
     now: &mut u64,
 ) -> bool {
     if populated & (M::HOST_BIT | M::PREFIX_BIT) == 0 {
@@ -141,9 +140,10 @@ fn v6_list_match<M: V6Maps>(
     // SAFETY: as above.
     let bits = unsafe { (*meta).filter_bits };
     let slot = filter_slot(M::filter(), bits, (hi >> 32) as u32);
+    // The host key is built only when the slot says a host may match.
     if populated & M::HOST_BIT != 0
         && slot & filter::HOST != 0
-        && host_match(M::host(), &host.0, now)
+        && host_match(M::host(), &HostKey6::new(hi, lo).0, now)
     {
         return true;
     }
