@@ -461,13 +461,22 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         let node = self.nodes[index as usize];
         let old = node.parent;
         if u32::from(node.len) > self.bits {
-            for child in self.long_rules_in(node.network, node.end()) {
-                if child != index && self.nodes[child as usize].parent == old {
-                    self.set_parent(child, index);
-                }
-            }
             let slot_index = direct::slot_of(node.network, self.bits) as usize;
             let slot = self.direct.load(slot_index);
+            // Rules inside this one are longer and in the same block: none
+            // when the block has no longer length (nearly always), and then
+            // the ordered set need not be searched.
+            let above = direct::longer(slot, self.bits) & !((self.longer_bit(node.len) << 1) - 1);
+            if above != 0 {
+                for child in self.long_rules_in(node.network, node.end()) {
+                    if child != index
+                        && self.nodes[child as usize].len > node.len
+                        && self.nodes[child as usize].parent == old
+                    {
+                        self.set_parent(child, index);
+                    }
+                }
+            }
             let longer = direct::longer(slot, self.bits) | self.longer_bit(node.len);
             self.direct.store(
                 slot_index,
@@ -519,13 +528,17 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         let node = self.nodes[index as usize];
         let up = node.parent;
         if u32::from(node.len) > self.bits {
-            for child in self.long_rules_in(node.network, node.end()) {
-                if self.nodes[child as usize].parent == index {
-                    self.set_parent(child, up);
+            let slot_index = direct::slot_of(node.network, self.bits) as usize;
+            let above = direct::longer(self.direct.load(slot_index), self.bits)
+                & !((self.longer_bit(node.len) << 1) - 1);
+            if above != 0 {
+                for child in self.long_rules_in(node.network, node.end()) {
+                    if self.nodes[child as usize].parent == index {
+                        self.set_parent(child, up);
+                    }
                 }
             }
             self.longer.remove(&key(node.network, node.len));
-            let slot_index = direct::slot_of(node.network, self.bits) as usize;
             let start = (slot_index as u32) << (32 - self.bits);
             let end = u64::from(start) + (1u64 << (32 - self.bits));
             let same_len_left = self
@@ -687,6 +700,9 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         let mut error = None;
         let mut plans = Vec::with_capacity(count);
         let mut pending: FastMap<u64, u32> = FastMap::default();
+        pending.reserve(count);
+        self.by_key.reserve(count);
+        self.nodes.reserve(count);
         for (position, &(network, len)) in items[..count].iter().enumerate() {
             let k = key(network, len);
             if let Some(&index) = self.by_key.get(&k).or_else(|| pending.get(&k)) {
