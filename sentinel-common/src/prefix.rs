@@ -213,25 +213,30 @@ pub struct LongKey4 {
 
 /// Key of an IPv6 prefix map (`*_V6_PREFIX`); the value is a
 /// [`RuleValue`].
+///
+/// The length is folded into the address: the key is the network, masked
+/// to its length, with the first bit past the prefix set (bit `127 - len`
+/// counting from the least significant). That is one key per (length,
+/// network) for lengths 0 to 127, in 16 bytes rather than 20, so a probe
+/// hashes and compares four words.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PrefixKey6 {
-    pub prefix_len: u32,
-    /// The network's 16 octets, masked to `prefix_len`, as four words that
-    /// each hold four octets in network order (`u32::from_ne_bytes`): the
-    /// program builds a key with four word stores rather than sixteen
-    /// byte stores.
-    pub network: [u32; 4],
+    /// The marked network's 16 octets as four words, each holding four
+    /// octets in network order (`u32::from_ne_bytes`), so that the program
+    /// builds a key with four word stores.
+    pub marked: [u32; 4],
 }
 
 impl PrefixKey6 {
-    /// The key of a prefix whose network, as a number, is `network`.
-    pub const fn new(prefix_len: u32, network: u128) -> Self {
-        let hi = (network >> 64) as u64;
-        let lo = network as u64;
+    /// The key of the `len`-bit prefix (`len` < 128) whose network, as a
+    /// number, is `network` (already masked).
+    pub const fn new(len: u32, network: u128) -> Self {
+        let marked = network | (1u128 << (127 - len));
+        let hi = (marked >> 64) as u64;
+        let lo = marked as u64;
         Self {
-            prefix_len,
-            network: [
+            marked: [
                 ((hi >> 32) as u32).to_be(),
                 (hi as u32).to_be(),
                 ((lo >> 32) as u32).to_be(),
@@ -240,13 +245,28 @@ impl PrefixKey6 {
         }
     }
 
-    /// The network as a number.
-    pub const fn network(&self) -> u128 {
-        let [a, b, c, d] = self.network;
+    const fn value(&self) -> u128 {
+        let [a, b, c, d] = self.marked;
         ((u32::from_be(a) as u128) << 96)
             | ((u32::from_be(b) as u128) << 64)
             | ((u32::from_be(c) as u128) << 32)
             | u32::from_be(d) as u128
+    }
+
+    /// The prefix length; `None` for a key with no marker bit.
+    pub const fn prefix_len(&self) -> Option<u32> {
+        let value = self.value();
+        if value == 0 {
+            None
+        } else {
+            Some(127 - value.trailing_zeros())
+        }
+    }
+
+    /// The network, as a number: the key without its marker bit.
+    pub const fn network(&self) -> u128 {
+        let value = self.value();
+        value & value.wrapping_sub(1)
     }
 }
 
@@ -281,7 +301,7 @@ pub struct Prefix6Meta {
 const _: () = assert!(core::mem::size_of::<PrefixRule4>() == 136 + 16);
 const _: () = assert!(core::mem::size_of::<PrefixRule4>().is_multiple_of(8));
 const _: () = assert!(core::mem::size_of::<LongKey4>() == 8);
-const _: () = assert!(core::mem::size_of::<PrefixKey6>() == 20);
+const _: () = assert!(core::mem::size_of::<PrefixKey6>() == 16);
 const _: () = assert!(core::mem::size_of::<Prefix4Meta>() == 8);
 const _: () = assert!(core::mem::size_of::<Prefix6Meta>() == 40);
 const _: () = assert!(direct::max_rules(direct::LARGE_BITS) >= 16 * 1024 * 1024);
@@ -309,15 +329,21 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_keys_hold_octets_in_network_order() {
-        let network = 0x2001_0db8_0001_0002_0003_0004_0005_0006u128;
+    fn ipv6_keys_mark_the_length_and_hold_octets_in_network_order() {
+        let network = 0x2001_0db8_0001_0002_0000_0000_0000_0000u128;
         let key = PrefixKey6::new(64, network);
-        assert_eq!(key.network(), network);
+        assert_eq!((key.prefix_len(), key.network()), (Some(64), network));
         let mut bytes = [0u8; 16];
-        for (i, word) in key.network.iter().enumerate() {
+        for (i, word) in key.marked.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
-        assert_eq!(bytes, network.to_be_bytes());
+        assert_eq!(bytes, (network | 1 << 63).to_be_bytes());
+        // Every (length, network) has its own key, /0 and /127 included.
+        assert_eq!(PrefixKey6::new(0, 0).prefix_len(), Some(0));
+        assert_eq!(PrefixKey6::new(127, u128::MAX - 1).prefix_len(), Some(127));
+        assert_eq!(PrefixKey6::new(127, u128::MAX - 1).network(), u128::MAX - 1);
+        assert_ne!(PrefixKey6::new(47, network), PrefixKey6::new(48, network));
+        assert_eq!(PrefixKey6 { marked: [0; 4] }.prefix_len(), None);
     }
 
     #[test]

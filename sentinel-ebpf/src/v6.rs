@@ -197,8 +197,7 @@ fn v6_prefix_match<M: V6Maps>(
         now: *now,
         found: 0,
     };
-    let first = search.probe_next::<M>();
-    if first == 0 {
+    if search.probe_next::<M>() == 0 {
         // SAFETY: `probe_step::<M>` has the callback signature `bpf_loop`
         // expects, and `search` outlives the call; the helper passes it
         // back as the callback's context. One iteration per candidate
@@ -238,24 +237,22 @@ impl Search {
     fn probe_next<M: V6Maps>(&mut self) -> c_long {
         // The masks come from the branch that knows which half the length
         // is in, rather than from testing the length again.
-        let (len, hi_mask, lo_mask) = if self.high != 0 {
+        // The key is the network with the bit just past the prefix set
+        // (`PrefixKey6`): for a length of 64 + b, the lower half masked to
+        // b bits and marked at bit 63 - b; for a length of b, the upper
+        // half likewise and no lower half.
+        let (hi, lo) = if self.high != 0 {
             let bit = fls64(self.high);
             self.high &= !(1 << bit);
-            (64 + bit, u64::MAX, filter::mask64(bit))
+            (self.hi, (self.lo & filter::mask64(bit)) | (1 << (63 - bit)))
         } else if self.low != 0 {
             let bit = fls64(self.low);
             self.low &= !(1 << bit);
-            (bit, filter::mask64(bit), 0)
+            ((self.hi & filter::mask64(bit)) | (1 << (63 - bit)), 0)
         } else {
             return 1;
         };
-        if probe6(
-            M::prefixes(),
-            len,
-            self.hi & hi_mask,
-            self.lo & lo_mask,
-            &mut self.now,
-        ) {
+        if probe6(M::prefixes(), hi, lo, &mut self.now) {
             self.found = 1;
             return 1;
         }
@@ -271,13 +268,12 @@ extern "C" fn probe_step<M: V6Maps>(_index: u64, ctx: *mut c_void) -> c_long {
     unsafe { (*search).probe_next::<M>() }
 }
 
-/// Whether the prefix of `len` bits whose network is (`hi`, `lo`), already
-/// masked, is in `map` and live; records the hit on it.
+/// Whether the prefix whose key (`PrefixKey6`, marked network) is (`hi`,
+/// `lo`) is in `map` and live; records the hit on it.
 #[inline(always)]
-fn probe6(map: &HashMap<PrefixKey6, RuleValue>, len: u32, hi: u64, lo: u64, now: &mut u64) -> bool {
+fn probe6(map: &HashMap<PrefixKey6, RuleValue>, hi: u64, lo: u64, now: &mut u64) -> bool {
     let key = PrefixKey6 {
-        prefix_len: len,
-        network: [
+        marked: [
             ((hi >> 32) as u32).to_be(),
             (hi as u32).to_be(),
             ((lo >> 32) as u32).to_be(),

@@ -95,12 +95,12 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         };
         for (key, _) in index.prefixes.entries()? {
             let network = key.network();
-            let len = key.prefix_len;
+            let len = key.prefix_len().unwrap_or(u32::MAX);
             if len >= 128 || network & mask(len as u8) != network {
                 warn!(
                     network = %Ipv6Addr::from(network),
                     len,
-                    "dropping an IPv6 prefix entry that cannot be one (bad length or host bits)"
+                    "dropping an IPv6 prefix entry that cannot be one (no length marker, or host bits)"
                 );
                 match index.prefixes.remove(&key) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
@@ -340,7 +340,7 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
             .entries()?
             .into_iter()
             .filter_map(|(key, value)| {
-                let len = u8::try_from(key.prefix_len).ok()?;
+                let len = u8::try_from(key.prefix_len()?).ok()?;
                 Ipv6Net::new(Ipv6Addr::from(key.network()), len)
                     .ok()
                     .map(|net| (IpNet::V6(net), value))

@@ -334,10 +334,11 @@ fn restart_rebuilds_a_stale_filter() {
     ix.hosts_changed(&[host(h)], true).expect("hosts");
     let slot = filter::slot_of(0x2001_0db8, BITS) as usize;
     // A crash left the class bit unset and a junk bit elsewhere; an entry
-    // that cannot be one sits in the map.
+    // that cannot be a prefix sits in the map.
     ix.filter().store(slot, filter::HOST);
     ix.filter().store((slot + 1) % (1 << BITS), 1 << 3);
-    let junk = PrefixKey6::new(48, net("2001:db8::1/128").0);
+    // A key without a marker bit names no prefix.
+    let junk = PrefixKey6 { marked: [0; 4] };
     ix.prefix_map().insert(&junk, &value(0)).expect("insert");
     let (filter_region, map) = ix.into_parts();
     let mut ix = Prefix6Index::open(filter_region, map).expect("reopen");
@@ -347,7 +348,7 @@ fn restart_rebuilds_a_stale_filter() {
         filter::HOST | (1 << filter::class_of(48))
     );
     assert_eq!(ix.filter().load((slot + 1) % (1 << BITS)), 0);
-    assert_eq!(ix.len(), 1, "the entry with host bits set was dropped");
+    assert_eq!(ix.len(), 1, "the entry that is no prefix was dropped");
     assert!(ix.prefix_map().get(&junk).expect("get").is_none());
     assert_eq!(ix.lookup(net("2001:db8:5::9/128").0, 1), (true, Some(48)));
 }
