@@ -353,6 +353,7 @@ fn the_program_verifies_with_headroom() {
         .kernel
         .verified_instructions()
         .expect("the kernel reports verified_insns");
+    eprintln!("the verifier processed {verified} instructions");
     assert!(
         verified < 500_000,
         "the verifier processed {verified} instructions, over half its budget"
