@@ -31,19 +31,19 @@ pub struct Plan {
 
 /// A free port on loopback (bound, read and released; the window in which
 /// another process could take it is tiny and only on this machine).
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// An nginx master process with its own prefix and configuration, stopped
 /// on drop.
-struct Nginx {
+pub(crate) struct Nginx {
     child: Option<Child>,
     _dir: TempDir,
 }
 
 impl Nginx {
-    fn start(name: &str, http_block: &str) -> Result<Self> {
+    pub(crate) fn start(name: &str, http_block: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("sentinel-bench-nginx-{name}-"))
             .tempdir()?;
@@ -52,7 +52,7 @@ impl Nginx {
             "daemon off;\n\
              master_process on;\n\
              worker_processes 1;\n\
-             worker_rlimit_nofile 65536;\n\
+             worker_rlimit_nofile {nofile};\n\
              pid {pid};\n\
              error_log {err} warn;\n\
              events {{ worker_connections 32768; }}\n\
@@ -70,6 +70,7 @@ impl Nginx {
             pid = dir.path().join("nginx.pid").display(),
             err = dir.path().join("error.log").display(),
             tmp = dir.path().display(),
+            nofile = nofile_limit(),
         );
         fs::write(&conf, text)?;
         let child = Command::new("nginx")
@@ -125,8 +126,18 @@ impl Drop for Nginx {
     }
 }
 
+fn nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit with a valid struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    limit.rlim_max
+}
+
 /// Waits until something answers HTTP on `addr`.
-fn wait_http(addr: SocketAddr, path: &str) -> Result<()> {
+pub(crate) fn wait_http(addr: SocketAddr, path: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(head) = get(addr, path)
@@ -164,7 +175,7 @@ pub struct WrkResult {
     pub errors: u64,
 }
 
-fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
+pub(crate) fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{}", plan.connections)])
         .arg(format!("-d{}s", plan.duration.as_secs().max(1)))
@@ -267,16 +278,28 @@ fn idle_connections(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     Ok(conns)
 }
 
-fn raise_nofile() -> Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: 200_000,
-        rlim_max: 200_000,
+/// Raises the soft open-file limit to the hard one (children inherit it)
+/// and checks that `needed` descriptors fit.
+fn raise_nofile(needed: usize) -> Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+    // SAFETY: getrlimit and setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    if (limit.rlim_cur as usize) < needed {
         bail!(
-            "cannot raise the open-file limit: {}",
-            std::io::Error::last_os_error()
+            "{needed} idle connections need about that many open files, but the hard limit is {}; use --idle-connections {}",
+            limit.rlim_cur,
+            (limit.rlim_cur as usize).saturating_sub(1000)
         );
     }
     Ok(())
@@ -290,7 +313,7 @@ pub struct Results {
 }
 
 pub fn run(bin: &Path, plan: &Plan) -> Result<Results> {
-    raise_nofile()?;
+    raise_nofile(plan.idle_connections + 500)?;
     let www = tempfile::Builder::new()
         .prefix("sentinel-bench-www-")
         .tempdir()?;

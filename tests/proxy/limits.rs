@@ -313,13 +313,8 @@ async fn smuggling_attempts_are_refused_and_never_forwarded() {
 /// A client that stops sending its body is the client's fault: the
 /// target that waits for it must not be counted as failing (two such
 /// uploads would eject the only target, and every client would get 503),
-/// and `request-timeout-secs` should end the request.
-///
-/// Fails today: the upstream's read timeout fires first, answers 504 and
-/// records a failure against the target; `request-timeout-secs` is parsed
-/// but not enforced anywhere in the proxy.
+/// and `request-timeout-secs` ends the request with 408.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a stalled request body ejects the target (see the doc comment)"]
 async fn stalled_request_bodies_do_not_eject_targets() {
     if skip() {
         return;
@@ -349,10 +344,10 @@ async fn stalled_request_bodies_do_not_eject_targets() {
             .response(Duration::from_secs(10))
             .await
             .map(|r| r.status);
-        assert_ne!(
+        assert_eq!(
             status,
-            Some(504),
-            "a stalled upload was blamed on the upstream"
+            Some(408),
+            "a stalled upload must be the client's timeout, not the upstream's"
         );
         assert!(
             started.elapsed() < Duration::from_millis(2500),
@@ -371,4 +366,45 @@ async fn stalled_request_bodies_do_not_eject_targets() {
         ),
         1.0
     );
+}
+
+/// A client that stalls its body for the read timeout gets 408 even
+/// without a request deadline, and a slow upstream after a complete body
+/// is still the upstream's 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_side_that_stalls_is_the_one_that_times_out() {
+    if skip() {
+        return;
+    }
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "request-timeout-secs 0")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream(
+            "app",
+            &targets(&[&app]),
+            "timeouts { read-ms 700; }; retries 0",
+        )],
+        "",
+    ));
+    let addr = daemon.listener("http");
+    let mut raw = Raw::connect(addr).await;
+    raw.send(b"POST /upload HTTP/1.1\r\nHost: test.local\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let status = raw
+        .response(Duration::from_secs(10))
+        .await
+        .map(|r| r.status);
+    assert_eq!(status, Some(408));
+
+    let mut raw = Raw::connect(addr).await;
+    raw.send(b"POST /?sleep_ms=3000 HTTP/1.1\r\nHost: test.local\r\nContent-Length: 4\r\n\r\nbody")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let status = raw
+        .response(Duration::from_secs(10))
+        .await
+        .map(|r| r.status);
+    assert_eq!(status, Some(504));
 }

@@ -10,6 +10,10 @@
 
 use std::{
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -17,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -35,6 +39,59 @@ pub enum BodyError {
     UpstreamStalled { after: Duration },
 }
 
+/// How far a request body has come, for telling a client that stalls its
+/// body from an upstream that stalls its answer.
+pub struct BodyProgress {
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last frame read from the client.
+    last_ms: AtomicU64,
+    /// Milliseconds since `epoch`, plus one, when the body ended; 0 before.
+    done_ms: AtomicU64,
+}
+
+impl BodyProgress {
+    pub fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            done_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn frame(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn done(&self) {
+        if self.done_ms.load(Ordering::Relaxed) == 0 {
+            self.done_ms.store(self.now_ms() + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Who owes the next bytes, and since when: `(true, t)` while the
+    /// client's body is unfinished (its last frame came at `t`), `(false,
+    /// t)` once it ended at `t`.
+    pub fn owed(&self) -> (bool, Instant) {
+        match self.done_ms.load(Ordering::Relaxed) {
+            0 => (
+                true,
+                self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)),
+            ),
+            done => (false, self.epoch + Duration::from_millis(done - 1)),
+        }
+    }
+}
+
+impl Default for BodyProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pin_project! {
     pub struct Limited<B> {
         #[pin]
@@ -42,6 +99,7 @@ pin_project! {
         seen: u64,
         // 0: no limit.
         limit: u64,
+        progress: Option<Arc<BodyProgress>>,
     }
 }
 
@@ -51,7 +109,14 @@ impl<B> Limited<B> {
             inner,
             seen: 0,
             limit,
+            progress: None,
         }
+    }
+
+    /// Records each frame and the end of the body in `progress`.
+    pub fn with_progress(mut self, progress: Arc<BodyProgress>) -> Self {
+        self.progress = Some(progress);
+        self
     }
 }
 
@@ -68,7 +133,19 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut inner = this.inner;
+        let polled = inner.as_mut().poll_frame(cx);
+        if let Some(progress) = this.progress.as_deref() {
+            match &polled {
+                // hyper stops polling a body that says it has ended, so
+                // its end is noted with its last frame.
+                Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => progress.done(),
+                Poll::Ready(Some(Ok(_))) => progress.frame(),
+                Poll::Ready(None) => progress.done(),
+                _ => {}
+            }
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
@@ -89,7 +166,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let ended = self.inner.is_end_stream();
+        if ended && let Some(progress) = &self.progress {
+            progress.done();
+        }
+        ended
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -107,6 +188,8 @@ pin_project! {
         // A frame came since the timer was last set.
         progressed: bool,
         after: Duration,
+        // The request's whole deadline (listener `request-timeout-secs`).
+        hard: Option<Instant>,
     }
 }
 
@@ -117,7 +200,14 @@ impl<B> ReadTimeout<B> {
             sleep: None,
             progressed: false,
             after,
+            hard: None,
         }
+    }
+
+    /// Also fails the body at `deadline`, progress or not.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.hard = deadline;
+        self
     }
 }
 

@@ -29,6 +29,8 @@ pub enum ProxyError {
     },
     #[error("request body is over the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("the client sent no body bytes for {after_ms} ms")]
+    ClientTimeout { after_ms: u128 },
     #[error("request head is over the limit of {limit} bytes")]
     HeadTooLarge { limit: usize },
     #[error("bad request: {reason}")]
@@ -65,6 +67,8 @@ impl ProxyError {
             // The upstream was reached but did not answer in time.
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // The client stopped sending its body: its request timed out.
+            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
@@ -94,6 +98,7 @@ impl ProxyError {
             self,
             ProxyError::BadRequest { .. }
                 | ProxyError::BodyTooLarge { .. }
+                | ProxyError::ClientTimeout { .. }
                 | ProxyError::HeadTooLarge { .. }
         ) {
             // The rest of what the client sent cannot be trusted to frame a

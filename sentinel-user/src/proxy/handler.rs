@@ -22,14 +22,22 @@ use tracing::{debug, info, warn};
 
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
-    body::{self, BodyError, Limited, ReadTimeout, Tracked},
-    errors, forward,
+    body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
+    errors, exchange, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
     router::{Action, Route, request_host},
     upstream::{InFlight, Upstream},
 };
-use crate::config::{StaticResponse, UpstreamProtocol};
+use super::{exchange::Inspection, record::Pending};
+use crate::{
+    agents::{
+        body as agent_body, challenge,
+        pipeline::{Exchange, Step},
+        websocket,
+    },
+    config::{AgentEvent, StaticResponse, UpstreamProtocol},
+};
 
 /// The service function of every connection.
 pub async fn handle(
@@ -55,29 +63,60 @@ pub async fn handle(
         verdict => verdict,
     };
     let request_id = forward::request_id(req.headers_mut());
-    let (route, outcome) = match verdict {
-        Verdict::Clean => dispatch(req, &conn, &snapshot).await,
-        Verdict::Smuggling(reason) => {
-            let error = ProxyError::BadRequest {
-                reason: reason.to_owned(),
-            };
-            (None, Err((error, Attempt::default())))
-        }
-        Verdict::HeadTooLarge => {
-            let error = ProxyError::HeadTooLarge {
-                limit: snapshot.limits.max_header_bytes,
-            };
-            (None, Err((error, Attempt::default())))
+    let refused = |error: ProxyError, req: Request<Incoming>| {
+        let (parts, _) = req.into_parts();
+        Dispatched {
+            route: None,
+            outcome: Err((error, Attempt::default())),
+            agents: None,
+            record: exchange::record(&snapshot, None, &conn, &parts),
         }
     };
+    let Dispatched {
+        route,
+        outcome,
+        agents,
+        record,
+    } = match verdict {
+        Verdict::Clean => {
+            // The listener's whole-request deadline, when it has one.
+            let hard = (!conn.request_timeout.is_zero())
+                .then(|| tokio::time::Instant::now() + conn.request_timeout);
+            dispatch(req, &conn, &snapshot, &activity, hard, &request_id).await
+        }
+        Verdict::Smuggling(reason) => refused(
+            ProxyError::BadRequest {
+                reason: reason.to_owned(),
+            },
+            req,
+        ),
+        Verdict::HeadTooLarge => refused(
+            ProxyError::HeadTooLarge {
+                limit: snapshot.limits.max_header_bytes,
+            },
+            req,
+        ),
+    };
 
+    let mut failure = None;
     let (mut response, attempt) = match outcome {
         Ok(done) => done,
         Err((error, attempt)) => {
             log_error(&error, &conn, route.as_deref());
+            failure = Some(error.to_string());
             (error.response(), attempt)
         }
     };
+    if let Some(agents) = &agents {
+        agents.exchange.finish_headers(response.headers_mut());
+    }
+    let route_name = route.as_deref().map(|r| r.name.as_str());
+    if snapshot.profiles.secure_headers(route_name) {
+        snapshot
+            .profiles
+            .headers
+            .apply(response.headers_mut(), conn.scheme == "https");
+    }
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID.clone(), request_id.clone());
@@ -115,7 +154,35 @@ pub async fn handle(
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
-    Ok(response.map(|b| Tracked::new(b, guard).boxed()))
+    let completion = agents.as_ref().and_then(|a| a.exchange.completion());
+    let done = (completion.is_some() || record.is_some()).then(|| exchange::Done {
+        completion,
+        record,
+        decisions: agents
+            .as_ref()
+            .map(|a| a.exchange.decisions())
+            .unwrap_or_default(),
+        started,
+        status: status.as_u16(),
+        attempts: attempt.count,
+        error: failure,
+        request_bytes: agents
+            .as_ref()
+            .map(|a| a.request_bytes.clone())
+            .unwrap_or_default(),
+    });
+    Ok(response.map(|b| match done {
+        Some(done) => Tracked::new(exchange::Counted::new(b, done), guard).boxed(),
+        None => Tracked::new(b, guard).boxed(),
+    }))
+}
+
+/// What a request's dispatch decided, and what it leaves for the end.
+struct Dispatched {
+    route: Option<Arc<Route>>,
+    outcome: Outcome,
+    agents: Option<exchange::Agents>,
+    record: Option<Pending>,
 }
 
 /// What the access log says about where a request went.
@@ -132,11 +199,55 @@ async fn dispatch(
     req: Request<Incoming>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
-) -> (Option<Arc<Route>>, Outcome) {
-    let (parts, body) = req.into_parts();
+    activity: &Arc<Activity>,
+    hard: Option<tokio::time::Instant>,
+    request_id: &HeaderValue,
+) -> Dispatched {
+    let (mut parts, body) = req.into_parts();
+    if parts.uri.path() == challenge::VERIFY_PATH {
+        let query = parts.uri.query().unwrap_or("");
+        let response = snapshot.agent_context.challenges.verify(
+            query,
+            exchange::client_ip(conn.peer.ip()),
+            conn.scheme == "https",
+        );
+        return Dispatched {
+            route: None,
+            outcome: Ok((response, Attempt::default())),
+            agents: None,
+            record: None,
+        };
+    }
     let Some(route) = snapshot.router.route(&parts) else {
-        return (None, Err((ProxyError::NoRoute, Attempt::default())));
+        return Dispatched {
+            route: None,
+            outcome: Err((ProxyError::NoRoute, Attempt::default())),
+            agents: None,
+            record: exchange::record(snapshot, None, conn, &parts),
+        };
     };
+    let record = exchange::record(snapshot, Some(&route), conn, &parts);
+    let agents = exchange::begin(snapshot, &route, conn, &parts, request_id);
+    if let Some(a) = &agents {
+        let method = parts.method.as_str().to_owned();
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        if let Step::Respond(stop) = a
+            .exchange
+            .request_headers(&method, &uri, &mut parts.headers)
+            .await
+        {
+            return Dispatched {
+                route: Some(route),
+                outcome: Ok((stop, Attempt::default())),
+                agents,
+                record,
+            };
+        }
+    }
     let outcome = match &route.action {
         Action::Respond(r) => Ok((static_response(r), Attempt::default())),
         Action::Forward(upstream) => {
@@ -148,10 +259,32 @@ async fn dispatch(
                 .policies
                 .timeout
                 .unwrap_or(upstream.config.timeouts.total);
-            proxy(parts, body, conn, upstream.clone(), limit, deadline).await
+            let request = Forwarding {
+                conn,
+                activity,
+                upstream: upstream.clone(),
+                limit,
+                deadline,
+                hard,
+                agents: agents.as_ref(),
+                record: record.as_ref(),
+            };
+            proxy(parts, body, request).await
         }
     };
-    (Some(route), outcome)
+    let outcome = match (&agents, outcome) {
+        (Some(a), Ok((response, attempt))) => Ok((
+            exchange::response(&a.exchange, response, hard).await,
+            attempt,
+        )),
+        (_, other) => other,
+    };
+    Dispatched {
+        route: Some(route),
+        outcome,
+        agents,
+        record,
+    }
 }
 
 fn static_response(r: &StaticResponse) -> Response<ProxyBody> {
@@ -184,14 +317,34 @@ fn declared_length(parts: &Parts) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-async fn proxy(
-    mut parts: Parts,
-    body: Incoming,
-    conn: &ConnInfo,
+/// Where and under which limits a request is forwarded.
+struct Forwarding<'a> {
+    conn: &'a ConnInfo,
+    activity: &'a Arc<Activity>,
     upstream: Arc<Upstream>,
+    /// Request body limit; 0: none.
     limit: u64,
+    /// All attempts together (route timeout, else the upstream's total).
     deadline: Duration,
-) -> Outcome {
+    /// The listener's whole-request deadline.
+    hard: Option<tokio::time::Instant>,
+    /// The route's agents, when it has some and the profile calls them.
+    agents: Option<&'a exchange::Agents>,
+    /// The request's metadata record, which sees its body go past.
+    record: Option<&'a Pending>,
+}
+
+async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome {
+    let Forwarding {
+        conn,
+        activity,
+        upstream,
+        limit,
+        deadline,
+        hard,
+        agents,
+        record,
+    } = fwd;
     let mut attempt = Attempt {
         upstream: Some(upstream.name.clone()),
         ..Attempt::default()
@@ -256,13 +409,56 @@ async fn proxy(
     } else {
         0
     };
-    let mut body = Some(Limited::new(body, limit));
+    let progress = Arc::new(BodyProgress::new());
+    let limited = Limited::new(body, limit).with_progress(progress.clone());
+    let limited: ProxyBody = match record {
+        Some(r) => r.tap(limited).boxed(),
+        None => limited.boxed(),
+    };
+    let give_up_at = {
+        let total = tokio::time::Instant::now() + deadline;
+        hard.map_or(total, |hard| total.min(hard))
+    };
+    // Agents that inspect the body decide on what they buffered before
+    // the upstream is asked anything.
+    let (mut body, stopped): (Option<ProxyBody>, _) = match agents {
+        Some(a) if !empty_body => {
+            let counted = exchange::count_request(limited, a);
+            match exchange::request_body(a, &mut parts.headers, counted, give_up_at).await {
+                Ok(inspected) => inspected,
+                Err(Inspection::Stopped(response)) => return Ok((response, attempt)),
+                Err(Inspection::Failed(e)) => {
+                    let error = match body::find_body_error(e.as_ref()) {
+                        Some(BodyError::TooLarge { limit }) => {
+                            ProxyError::BodyTooLarge { limit: *limit }
+                        }
+                        Some(other) => ProxyError::BadRequest {
+                            reason: other.to_string(),
+                        },
+                        None => ProxyError::BadRequest {
+                            reason: errors::chain(e.as_ref()),
+                        },
+                    };
+                    return Err((error, attempt));
+                }
+                Err(Inspection::TimedOut) => {
+                    return Err((
+                        ProxyError::ClientTimeout {
+                            after_ms: deadline.as_millis(),
+                        },
+                        attempt,
+                    ));
+                }
+            }
+        }
+        Some(a) => (Some(exchange::count_request(limited, a)), None),
+        None => (Some(limited), None),
+    };
     let path_and_query = parts
         .uri
         .path_and_query()
         .map_or("/", |pq| pq.as_str())
         .to_owned();
-    let give_up_at = tokio::time::Instant::now() + deadline;
     let read_timeout = upstream.config.timeouts.read;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -299,19 +495,45 @@ async fn proxy(
         };
         head.uri = uri;
         let outgoing: ProxyBody = match body.take() {
-            Some(b) if !empty_body => b.boxed(),
+            Some(b) if !empty_body => b,
             _ => Empty::<Bytes>::new()
                 .map_err(|never| match never {})
                 .boxed(),
         };
         let request = Request::from_parts(head, outgoing);
         let in_flight = InFlight::new(upstream.clone(), index);
-        let wait =
-            read_timeout.min(give_up_at.saturating_duration_since(tokio::time::Instant::now()));
-        let sent = tokio::time::timeout(wait, upstream.client.request(request)).await;
+        let attempt_started = tokio::time::Instant::now();
+        // Whoever owes the next bytes has the read timeout to send them:
+        // the client while its body is unfinished, the upstream after.
+        let owed = || {
+            if empty_body {
+                (false, attempt_started)
+            } else {
+                progress.owed()
+            }
+        };
+        let sent = wait_for_head(
+            upstream.client.request(request),
+            owed,
+            read_timeout,
+            give_up_at,
+        )
+        .await;
         let metrics_result;
         let error = match sent {
-            Ok(Ok(mut response)) => {
+            Waited::ClientStalled => {
+                // Not the target's fault: it is not blamed, and the client
+                // gets 408.
+                drop(in_flight);
+                count_upstream(&upstream, "client_timeout");
+                return Err((
+                    ProxyError::ClientTimeout {
+                        after_ms: read_timeout.as_millis(),
+                    },
+                    attempt,
+                ));
+            }
+            Waited::Done(Ok(mut response)) => {
                 let status = response.status();
                 let failed = upstream.config.passive_health.count_5xx
                     && matches!(
@@ -330,7 +552,15 @@ async fn proxy(
                     && let Some(on_client) = on_client_upgrade
                 {
                     let on_upstream = hyper::upgrade::on(&mut response);
-                    tokio::spawn(tunnel(on_client, on_upstream, in_flight));
+                    let frames = agents
+                        .filter(|a| a.exchange.agents.wants(AgentEvent::WebsocketFrame))
+                        .map(|a| a.exchange.clone());
+                    tokio::spawn(tunnel(
+                        on_client,
+                        on_upstream,
+                        frames,
+                        (in_flight, activity.clone()),
+                    ));
                     let (head, _) = response.into_parts();
                     let empty = Empty::<Bytes>::new()
                         .map_err(|never| match never {})
@@ -338,12 +568,24 @@ async fn proxy(
                     return Ok((Response::from_parts(head, empty), attempt));
                 }
                 forward::strip_hop_by_hop(response.headers_mut(), None);
-                let response = response
-                    .map(|b| Tracked::new(ReadTimeout::new(b, read_timeout), in_flight).boxed());
+                let response = response.map(|b| {
+                    Tracked::new(
+                        ReadTimeout::new(b, read_timeout).with_deadline(hard),
+                        in_flight,
+                    )
+                    .boxed()
+                });
                 return Ok((response, attempt));
             }
-            Ok(Err(e)) => {
+            Waited::Done(Err(e)) => {
                 let source: &(dyn std::error::Error + 'static) = &e;
+                if agent_body::is_agent_stop(source)
+                    && let Some(response) = stopped.as_ref().and_then(|s| s.take())
+                {
+                    // An agent stopped the streamed body: not the target's
+                    // fault.
+                    return Ok((response, attempt));
+                }
                 if let Some(b) = body::find_body_error(source) {
                     // The client's own body failed: not the target's fault.
                     let error = match b {
@@ -368,11 +610,11 @@ async fn proxy(
                     }
                 }
             }
-            Err(_) => {
+            Waited::UpstreamStalled => {
                 metrics_result = "timeout";
                 ProxyError::Timeout {
                     target: target.address.clone(),
-                    after_ms: wait.as_millis(),
+                    after_ms: attempt_started.elapsed().as_millis(),
                 }
             }
         };
@@ -391,12 +633,54 @@ async fn proxy(
     Err((error, attempt))
 }
 
+enum Waited<T> {
+    Done(T),
+    /// The client's body stopped for the read timeout.
+    ClientStalled,
+    /// The upstream sent no response head for the read timeout after the
+    /// body ended, or the request's deadline passed.
+    UpstreamStalled,
+}
+
+/// Waits for the response head, telling who stalled when it does not come.
+async fn wait_for_head<F: std::future::Future>(
+    head: F,
+    owed: impl Fn() -> (bool, tokio::time::Instant),
+    read: Duration,
+    give_up_at: tokio::time::Instant,
+) -> Waited<F::Output> {
+    tokio::pin!(head);
+    loop {
+        let (_, since) = owed();
+        let wake = (since + read).min(give_up_at);
+        tokio::select! {
+            out = &mut head => return Waited::Done(out),
+            _ = tokio::time::sleep_until(wake) => {
+                let now = tokio::time::Instant::now();
+                // Progress may have come while we slept: look again.
+                let (client_owes, since) = owed();
+                if now >= since + read || now >= give_up_at {
+                    return if client_owes {
+                        Waited::ClientStalled
+                    } else {
+                        Waited::UpstreamStalled
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// Copies bytes both ways between an upgraded client and upstream (a
 /// WebSocket, say) until either side closes.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
-    _in_flight: InFlight,
+    // Agents that inspect WebSocket frames, when the route has some.
+    frames: Option<Arc<Exchange>>,
+    // The target's in-flight count and the client connection's place under
+    // the caps, held while the tunnel lives.
+    _held: (InFlight, Arc<Activity>),
 ) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
@@ -407,6 +691,10 @@ async fn tunnel(
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
+    if let Some(exchange) = frames {
+        websocket::tunnel(exchange, client, upstream).await;
+        return;
+    }
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(%error, "upgraded connection ended");
     }

@@ -40,6 +40,8 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, as X-Forwarded-Proto says it.
     pub scheme: &'static str,
+    /// The listener's `request-timeout-secs`; zero: none.
+    pub request_timeout: Duration,
 }
 
 /// Accepts on `socket` until `stop` turns true.
@@ -89,6 +91,7 @@ pub async fn accept_loop(
             listener: name.clone(),
             peer,
             scheme: if spec.tls.is_some() { "https" } else { "http" },
+            request_timeout: spec.config.request_timeout,
         });
         tracker.spawn(serve(stream, info, spec, shared.clone(), (global, local)));
     }
@@ -101,14 +104,19 @@ async fn serve(
     info: Arc<ConnInfo>,
     spec: Arc<ListenerSpec>,
     shared: Arc<Shared>,
-    _permits: Permits,
+    permits: Permits,
 ) {
     let gauge = shared
         .metrics
         .active_connections
         .with_label_values(&[&*info.listener]);
     gauge.inc();
-    let activity = Arc::new(Activity::new());
+    // The connection counts (gauge and caps) for as long as its activity
+    // lives, which an upgraded connection's tunnel extends past hyper.
+    let activity = Arc::new(Activity::new(Counted {
+        _permits: permits,
+        gauge,
+    }));
     let (max_head, max_headers) = {
         let limits = &shared.snapshot.load().limits;
         (limits.max_header_bytes, limits.max_header_count)
@@ -136,7 +144,6 @@ async fn serve(
             }
         }
     }
-    gauge.dec();
 }
 
 async fn drive<I>(
@@ -236,6 +243,7 @@ enum Clock {
 
 /// A connection's activity, shared by its IO, its requests and its clocks.
 pub struct Activity {
+    _counted: Counted,
     epoch: Instant,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` when the last request finished.
@@ -252,8 +260,9 @@ pub struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(counted: Counted) -> Self {
         Self {
+            _counted: counted,
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
@@ -317,6 +326,19 @@ impl Activity {
             return (Clock::CloseIdle, header_read.min(keepalive));
         }
         (Clock::Keep, Duration::from_millis(idle_ms - idle + 1))
+    }
+}
+
+/// A connection's place under the caps and in
+/// `sentinel_active_connections`, given back on drop.
+struct Counted {
+    _permits: Permits,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

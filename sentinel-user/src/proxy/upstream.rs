@@ -25,7 +25,7 @@ use crate::{
 
 /// Results of an attempt, the `result` label of
 /// `sentinel_upstream_requests_total`.
-pub const RESULTS: [&str; 8] = [
+pub const RESULTS: [&str; 9] = [
     "1xx",
     "2xx",
     "3xx",
@@ -33,6 +33,7 @@ pub const RESULTS: [&str; 8] = [
     "5xx",
     "connect_error",
     "timeout",
+    "client_timeout",
     "error",
 ];
 
