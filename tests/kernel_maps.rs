@@ -267,8 +267,8 @@ fn scopeguard(path: &std::path::Path) -> PinGuard {
     PinGuard(path.to_owned())
 }
 
-/// Creates and pins an LPM trie with 8-byte values where DENY_V4 belongs.
-fn pin_foreign_map(path: &std::path::Path) {
+/// Creates a map with the given shape and pins it at `path`.
+fn pin_map(path: &std::path::Path, map_type: u32, key: u32, value: u32, entries: u32, flags: u32) {
     #[repr(C)]
     struct CreateAttr {
         map_type: u32,
@@ -285,14 +285,12 @@ fn pin_foreign_map(path: &std::path::Path) {
     }
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_OBJ_PIN: libc::c_long = 6;
-    const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
-    const BPF_F_NO_PREALLOC: u32 = 1;
     let mut create = CreateAttr {
-        map_type: BPF_MAP_TYPE_LPM_TRIE,
-        key_size: 8,
-        value_size: 8,
-        max_entries: 16,
-        map_flags: BPF_F_NO_PREALLOC,
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: flags,
     };
     // SAFETY: the create prefix of `bpf_attr`, no pointers.
     let fd = unsafe { sys::bpf(BPF_MAP_CREATE, &mut create) }.expect("map create");
@@ -308,6 +306,244 @@ fn pin_foreign_map(path: &std::path::Path) {
     unsafe { libc::close(fd as i32) };
 }
 
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Creates and pins an LPM trie with 8-byte values where DENY_V4_RULES belongs.
+fn pin_foreign_map(path: &std::path::Path) {
+    pin_map(path, BPF_MAP_TYPE_LPM_TRIE, 8, 8, 16, BPF_F_NO_PREALLOC);
+}
+
+fn open_at(pin_path: &std::path::Path) -> Result<Kernel, KernelError> {
+    Kernel::open(&KernelConfig {
+        pin_path: pin_path.to_owned(),
+        ..KernelConfig::default()
+    })
+}
+
+fn verdict(kernel: &Kernel, frame: &[u8]) -> u32 {
+    kernel.test_run(frame, 1).expect("test run").0
+}
+
+fn v4_frame(src: [u8; 4]) -> Vec<u8> {
+    Packet::ipv4(src, [198, 51, 100, 1]).udp(1, 2).build()
+}
+
+fn v6_frame(src: &str) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    Packet::ipv6(
+        src,
+        "2001:db8:ffff::1".parse::<std::net::Ipv6Addr>().unwrap(),
+    )
+    .udp(1, 2)
+    .build()
+}
+
+/// Every kind of prefix keeps its entry, hits and structure across a
+/// reload: short and long IPv4 rules (direct table, long map, parents),
+/// IPv6 prefixes of several classes and under /32 (filter, metadata), and
+/// IPv6 hosts (the filter's host bit is rebuilt from the host map).
+#[test]
+fn prefix_indexes_survive_reloading_the_program() {
+    require_root!();
+    let pin_path = unique_pin_path("persist-prefixes");
+    let _guard = scopeguard(&pin_path);
+    let prefixes = [
+        "10.0.0.0/8",
+        "10.1.0.0/16",
+        "10.1.2.0/24",
+        "10.1.2.128/25",
+        "10.1.2.128/30",
+        "2001:d00::/24",
+        "2001:db8::/32",
+        "2001:db8:1::/48",
+        "2001:db8:1:2::/64",
+        "2001:db8:1:2::/125",
+        "2001:db8:9::9/128",
+    ];
+    let hits_before: Vec<u64>;
+    {
+        let mut kernel = open_at(&pin_path).unwrap();
+        for p in prefixes {
+            let p: IpNet = p.parse().unwrap();
+            kernel
+                .tables
+                .upsert(RuleList::Deny, &p, &rule(None))
+                .unwrap();
+        }
+        kernel
+            .tables
+            .upsert(
+                RuleList::Deny,
+                &"10.1.2.0/28".parse().unwrap(),
+                &rule(Some(Duration::from_secs(600))),
+            )
+            .unwrap();
+        for src in [
+            [10, 1, 2, 129],
+            [10, 1, 2, 200],
+            [10, 1, 3, 1],
+            [10, 9, 9, 9],
+        ] {
+            assert_eq!(verdict(&kernel, &v4_frame(src)), XDP_DROP, "{src:?}");
+        }
+        for src in [
+            "2001:db8:1:2::3",
+            "2001:db8:1:3::1",
+            "2001:db8:2::1",
+            "2001:dff::1",
+            "2001:db8:9::9",
+        ] {
+            assert_eq!(verdict(&kernel, &v6_frame(src)), XDP_DROP, "{src}");
+        }
+        hits_before = prefixes
+            .iter()
+            .map(|p| {
+                kernel
+                    .tables
+                    .get(RuleList::Deny, &p.parse().unwrap())
+                    .unwrap()
+                    .unwrap()
+                    .hits
+            })
+            .collect();
+        assert_eq!(hits_before, [1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 1]);
+    }
+    let kernel = open_at(&pin_path).unwrap();
+    assert_eq!(kernel.tables.count(RuleList::Deny), prefixes.len() + 1);
+    let hits_after: Vec<u64> = prefixes
+        .iter()
+        .map(|p| {
+            kernel
+                .tables
+                .get(RuleList::Deny, &p.parse().unwrap())
+                .unwrap()
+                .unwrap()
+                .hits
+        })
+        .collect();
+    assert_eq!(hits_after, hits_before, "hit counts kept");
+    let timed = kernel
+        .tables
+        .get(RuleList::Deny, &"10.1.2.0/28".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_ne!(timed.expires_at_ns, 0, "expiry kept");
+    for src in [[10, 1, 2, 129], [10, 1, 2, 5], [10, 200, 0, 1]] {
+        assert_eq!(
+            verdict(&kernel, &v4_frame(src)),
+            XDP_DROP,
+            "{src:?} after reload"
+        );
+    }
+    assert_eq!(verdict(&kernel, &v4_frame([11, 0, 0, 1])), XDP_PASS);
+    for src in ["2001:db8:1:2::3", "2001:dff::1", "2001:db8:9::9"] {
+        assert_eq!(
+            verdict(&kernel, &v6_frame(src)),
+            XDP_DROP,
+            "{src} after reload"
+        );
+    }
+    assert_eq!(verdict(&kernel, &v6_frame("2001:e00::1")), XDP_PASS);
+    let host = kernel
+        .tables
+        .get(RuleList::Deny, &"2001:db8:9::9/128".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(host.hits, 2, "the host was found through the rebuilt gate");
+}
+
+/// A crash can stop the daemon between writing a rule and pointing the
+/// table at it; the next start rebuilds the table from the rules.
+#[test]
+fn a_damaged_direct_table_is_repaired_at_start() {
+    require_root!();
+    let pin_path = unique_pin_path("repair");
+    let _guard = scopeguard(&pin_path);
+    {
+        let mut kernel = open_at(&pin_path).unwrap();
+        kernel
+            .tables
+            .upsert(
+                RuleList::Deny,
+                &"203.0.113.0/24".parse().unwrap(),
+                &rule(None),
+            )
+            .unwrap();
+        assert_eq!(verdict(&kernel, &v4_frame([203, 0, 113, 9])), XDP_DROP);
+    }
+    // Zero the element of the table that holds 203.0.113.0/24's slot, as
+    // a crash before the slot was written would leave it.
+    let map = aya::maps::MapData::from_pin(pin_path.join("DENY_V4_DIRECT")).unwrap();
+    let mut table: aya::maps::Array<_, [u32; 256]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    let element = u32::from_be_bytes([203, 0, 113, 0]) >> 16;
+    let mut slots = table.get(&element, 0).unwrap();
+    assert_ne!(slots[113], 0, "the slot was written");
+    slots[113] = 0;
+    table.set(element, slots, 0).unwrap();
+    drop(table);
+    let kernel = open_at(&pin_path).unwrap();
+    assert_eq!(verdict(&kernel, &v4_frame([203, 0, 113, 9])), XDP_DROP);
+}
+
+#[test]
+fn refuses_a_direct_table_of_another_size() {
+    require_root!();
+    let pin_path = unique_pin_path("foreign-size");
+    let _guard = scopeguard(&pin_path);
+    drop(open_at(&pin_path).unwrap());
+    std::fs::remove_file(pin_path.join("DENY_V4_DIRECT")).unwrap();
+    pin_map(
+        &pin_path.join("DENY_V4_DIRECT"),
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        1024,
+        300,
+        BPF_F_MMAPABLE,
+    );
+    let text = open_at(&pin_path).err().expect("refused").to_string();
+    assert!(text.contains("DENY_V4_DIRECT has 300 elements"), "{text}");
+    // And one that cannot be mapped into memory.
+    std::fs::remove_file(pin_path.join("DENY_V4_DIRECT")).unwrap();
+    pin_map(
+        &pin_path.join("DENY_V4_DIRECT"),
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        1024,
+        65_536,
+        0,
+    );
+    let text = open_at(&pin_path).err().expect("refused").to_string();
+    assert!(text.contains("without BPF_F_MMAPABLE"), "{text}");
+}
+
+#[test]
+fn full_ipv6_prefix_index_is_an_error() {
+    require_root!();
+    let mut h = Harness::with_config(|c| c.capacity.denylist_v6 = 10);
+    let many: Vec<IpNet> = (0..15u16)
+        .map(|i| format!("2001:db8:{i:x}::/48").parse().unwrap())
+        .collect();
+    let imported = h.kernel.tables.import(RuleList::Deny, &many, &rule(None));
+    assert_eq!(imported.created, 10);
+    assert!(matches!(
+        imported.stopped,
+        Some(KernelError::Full { capacity: 10, .. })
+    ));
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), 10);
+    let err = h.add(RuleList::Deny, "2001:db8:ff::/48", None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the denylist is full (10 entries): remove entries or raise kernel.capacity.denylist-v6"
+    );
+    // What was written is in force; what was not is not.
+    assert_eq!(h.run(&v6_frame("2001:db8:9::1")).0, XDP_DROP);
+    assert_eq!(h.run(&v6_frame("2001:db8:a::1")).0, XDP_PASS);
+}
+
 #[test]
 fn refuses_pinned_maps_of_another_layout() {
     require_root!();
@@ -321,8 +557,8 @@ fn refuses_pinned_maps_of_another_layout() {
         })
         .unwrap(),
     );
-    std::fs::remove_file(pin_path.join("DENY_V4")).unwrap();
-    pin_foreign_map(&pin_path.join("DENY_V4"));
+    std::fs::remove_file(pin_path.join("DENY_V4_RULES")).unwrap();
+    pin_foreign_map(&pin_path.join("DENY_V4_RULES"));
     let err = Kernel::open(&KernelConfig {
         pin_path: pin_path.clone(),
         ..KernelConfig::default()
@@ -331,6 +567,80 @@ fn refuses_pinned_maps_of_another_layout() {
     .expect("a foreign layout must be refused");
     let text = err.to_string();
     assert!(text.contains("incompatible Sentinel version"), "{text}");
-    assert!(text.contains("DENY_V4"), "{text}");
+    assert!(text.contains("DENY_V4_RULES"), "{text}");
     assert!(text.contains("8-byte values"), "{text}");
+}
+
+/// The bulk path of the prefix indexes: thousands of IPv4 prefixes of
+/// mixed lengths (direct table and long map) and IPv6 prefixes in one
+/// import, in force for every address checked; a second import replaces
+/// them in bulk and keeps their hits.
+#[test]
+fn bulk_import_of_prefixes_is_in_force() {
+    require_root!();
+    let mut h = Harness::new();
+    let mut v4: Vec<IpNet> = (0..3000u32)
+        .map(|i| {
+            let len = [16u8, 20, 24, 24, 26, 28][(i % 6) as usize];
+            let a = std::net::Ipv4Addr::from(i.wrapping_mul(2_654_435_761));
+            IpNet::V4(ipnet::Ipv4Net::new(a, len).unwrap().trunc())
+        })
+        .collect();
+    v4.sort();
+    v4.dedup();
+    // Nested ones would make "inside this prefix" ambiguous below.
+    let v4: Vec<IpNet> = v4
+        .iter()
+        .filter(|p| !v4.iter().any(|q| q != *p && q.contains(*p)))
+        .copied()
+        .collect();
+    let v6: Vec<IpNet> = (0..1000u32)
+        .map(|i| {
+            let len = [32u8, 48, 56, 64][(i % 4) as usize];
+            let a = std::net::Ipv6Addr::from(
+                (0x2001_0db8u128 << 96) | (u128::from(i.wrapping_mul(2_654_435_761)) << 64),
+            );
+            IpNet::V6(ipnet::Ipv6Net::new(a, len).unwrap().trunc())
+        })
+        .collect();
+    let mut all = v4.clone();
+    all.extend(&v6);
+    all.sort();
+    all.dedup();
+    let imported = h.kernel.tables.import(RuleList::Deny, &all, &rule(None));
+    assert!(imported.stopped.is_none(), "{:?}", imported.stopped);
+    assert_eq!(imported.created, all.len());
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), all.len());
+    for p in v4.iter().step_by(7) {
+        let IpNet::V4(net) = p else { unreachable!() };
+        let last = net.broadcast().octets();
+        assert_eq!(h.run(&v4_frame(last)).0, XDP_DROP, "{p}");
+    }
+    assert_eq!(h.run(&v4_frame([203, 0, 113, 1])).0, XDP_PASS);
+    for p in v6.iter().step_by(37) {
+        let IpNet::V6(net) = p else { unreachable!() };
+        let inside = std::net::Ipv6Addr::from(u128::from(net.network()) | 1);
+        assert_eq!(h.run(&v6_frame(&inside.to_string())).0, XDP_DROP, "{p}");
+    }
+    assert_eq!(h.run(&v6_frame("2001:db9::1")).0, XDP_PASS);
+    let first_v4 = v4[0];
+    let IpNet::V4(net) = first_v4 else {
+        unreachable!()
+    };
+    assert_eq!(h.run(&v4_frame(net.network().octets())).0, XDP_DROP);
+    // Re-importing replaces in bulk and keeps the hit.
+    let again = h
+        .kernel
+        .tables
+        .import(RuleList::Deny, &all, &rule(Some(Duration::from_secs(60))));
+    assert!(again.stopped.is_none(), "{:?}", again.stopped);
+    assert_eq!((again.created, again.replaced), (0, all.len()));
+    let value = h
+        .kernel
+        .tables
+        .get(RuleList::Deny, &first_v4)
+        .unwrap()
+        .expect("present");
+    assert!(value.hits >= 1, "hits kept across the bulk replacement");
+    assert_ne!(value.expires_at_ns, 0, "and the new TTL taken");
 }

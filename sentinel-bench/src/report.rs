@@ -225,7 +225,7 @@ pub fn load(loads: &[LoadTime], e2e: &[EndToEnd]) -> Table {
         t.row(vec![
             l.kind.label().to_owned(),
             count_label(l.entries),
-            "reference: bare LPM trie, same entries, batched".to_owned(),
+            "reference: bare LPM trie (the old prefix store), batched".to_owned(),
             ms(l.bare_trie),
             "-".to_owned(),
         ]);
@@ -247,9 +247,9 @@ pub fn load(loads: &[LoadTime], e2e: &[EndToEnd]) -> Table {
         ]);
     }
     if !loads.is_empty() {
-        t.note("Bare LPM trie: the same prefixes written with BPF_MAP_UPDATE_BATCH (8,192 per call) into a fresh, unpinned LPM trie with our key and value sizes, keys built beforehand: what the kernel alone needs to fill a trie with them, whatever the daemon keeps beside it.");
+        t.note("Bare LPM trie: the same prefixes written with BPF_MAP_UPDATE_BATCH (8,192 per call) into a fresh, unpinned LPM trie with the key and value sizes Sentinel used before its prefix indexes, keys built beforehand: what the kernel alone needed to fill the old store, whatever the daemon keeps beside it.");
     }
-    t.note("End to end: from starting the CLI to its exit (it reads and checks every line, sends 50,000 prefixes per admin request; the daemon parses them and writes with batched map updates); the daemon is then asked how many entries it holds.");
+    t.note("End to end: from starting the CLI to its exit (it reads and checks every line, sends 50,000 prefixes per admin request; the daemon parses them and writes them: hosts and IPv6 prefixes with batched map updates, IPv4 prefixes through mmap); the daemon is then asked how many entries it holds.");
     t
 }
 

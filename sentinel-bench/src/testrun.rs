@@ -73,15 +73,17 @@ pub struct LoadTime {
     pub entries: usize,
     /// `RuleTables::import` (batched map updates).
     pub ours: Duration,
-    /// The same prefixes into a bare LPM trie with our key and value
-    /// sizes, batched: what the kernel alone needs for a trie.
+    /// The same prefixes into a bare LPM trie with the key and value sizes
+    /// of Sentinel's old prefix store, batched: what the kernel alone
+    /// needed to load them before the prefix indexes.
     pub bare_trie: Duration,
     /// Batched updates of xdp-filter's hash map, for reference.
     pub peer: Duration,
 }
 
-/// Fills a fresh, unpinned LPM trie shaped like our denylist with `set` in
-/// batches; how long the syscalls took (keys and values are built first).
+/// Fills a fresh, unpinned LPM trie shaped like Sentinel's denylist before
+/// its prefix indexes with `set` in batches; how long the syscalls took
+/// (keys and values are built first). A reference for the load table.
 fn bare_trie(set: &EntrySet) -> Result<Duration> {
     let data_len = if set.kind.is_v6() { 16 } else { 4 };
     let key_size = 4 + data_len;

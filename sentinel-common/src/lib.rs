@@ -13,25 +13,37 @@ use core::mem::size_of;
 
 /// Version of the layout of every pinned map. Stored in the `SENTINEL_META`
 /// map; a daemon refuses to reuse pinned maps that carry another version.
-pub const LAYOUT_VERSION: u32 = 2;
+///
+/// 3: prefixes moved from LPM tries to the prefix indexes of [`prefix`].
+pub const LAYOUT_VERSION: u32 = 3;
+
+pub mod prefix;
 
 /// Names of the maps in the eBPF object. Userspace pins the shared ones under
-/// the configured pin path with these names.
+/// the configured pin path with these names (kernel map names are at most
+/// 15 characters).
 ///
-/// Each list is four maps: host entries (/32, /128) in hash maps, found in
-/// one lookup whatever their number, and shorter prefixes in LPM tries,
-/// whose cost grows with their depth. Agents and feeds mostly name hosts.
+/// Each list is, per family, a hash map of hosts (/32, /128), found in one
+/// lookup whatever their number, and a prefix index for shorter prefixes
+/// ([`prefix`]): for IPv4 a direct table indexed by the address's top bits,
+/// an array of rules and a hash map of the lengths the table does not
+/// resolve; for IPv6 a filter indexed by a hash of the top 32 bits and a
+/// hash map keyed by (length, network).
 pub mod maps {
-    /// Allowlist prefixes shorter than /32 (LPM trie).
-    pub const ALLOW_V4: &str = "ALLOW_V4";
-    /// Allowlist prefixes shorter than /128 (LPM trie).
-    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const ALLOW_V4_DIRECT: &str = "ALLOW_V4_DIRECT";
+    pub const ALLOW_V4_RULES: &str = "ALLOW_V4_RULES";
+    pub const ALLOW_V4_LONG: &str = "ALLOW_V4_LONG";
+    pub const ALLOW_V6_FILTER: &str = "ALLOW_V6_FILTER";
+    pub const ALLOW_V6_PREFIX: &str = "ALLOW_V6_PREFIX";
     /// Allowlist /32 hosts (hash).
     pub const ALLOW_HOST_V4: &str = "ALLOW_HOST_V4";
     /// Allowlist /128 hosts (hash).
     pub const ALLOW_HOST_V6: &str = "ALLOW_HOST_V6";
-    pub const DENY_V4: &str = "DENY_V4";
-    pub const DENY_V6: &str = "DENY_V6";
+    pub const DENY_V4_DIRECT: &str = "DENY_V4_DIRECT";
+    pub const DENY_V4_RULES: &str = "DENY_V4_RULES";
+    pub const DENY_V4_LONG: &str = "DENY_V4_LONG";
+    pub const DENY_V6_FILTER: &str = "DENY_V6_FILTER";
+    pub const DENY_V6_PREFIX: &str = "DENY_V6_PREFIX";
     pub const DENY_HOST_V4: &str = "DENY_HOST_V4";
     pub const DENY_HOST_V6: &str = "DENY_HOST_V6";
     pub const PORT_POLICY: &str = "PORT_POLICY";
@@ -40,13 +52,19 @@ pub mod maps {
     pub const STATS: &str = "XDP_STATS";
 
     /// Maps shared by every program instance and kept across restarts.
-    pub const PINNED: [&str; 10] = [
-        ALLOW_V4,
-        ALLOW_V6,
+    pub const PINNED: [&str; 16] = [
+        ALLOW_V4_DIRECT,
+        ALLOW_V4_RULES,
+        ALLOW_V4_LONG,
+        ALLOW_V6_FILTER,
+        ALLOW_V6_PREFIX,
         ALLOW_HOST_V4,
         ALLOW_HOST_V6,
-        DENY_V4,
-        DENY_V6,
+        DENY_V4_DIRECT,
+        DENY_V4_RULES,
+        DENY_V4_LONG,
+        DENY_V6_FILTER,
+        DENY_V6_PREFIX,
         DENY_HOST_V4,
         DENY_HOST_V6,
         PORT_POLICY,
@@ -56,7 +74,8 @@ pub mod maps {
 
 /// Bits of [`Meta::populated`]: which rule maps hold entries. The program
 /// skips the lookups of empty maps; userspace sets a bit after the first
-/// entry is written and clears it after the last is removed.
+/// entry is written and clears it after the last is removed. The `*_V4` and
+/// `*_V6` bits stand for a list's whole prefix index.
 pub mod populated {
     pub const ALLOW_V4: u32 = 1 << 0;
     pub const ALLOW_V6: u32 = 1 << 1;
@@ -144,7 +163,7 @@ pub const REASON_LEN: usize = 64;
 ///
 /// The program reads `expires_at_ns` and `prefix_len` and updates `hits` and
 /// `last_hit_ns` in place; the rest is for operators and survives restarts
-/// with the entry.
+/// with the entry. IPv4 prefixes carry it inside a [`prefix::PrefixRule4`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuleValue {
@@ -158,8 +177,7 @@ pub struct RuleValue {
     pub last_hit_ns: u64,
     /// Wall-clock seconds since the Unix epoch when the entry was written.
     pub created_at_unix_s: u64,
-    /// Prefix length of the key this value is stored under, so that the
-    /// program can look past an expired entry to a shorter live one.
+    /// Prefix length of the entry.
     pub prefix_len: u32,
     pub _pad: u32,
     /// NUL-padded UTF-8.
@@ -189,7 +207,7 @@ impl RuleValue {
     }
 }
 
-/// Value of the one-entry `SENTINEL_META` array.
+/// Value of the one-entry `SENTINEL_META` array, read once per packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -197,13 +215,21 @@ pub struct Meta {
     pub layout_version: u32,
     /// [`populated`] bits: which rule maps hold entries.
     pub populated: u32,
+    /// Per list ([`prefix::list`]): its IPv4 prefix index.
+    pub v4: [prefix::Prefix4Meta; prefix::list::COUNT],
+    /// Per list ([`prefix::list`]): its IPv6 prefix index.
+    pub v6: [prefix::Prefix6Meta; prefix::list::COUNT],
 }
 
 // The kernel sees these as raw bytes: pin their sizes so that an accidental
 // change fails the build instead of corrupting pinned maps.
 const _: () = assert!(size_of::<Counters>() == 16);
 const _: () = assert!(size_of::<RuleValue>() == 40 + SOURCE_LEN + REASON_LEN);
-const _: () = assert!(size_of::<Meta>() == 8);
+const _: () = assert!(
+    size_of::<Meta>()
+        == 8 + prefix::list::COUNT
+            * (size_of::<prefix::Prefix4Meta>() + size_of::<prefix::Prefix6Meta>())
+);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -212,4 +238,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::Meta {}
+    unsafe impl aya::Pod for super::prefix::PrefixRule4 {}
+    unsafe impl aya::Pod for super::prefix::LongKey4 {}
+    unsafe impl aya::Pod for super::prefix::PrefixKey6 {}
 }

@@ -21,6 +21,10 @@
 //! Entry expiry and last-hit times are `CLOCK_MONOTONIC_COARSE`
 //! nanoseconds (`bpf_ktime_get_coarse_ns`), which userspace reads with
 //! `clock_gettime`.
+//!
+//! This file parses frames; the address verdicts are in [`v4`] and [`v6`]
+//! (host maps, then the prefix indexes of `sentinel_common::prefix`), the
+//! maps in [`maps`], and what the lookups share in [`lookup`].
 #![no_std]
 #![no_main]
 // `AtomicU64::fetch_add` is not offered for the BPF target; the intrinsic
@@ -28,73 +32,17 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
-use core::{ffi::c_void, mem::size_of, ptr};
+use core::{mem::size_of, ptr};
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use sentinel_common::{proto, reason};
 
-use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_map_lookup_elem},
-    macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
-};
-use sentinel_common::{
-    Counters, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES,
-    DEFAULT_DENY_V6_ENTRIES, Meta, PORT_POLICY_ENTRIES, PortVerdict, RuleValue, populated, proto,
-    reason,
-};
+use maps::{PORT_POLICY, XDP_STATS};
 
-// Map capacities are placeholders: the daemon sets them from its
-// configuration before loading (`EbpfLoader::map_max_entries`) and pins the
-// shared maps under its pin path.
-//
-// Host entries (/32, /128) live in hash maps: one lookup, whatever their
-// number. Shorter prefixes live in LPM tries, whose lookups walk a depth
-// that grows with the number of prefixes. Hash maps are not preallocated,
-// so a large capacity costs memory only as entries arrive.
-
-#[map(name = "ALLOW_V4")]
-static ALLOW_V4: LpmTrie<[u8; 4], RuleValue> =
-    LpmTrie::with_max_entries(DEFAULT_ALLOW_V4_ENTRIES, 0);
-
-#[map(name = "ALLOW_V6")]
-static ALLOW_V6: LpmTrie<[u8; 16], RuleValue> =
-    LpmTrie::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, 0);
-
-#[map(name = "ALLOW_HOST_V4")]
-static ALLOW_HOST_V4: HashMap<[u8; 4], RuleValue> =
-    HashMap::with_max_entries(DEFAULT_ALLOW_V4_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map(name = "ALLOW_HOST_V6")]
-static ALLOW_HOST_V6: HashMap<[u8; 16], RuleValue> =
-    HashMap::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map(name = "DENY_HOST_V4")]
-static DENY_HOST_V4: HashMap<[u8; 4], RuleValue> =
-    HashMap::with_max_entries(DEFAULT_DENY_V4_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map(name = "DENY_HOST_V6")]
-static DENY_HOST_V6: HashMap<[u8; 16], RuleValue> =
-    HashMap::with_max_entries(DEFAULT_DENY_V6_ENTRIES, BPF_F_NO_PREALLOC);
-
-#[map(name = "DENY_V4")]
-static DENY_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::with_max_entries(DEFAULT_DENY_V4_ENTRIES, 0);
-
-#[map(name = "DENY_V6")]
-static DENY_V6: LpmTrie<[u8; 16], RuleValue> =
-    LpmTrie::with_max_entries(DEFAULT_DENY_V6_ENTRIES, 0);
-
-#[map(name = "PORT_POLICY")]
-static PORT_POLICY: Array<PortVerdict> = Array::with_max_entries(PORT_POLICY_ENTRIES, 0);
-
-/// Written by userspace: the layout version of the pinned maps, and which
-/// rule maps hold entries (the program skips empty ones).
-#[map(name = "SENTINEL_META")]
-static SENTINEL_META: Array<Meta> = Array::with_max_entries(1, 0);
-
-#[map(name = "XDP_STATS")]
-static XDP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+mod lookup;
+mod maps;
+mod v4;
+mod v6;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -120,10 +68,10 @@ const MAX_IPV6_EXT_HEADERS: usize = 8;
 const TCP_MIN_HLEN: usize = 20;
 const UDP_HLEN: usize = 8;
 
-/// Expired entries looked past in one lookup. Each expired entry that
-/// shadows a shorter prefix costs one more trie lookup until userspace reaps
-/// it (within one reap interval).
-const MAX_EXPIRED_SHADOWS: usize = 8;
+/// What the address verdicts return when no list decides. A plain `u32`
+/// rather than an `Option`: a BPF subprogram returning an aggregate hands
+/// back a pointer to the caller's stack, which the verifier refuses.
+pub(crate) const NO_VERDICT: u32 = u32::MAX;
 
 #[xdp]
 pub fn sentinel_xdp(ctx: XdpContext) -> u32 {
@@ -201,20 +149,8 @@ fn ipv4(pkt: &Packet, l3: usize) -> u32 {
     if hdr[0] >> 4 != 4 || ihl < IPV4_MIN_HLEN {
         return reason::MALFORMED;
     }
-    let src = [hdr[12], hdr[13], hdr[14], hdr[15]];
-    let lists = Lists {
-        allow_host: &ALLOW_HOST_V4,
-        allow: &ALLOW_V4,
-        deny_host: &DENY_HOST_V4,
-        deny: &DENY_V4,
-        bits: [
-            populated::ALLOW_HOST_V4,
-            populated::ALLOW_V4,
-            populated::DENY_HOST_V4,
-            populated::DENY_V4,
-        ],
-    };
-    if let Some(why) = address_verdict(&lists, src, 32) {
+    let why = v4::v4_verdict([hdr[12], hdr[13], hdr[14], hdr[15]]);
+    if why != NO_VERDICT {
         return why;
     }
     // Non-first fragments carry no transport header.
@@ -235,21 +171,14 @@ fn ipv6(pkt: &Packet, l3: usize) -> u32 {
     if hdr[0] >> 4 != 6 {
         return reason::MALFORMED;
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&hdr[8..24]);
-    let lists = Lists {
-        allow_host: &ALLOW_HOST_V6,
-        allow: &ALLOW_V6,
-        deny_host: &DENY_HOST_V6,
-        deny: &DENY_V6,
-        bits: [
-            populated::ALLOW_HOST_V6,
-            populated::ALLOW_V6,
-            populated::DENY_HOST_V6,
-            populated::DENY_V6,
-        ],
-    };
-    if let Some(why) = address_verdict(&lists, src, 128) {
+    let hi = u64::from_be_bytes([
+        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+    ]);
+    let lo = u64::from_be_bytes([
+        hdr[16], hdr[17], hdr[18], hdr[19], hdr[20], hdr[21], hdr[22], hdr[23],
+    ]);
+    let why = v6::v6_verdict(hi, lo);
+    if why != NO_VERDICT {
         return why;
     }
 
@@ -310,133 +239,6 @@ fn transport(pkt: &Packet, l4: usize, protocol: u8) -> u32 {
     match PORT_POLICY.get(block * 65_536 + dport) {
         Some(denied) if *denied != 0 => reason::PORT,
         _ => reason::PASS,
-    }
-}
-
-/// The four maps of one address family.
-struct Lists<K: 'static> {
-    allow_host: &'static HashMap<K, RuleValue>,
-    allow: &'static LpmTrie<K, RuleValue>,
-    deny_host: &'static HashMap<K, RuleValue>,
-    deny: &'static LpmTrie<K, RuleValue>,
-    /// `populated` bits of the four maps, in the order above.
-    bits: [u32; 4],
-}
-
-/// Allowlist, then denylist, for a source address of `bits` bits. In each
-/// list the host map comes first: a live host entry is the longest prefix
-/// there can be. An expired one falls through to the prefixes, which may
-/// still cover the address.
-#[inline(always)]
-fn address_verdict<K: Copy>(lists: &Lists<K>, addr: K, bits: u32) -> Option<u32> {
-    // An array lookup the JIT inlines; without the entry (never, once the
-    // daemon has started) every map is looked up.
-    let populated = SENTINEL_META.get(0).map_or(u32::MAX, |m| m.populated);
-    let mut now = 0u64;
-    if populated & lists.bits[0] != 0 && host_match(lists.allow_host, &addr, &mut now) {
-        return Some(reason::ALLOWLIST);
-    }
-    if populated & lists.bits[1] != 0 && live_match(lists.allow, addr, bits, &mut now) {
-        return Some(reason::ALLOWLIST);
-    }
-    if populated & lists.bits[2] != 0 && host_match(lists.deny_host, &addr, &mut now) {
-        return Some(reason::DENYLIST);
-    }
-    if populated & lists.bits[3] != 0 && live_match(lists.deny, addr, bits, &mut now) {
-        return Some(reason::DENYLIST);
-    }
-    None
-}
-
-/// Reads the clock once per packet, on the first entry found.
-///
-/// `CLOCK_MONOTONIC_COARSE`: the last tick's time, a few loads with no
-/// clock-source read (the TSC read behind the precise clocks costs more
-/// than the rest of a hit). Its resolution, a tick (1-4 ms), is far below
-/// any TTL; it does not count time the machine spends suspended.
-#[inline(always)]
-fn clock(now: &mut u64) -> u64 {
-    if *now == 0 {
-        // SAFETY: helper without arguments.
-        *now = unsafe { bpf_ktime_get_coarse_ns() };
-    }
-    *now
-}
-
-/// A live host entry for `addr`; records the hit on it.
-#[inline(always)]
-fn host_match<K>(map: &HashMap<K, RuleValue>, addr: &K, now: &mut u64) -> bool {
-    // SAFETY: `map` is a map definition relocated by the loader, and `addr`
-    // is a valid key on the stack for the duration of the call.
-    let value = unsafe {
-        bpf_map_lookup_elem(
-            map as *const _ as *mut c_void,
-            addr as *const K as *const c_void,
-        )
-    } as *mut RuleValue;
-    if value.is_null() {
-        return false;
-    }
-    // SAFETY: a non-null lookup result points at a live value (RCU keeps it
-    // valid for this program run).
-    let expires = unsafe { (*value).expires_at_ns };
-    let now = clock(now);
-    if expires == 0 || now < expires {
-        record_hit(value, now);
-        return true;
-    }
-    false
-}
-
-/// Longest live (unexpired) prefix containing `addr`; records the hit on it.
-///
-/// An LPM lookup returns only the longest matching prefix. When that entry
-/// has expired, a shorter live prefix may still cover the address, so the
-/// lookup is repeated with the key's prefix length just below the expired
-/// entry's: the trie then only considers prefixes up to that length.
-#[inline(always)]
-fn live_match<K: Copy>(map: &LpmTrie<K, RuleValue>, addr: K, bits: u32, now: &mut u64) -> bool {
-    let mut key = Key::new(bits, addr);
-    for _ in 0..MAX_EXPIRED_SHADOWS {
-        // SAFETY: `map` is a map definition relocated by the loader, and
-        // `key` is a valid `Key<K>` on the stack for the duration of the call.
-        let value = unsafe {
-            bpf_map_lookup_elem(
-                map as *const _ as *mut c_void,
-                &key as *const Key<K> as *const c_void,
-            )
-        } as *mut RuleValue;
-        if value.is_null() {
-            return false;
-        }
-        // SAFETY: a non-null lookup result points at a live value of the
-        // map's value size (RCU keeps it valid for this program run).
-        let (expires, prefix_len) = unsafe { ((*value).expires_at_ns, (*value).prefix_len) };
-        let now = clock(now);
-        if expires == 0 || now < expires {
-            record_hit(value, now);
-            return true;
-        }
-        if prefix_len == 0 || prefix_len > bits {
-            return false;
-        }
-        key.prefix_len = prefix_len - 1;
-    }
-    false
-}
-
-#[inline(always)]
-fn record_hit(value: *mut RuleValue, now: u64) {
-    // SAFETY: `value` is a non-null map value pointer (see `live_match`);
-    // map values are 8-byte aligned, as an atomic add requires. The hit count
-    // is shared by all CPUs, hence the atomic add; the last-hit time is a
-    // plain store, where any recent writer is good enough, made once per
-    // clock tick so that a flood does not write the line on every packet.
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).hits, 1);
-        if ptr::read_volatile(&raw const (*value).last_hit_ns) != now {
-            ptr::write_volatile(&raw mut (*value).last_hit_ns, now);
-        }
     }
 }
 

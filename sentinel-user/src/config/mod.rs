@@ -428,9 +428,10 @@ fn kernel(w: &mut Walker<'_>, node: &KdlNode, out: &mut KernelConfig) {
 
 fn capacity(w: &mut Walker<'_>, node: &KdlNode, out: &mut Capacity) {
     const OPTIONS: &[&str] = &["denylist-v4", "denylist-v6", "allowlist-v4", "allowlist-v6"];
-    // LPM tries allocate per entry, so a large capacity costs nothing until
-    // it is used; the ceiling keeps a typo from promising what memory
-    // cannot hold.
+    // Hash maps allocate per entry, but the prefix indexes' arrays are
+    // allocated whole (152 bytes per IPv4 entry of capacity, 32 per IPv6
+    // one; docs/configuration.md): the ceiling keeps a typo from asking for
+    // more than memory can hold.
     const MAX: u64 = 16 * 1024 * 1024;
     w.block(node, OPTIONS, |w, name, child| {
         let slot = match name {

@@ -10,9 +10,13 @@
 
 pub mod clock;
 mod pin;
+mod prefix4;
+mod prefix6;
+mod region;
 mod rule_maps;
 pub mod rules;
 pub mod sys;
+mod table;
 
 use std::{
     path::{Path, PathBuf},
@@ -21,11 +25,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode},
 };
 use ipnet::IpNet;
-use sentinel_common::{Counters, PORT_POLICY_ENTRIES, maps, proto, reason};
+use sentinel_common::{
+    Counters, PORT_POLICY_ENTRIES, maps,
+    prefix::{direct, filter},
+    proto, reason,
+};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -33,8 +41,12 @@ use crate::{
     config::{KernelConfig, PortPolicy, StaticRule, XdpMode},
     net::RuleList,
 };
-use rule_maps::{HostMap, PrefixMap, RuleMap, v4_key, v4_prefix, v6_key, v6_prefix};
+use prefix4::Prefix4Index;
+use prefix6::Prefix6Index;
+use region::Region;
+use rule_maps::{HostMap, RuleMap, v4_key, v4_prefix, v6_key, v6_prefix};
 pub use rules::{Imported, NewRule, RuleTables, Upsert};
+use table::KernelTable;
 
 /// The eBPF object, compiled by build.rs and carried inside the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sentinel.bpf.o"));
@@ -156,30 +168,126 @@ pub struct Kernel {
     attachments: Vec<Attachment>,
 }
 
-/// Each rule map with its configured capacity and the option that sets it:
-/// the host and prefix maps of one list and family each get the capacity.
-fn capacities(cfg: &crate::config::Capacity) -> [(&'static str, u32, &'static str); 8] {
-    [
-        (maps::ALLOW_V4, cfg.allowlist_v4, "allowlist-v4"),
-        (maps::ALLOW_HOST_V4, cfg.allowlist_v4, "allowlist-v4"),
-        (maps::ALLOW_V6, cfg.allowlist_v6, "allowlist-v6"),
-        (maps::ALLOW_HOST_V6, cfg.allowlist_v6, "allowlist-v6"),
-        (maps::DENY_V4, cfg.denylist_v4, "denylist-v4"),
-        (maps::DENY_HOST_V4, cfg.denylist_v4, "denylist-v4"),
-        (maps::DENY_V6, cfg.denylist_v6, "denylist-v6"),
-        (maps::DENY_HOST_V6, cfg.denylist_v6, "denylist-v6"),
-    ]
+/// Each sized map with the `max_entries` its list's capacity gives it and
+/// the option that sets that capacity. The host map, the IPv4 rules and
+/// long-prefix maps and the IPv6 prefix map of a list and family each hold
+/// `capacity` entries (the rules array one more: element 0 is never a
+/// rule); the direct table and the filter are sized from it
+/// (`sentinel_common::prefix`).
+fn capacities(cfg: &crate::config::Capacity) -> Vec<(&'static str, u32, &'static str)> {
+    let v4 = |[direct_map, rules, long, host]: [&'static str; 4], capacity: u32, option| {
+        [
+            (
+                direct_map,
+                direct::elements(direct::bits_for(capacity)),
+                option,
+            ),
+            (rules, capacity.saturating_add(1), option),
+            (long, capacity, option),
+            (host, capacity, option),
+        ]
+    };
+    let v6 = |[filter_map, prefixes, host]: [&'static str; 3], capacity: u32, option| {
+        [
+            (
+                filter_map,
+                filter::elements(filter::bits_for(capacity)),
+                option,
+            ),
+            (prefixes, capacity, option),
+            (host, capacity, option),
+        ]
+    };
+    let mut out = Vec::new();
+    out.extend(v4(
+        [
+            maps::ALLOW_V4_DIRECT,
+            maps::ALLOW_V4_RULES,
+            maps::ALLOW_V4_LONG,
+            maps::ALLOW_HOST_V4,
+        ],
+        cfg.allowlist_v4,
+        "allowlist-v4",
+    ));
+    out.extend(v6(
+        [
+            maps::ALLOW_V6_FILTER,
+            maps::ALLOW_V6_PREFIX,
+            maps::ALLOW_HOST_V6,
+        ],
+        cfg.allowlist_v6,
+        "allowlist-v6",
+    ));
+    out.extend(v4(
+        [
+            maps::DENY_V4_DIRECT,
+            maps::DENY_V4_RULES,
+            maps::DENY_V4_LONG,
+            maps::DENY_HOST_V4,
+        ],
+        cfg.denylist_v4,
+        "denylist-v4",
+    ));
+    out.extend(v6(
+        [
+            maps::DENY_V6_FILTER,
+            maps::DENY_V6_PREFIX,
+            maps::DENY_HOST_V6,
+        ],
+        cfg.denylist_v6,
+        "denylist-v6",
+    ));
+    out
 }
 
-/// Typed views of the rule maps of a loaded instance, in `Slot` order.
+/// Typed views of the rule stores of a loaded instance, in `Slot` order.
 fn rule_maps(ebpf: &mut Ebpf) -> Result<[Box<dyn RuleMap>; 8], KernelError> {
-    fn prefix4(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
-        let map = take::<LpmTrie<_, [u8; 4], _>>(e, name)?;
-        Ok(Box::new(PrefixMap::new(map, v4_key, v4_prefix)))
+    fn region<T: Copy>(e: &mut Ebpf, name: &'static str) -> Result<Region<T>, KernelError> {
+        let map = match e.take_map(name) {
+            Some(aya::maps::Map::Array(data)) => data,
+            Some(_) => {
+                return Err(KernelError::OtherMap {
+                    name,
+                    source: MapError::InvalidMapType { map_type: 0 },
+                });
+            }
+            None => {
+                return Err(KernelError::OtherMap {
+                    name,
+                    source: MapError::InvalidName { name: name.into() },
+                });
+            }
+        };
+        Region::new(map).map_err(|source| KernelError::OtherMap { name, source })
     }
-    fn prefix6(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
-        let map = take::<LpmTrie<_, [u8; 16], _>>(e, name)?;
-        Ok(Box::new(PrefixMap::new(map, v6_key, v6_prefix)))
+    fn prefix4(
+        e: &mut Ebpf,
+        [direct_map, rules, long]: [&'static str; 3],
+    ) -> Result<Box<dyn RuleMap>, KernelError> {
+        let direct_table = region(e, direct_map)?;
+        let rules_array = region(e, rules)?;
+        let long_map = KernelTable::new(take::<HashMap<_, _, u32>>(e, long)?);
+        let index = Prefix4Index::open(direct_table, rules_array, long_map).map_err(|source| {
+            KernelError::OtherMap {
+                name: rules,
+                source,
+            }
+        })?;
+        Ok(Box::new(index))
+    }
+    fn prefix6(
+        e: &mut Ebpf,
+        [filter_map, prefixes]: [&'static str; 2],
+    ) -> Result<Box<dyn RuleMap>, KernelError> {
+        let filter_table = region(e, filter_map)?;
+        let prefix_map = KernelTable::new(take::<HashMap<_, _, _>>(e, prefixes)?);
+        let index = Prefix6Index::open(filter_table, prefix_map).map_err(|source| {
+            KernelError::OtherMap {
+                name: prefixes,
+                source,
+            }
+        })?;
+        Ok(Box::new(index))
     }
     fn host4(e: &mut Ebpf, name: &'static str) -> Result<Box<dyn RuleMap>, KernelError> {
         let map = take::<HashMap<_, [u8; 4], _>>(e, name)?;
@@ -190,12 +298,26 @@ fn rule_maps(ebpf: &mut Ebpf) -> Result<[Box<dyn RuleMap>; 8], KernelError> {
         Ok(Box::new(HostMap::new(map, v6_key, v6_prefix, 128)))
     }
     Ok([
-        prefix4(ebpf, maps::ALLOW_V4)?,
-        prefix6(ebpf, maps::ALLOW_V6)?,
+        prefix4(
+            ebpf,
+            [
+                maps::ALLOW_V4_DIRECT,
+                maps::ALLOW_V4_RULES,
+                maps::ALLOW_V4_LONG,
+            ],
+        )?,
+        prefix6(ebpf, [maps::ALLOW_V6_FILTER, maps::ALLOW_V6_PREFIX])?,
         host4(ebpf, maps::ALLOW_HOST_V4)?,
         host6(ebpf, maps::ALLOW_HOST_V6)?,
-        prefix4(ebpf, maps::DENY_V4)?,
-        prefix6(ebpf, maps::DENY_V6)?,
+        prefix4(
+            ebpf,
+            [
+                maps::DENY_V4_DIRECT,
+                maps::DENY_V4_RULES,
+                maps::DENY_V4_LONG,
+            ],
+        )?,
+        prefix6(ebpf, [maps::DENY_V6_FILTER, maps::DENY_V6_PREFIX])?,
         host4(ebpf, maps::DENY_HOST_V4)?,
         host6(ebpf, maps::DENY_HOST_V6)?,
     ])
@@ -271,16 +393,19 @@ impl Kernel {
         pin::prepare(&cfg.pin_path)?;
         let pinned = pin::check_layout(&cfg.pin_path)?;
         let wanted = capacities(&cfg.capacity);
+        let mut warned: Vec<&str> = Vec::new();
         for (name, have) in &pinned {
             if let Some((_, want, option)) = wanted.iter().find(|(n, _, _)| n == name)
                 && want != have
+                && !warned.contains(option)
             {
+                warned.push(option);
                 warn!(
                     map = name,
                     pinned = have,
                     configured = want,
-                    "kernel.capacity.{option} differs from the pinned map, which keeps its capacity; remove {} to apply it (this discards its entries)",
-                    pin::map_path(&cfg.pin_path, name).display()
+                    "kernel.capacity.{option} differs from the pinned maps, which keep their capacity; remove {} to apply it (this discards the allowlist and denylist)",
+                    cfg.pin_path.display()
                 );
             }
         }
@@ -411,6 +536,14 @@ impl Kernel {
                 reasons: sum(&a.stats),
             })
             .collect()
+    }
+
+    /// How many instructions the kernel's verifier processed to accept the
+    /// program (`verified_insns` of its info, kernel 5.16+): the verifier
+    /// gives up at 1,000,000, so this is the program's headroom.
+    pub fn verified_instructions(&self) -> Option<u32> {
+        let program: &Xdp = self.control.program(PROGRAM)?.try_into().ok()?;
+        program.info().ok()?.verified_instruction_count()
     }
 
     /// Counters of the control instance (test runs only).

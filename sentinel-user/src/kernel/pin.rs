@@ -9,7 +9,10 @@ use std::{
 };
 
 use aya::maps::{MapData, MapType};
-use sentinel_common::{Meta, PortVerdict, RuleValue, maps};
+use sentinel_common::{
+    Meta, PortVerdict, RuleValue, maps,
+    prefix::{LongKey4, PrefixKey6, PrefixRule4, direct, filter},
+};
 use tracing::info;
 
 use super::KernelError;
@@ -127,44 +130,104 @@ struct Expected {
     map_type: MapType,
     key_size: u32,
     value_size: u32,
+    /// Created with `BPF_F_MMAPABLE`: the daemon maps it into memory.
+    mmapable: bool,
 }
 
-fn expected() -> [Expected; 10] {
+fn expected() -> [Expected; 16] {
     use std::mem::size_of;
-    let lpm = |name, bits: u32| Expected {
-        name,
-        map_type: MapType::LpmTrie,
-        key_size: 4 + bits / 8,
-        value_size: size_of::<RuleValue>() as u32,
-    };
-    let host = |name, bits: u32| Expected {
+    let hash = |name, key_size: usize, value_size: usize| Expected {
         name,
         map_type: MapType::Hash,
-        key_size: bits / 8,
-        value_size: size_of::<RuleValue>() as u32,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        mmapable: false,
     };
+    let shared = |name, value_size: usize| Expected {
+        name,
+        map_type: MapType::Array,
+        key_size: 4,
+        value_size: value_size as u32,
+        mmapable: true,
+    };
+    let rule = size_of::<RuleValue>();
+    let slots = size_of::<[u32; 256]>();
     [
-        lpm(maps::ALLOW_V4, 32),
-        lpm(maps::ALLOW_V6, 128),
-        host(maps::ALLOW_HOST_V4, 32),
-        host(maps::ALLOW_HOST_V6, 128),
-        lpm(maps::DENY_V4, 32),
-        lpm(maps::DENY_V6, 128),
-        host(maps::DENY_HOST_V4, 32),
-        host(maps::DENY_HOST_V6, 128),
+        shared(maps::ALLOW_V4_DIRECT, slots),
+        shared(maps::ALLOW_V4_RULES, size_of::<PrefixRule4>()),
+        hash(maps::ALLOW_V4_LONG, size_of::<LongKey4>(), 4),
+        shared(maps::ALLOW_V6_FILTER, slots),
+        hash(maps::ALLOW_V6_PREFIX, size_of::<PrefixKey6>(), rule),
+        hash(maps::ALLOW_HOST_V4, 4, rule),
+        hash(maps::ALLOW_HOST_V6, 16, rule),
+        shared(maps::DENY_V4_DIRECT, slots),
+        shared(maps::DENY_V4_RULES, size_of::<PrefixRule4>()),
+        hash(maps::DENY_V4_LONG, size_of::<LongKey4>(), 4),
+        shared(maps::DENY_V6_FILTER, slots),
+        hash(maps::DENY_V6_PREFIX, size_of::<PrefixKey6>(), rule),
+        hash(maps::DENY_HOST_V4, 4, rule),
+        hash(maps::DENY_HOST_V6, 16, rule),
         Expected {
             name: maps::PORT_POLICY,
             map_type: MapType::Array,
             key_size: 4,
             value_size: size_of::<PortVerdict>() as u32,
+            mmapable: false,
         },
         Expected {
             name: maps::META,
             map_type: MapType::Array,
             key_size: 4,
             value_size: size_of::<Meta>() as u32,
+            mmapable: false,
         },
     ]
+}
+
+/// Sizes of the prefix-index arrays that only some values fit: a direct
+/// table indexes 16 or 24 bits, a filter 16 to 24, and a rules array holds
+/// no more rules than its direct table can name.
+fn check_index_sizes(
+    pinned: &[(&'static str, u32)],
+    incompatible: impl Fn(String) -> KernelError,
+) -> Result<(), KernelError> {
+    let size = |name: &str| pinned.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+    for (table, rules) in [
+        (maps::ALLOW_V4_DIRECT, maps::ALLOW_V4_RULES),
+        (maps::DENY_V4_DIRECT, maps::DENY_V4_RULES),
+    ] {
+        let Some(elements) = size(table) else {
+            continue;
+        };
+        let Some(bits) = [direct::SMALL_BITS, direct::LARGE_BITS]
+            .into_iter()
+            .find(|b| direct::elements(*b) == elements)
+        else {
+            return Err(incompatible(format!(
+                "{table} has {elements} elements; this build uses {} or {}",
+                direct::elements(direct::SMALL_BITS),
+                direct::elements(direct::LARGE_BITS)
+            )));
+        };
+        if let Some(rules_len) = size(rules)
+            && rules_len.saturating_sub(1) > direct::max_rules(bits)
+        {
+            return Err(incompatible(format!(
+                "{rules} holds {} rules, more than {table} ({bits} bits) can index",
+                rules_len - 1
+            )));
+        }
+    }
+    for name in [maps::ALLOW_V6_FILTER, maps::DENY_V6_FILTER] {
+        if let Some(elements) = size(name)
+            && !(filter::MIN_BITS..=filter::MAX_BITS).any(|b| filter::elements(b) == elements)
+        {
+            return Err(incompatible(format!(
+                "{name} has {elements} elements, not a filter this build can read"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Pinned map path for `name`.
@@ -215,6 +278,12 @@ pub fn check_layout(pin_path: &Path) -> Result<Vec<(&'static str, u32)>, KernelE
                 want.value_size
             )));
         }
+        if want.mmapable && info.map_flags() & super::region::BPF_F_MMAPABLE == 0 {
+            return Err(incompatible(format!(
+                "{} was created without BPF_F_MMAPABLE, which this build needs to write it",
+                want.name
+            )));
+        }
         if want.name == maps::META {
             let meta = aya::maps::Array::<_, Meta>::try_from(aya::maps::Map::Array(map))
                 .and_then(|a| a.get(&0, 0))
@@ -237,5 +306,6 @@ pub fn check_layout(pin_path: &Path) -> Result<Vec<(&'static str, u32)>, KernelE
             maps::META
         )));
     }
+    check_index_sizes(&capacities, incompatible)?;
     Ok(capacities)
 }

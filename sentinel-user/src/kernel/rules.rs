@@ -1,19 +1,20 @@
 //! The allowlist and denylist, as userspace sees them: for each list and
-//! address family, a hash map of hosts (/32, /128) and an LPM trie of
-//! shorter prefixes.
+//! address family, a hash map of hosts (/32, /128) and a prefix index of
+//! shorter prefixes ([`super::prefix4`], [`super::prefix6`]).
 //!
 //! Only the daemon writes these maps, so it keeps beside them what the
 //! kernel cannot give cheaply: the set of prefixes present in each map
 //! (exact counts, whether an import creates or replaces, which maps are
 //! empty so that the program can skip them) and an index of entries by
 //! expiry time (reaping costs the entries that expired, not a walk over a
-//! million).
+//! million). It also writes the program's metadata (`SENTINEL_META`):
+//! which maps are empty and the shape of each prefix index.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use aya::maps::{Array, MapData, MapError};
 use ipnet::IpNet;
-use sentinel_common::{LAYOUT_VERSION, Meta, RuleValue, maps, populated};
+use sentinel_common::{LAYOUT_VERSION, Meta, RuleValue, maps, populated, prefix};
 
 use super::{KernelError, clock, rule_maps::RuleMap};
 use crate::net::RuleList;
@@ -23,7 +24,8 @@ use crate::net::RuleList;
 /// random per process.
 type PrefixSet = std::collections::HashSet<IpNet, foldhash::fast::RandomState>;
 
-/// One of the eight maps.
+/// One of the eight stores: a prefix index or a host map per list and
+/// family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Slot {
     AllowV4 = 0,
@@ -67,6 +69,24 @@ impl Slot {
             RuleList::Allow
         } else {
             RuleList::Deny
+        }
+    }
+
+    /// The list's position in the program's metadata.
+    fn list_index(self) -> usize {
+        match self.list() {
+            RuleList::Allow => prefix::list::ALLOW,
+            RuleList::Deny => prefix::list::DENY,
+        }
+    }
+
+    /// For a host map whose lookups a prefix index gates (IPv6: the filter's
+    /// host bit), that index.
+    fn host_gate(self) -> Option<Slot> {
+        match self {
+            Slot::AllowHostV6 => Some(Slot::AllowV6),
+            Slot::DenyHostV6 => Some(Slot::DenyV6),
+            _ => None,
         }
     }
 
@@ -162,12 +182,12 @@ fn is_errno(error: &MapError, errno: i32) -> bool {
     }
 }
 
-/// The eight maps with their prefix sets and expiry index.
+/// The eight stores with their prefix sets and expiry index.
 pub struct RuleTables {
     maps: [Box<dyn RuleMap>; 8],
     meta: Array<MapData, Meta>,
-    /// `Meta::populated` as last written.
-    populated: u32,
+    /// `Meta` as last written.
+    written: Option<Meta>,
     /// Prefixes present in each map, by slot.
     present: [PrefixSet; 8],
     /// (expires_at_ns, slot, prefix) for every entry with a TTL.
@@ -185,10 +205,11 @@ impl RuleTables {
             maps,
             meta,
             // Unknown until written: force the first write.
-            populated: u32::MAX,
+            written: None,
             present: Default::default(),
             expiry: BTreeSet::new(),
         };
+        let mut hosts: [Vec<IpNet>; 8] = Default::default();
         for slot in Slot::ALL {
             let entries = tables.maps[slot as usize]
                 .dump()
@@ -202,34 +223,73 @@ impl RuleTables {
                     tables.expiry.insert((value.expires_at_ns, slot, prefix));
                 }
                 tables.present[slot as usize].insert(prefix);
+                if slot.host_gate().is_some() {
+                    hosts[slot as usize].push(prefix);
+                }
+            }
+        }
+        for slot in Slot::ALL {
+            if let Some(gate) = slot.host_gate() {
+                tables.maps[gate as usize]
+                    .restore_hosts(&hosts[slot as usize])
+                    .map_err(|source| KernelError::Map {
+                        op: "rebuild",
+                        list: slot.list(),
+                        source,
+                    })?;
             }
         }
         tables.sync_populated()?;
         Ok(tables)
     }
 
-    /// Writes `Meta` when the set of non-empty maps changed. Called after
-    /// writes (so the program looks once entries exist) and after removals.
+    /// Writes `Meta` when it changed: which maps are non-empty, and each
+    /// prefix index's shape. Called after writes (so the program looks once
+    /// entries exist) and after removals, before the caller is answered.
     fn sync_populated(&mut self) -> Result<(), KernelError> {
         let populated = Slot::ALL
             .iter()
             .filter(|s| !self.present[**s as usize].is_empty())
             .fold(0, |bits, s| bits | s.bit());
-        if populated == self.populated {
-            return Ok(());
-        }
-        let meta = Meta {
+        let mut meta = Meta {
             layout_version: LAYOUT_VERSION,
             populated,
+            ..Meta::default()
         };
+        for slot in Slot::ALL {
+            self.maps[slot as usize].describe(&mut meta, slot.list_index());
+        }
+        if self.written == Some(meta) {
+            return Ok(());
+        }
         self.meta
             .set(0, meta, 0)
             .map_err(|source| KernelError::OtherMap {
                 name: maps::META,
                 source,
             })?;
-        self.populated = populated;
+        self.written = Some(meta);
         Ok(())
+    }
+
+    /// Tells the prefix index that gates `slot`'s host lookups, if any,
+    /// about hosts added or removed.
+    fn gate_hosts(
+        &mut self,
+        slot: Slot,
+        hosts: &[IpNet],
+        present: bool,
+    ) -> Result<(), KernelError> {
+        match slot.host_gate() {
+            Some(gate) => self.maps[gate as usize]
+                .hosts_changed(hosts, present)
+                .map_err(|source| KernelError::Map {
+                    op: "write",
+                    list: slot.list(),
+                    source,
+                }),
+            None => Ok(()),
+        }
     }
 
     /// Entries in `list`, hosts and prefixes of both families.
@@ -298,7 +358,9 @@ impl RuleTables {
         if value.expires_at_ns != 0 {
             self.expiry.insert((value.expires_at_ns, slot, *prefix));
         }
-        self.present[slot as usize].insert(*prefix);
+        if self.present[slot as usize].insert(*prefix) {
+            self.gate_hosts(slot, std::slice::from_ref(prefix), true)?;
+        }
         self.sync_populated()?;
         Ok(if previous.is_some() {
             Upsert::Replaced
@@ -324,7 +386,9 @@ impl RuleTables {
             Err(e) if is_errno(&e, libc::ENOENT) => {}
             Err(e) => return Err(map_err(e)),
         }
-        self.present[slot as usize].remove(prefix);
+        if self.present[slot as usize].remove(prefix) {
+            self.gate_hosts(slot, std::slice::from_ref(prefix), false)?;
+        }
         self.expiry.remove(&(old.expires_at_ns, slot, *prefix));
         self.sync_populated()?;
         Ok(true)
@@ -392,6 +456,10 @@ impl RuleTables {
                 value
             });
             out.created += written;
+            if let Err(e) = self.gate_hosts(slot, &new[..written], true) {
+                out.stopped = Some(e);
+                return out;
+            }
             if template.expires_at_ns != 0 {
                 self.expiry.extend(
                     new[..written]

@@ -1,0 +1,389 @@
+//! The IPv6 prefix index of one list: a filter and a hash map of prefixes
+//! keyed by (length, network) (laid out as `sentinel_common::prefix`
+//! describes), and the counts that keep the filter exact.
+//!
+//! A filter bit stays set while at least one entry sets it: the daemon
+//! counts, per slot and bit, the prefixes (one bit per class of lengths)
+//! and the hosts (the host bit) that hash there. The program only ever
+//! probes what a bit names, so a bit set too many is a wasted probe and a
+//! bit missing would hide entries: bits are set after the entry is written
+//! and cleared after it is removed. The prefix map is the truth the filter
+//! is rebuilt from at start ([`Prefix6Index::open`] for prefixes,
+//! [`RuleMap::restore_hosts`] for hosts).
+
+use std::{io, net::Ipv6Addr};
+
+use aya::maps::MapError;
+use ipnet::{IpNet, Ipv6Net};
+use sentinel_common::{
+    Meta, RuleValue,
+    prefix::{PrefixKey6, filter},
+};
+use tracing::warn;
+
+use super::{
+    region::Region,
+    rule_maps::{RuleMap, wrong_family},
+    table::Table,
+};
+
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// Position of the host bit in a slot.
+const HOST_BIT: u32 = 31;
+
+fn parts(prefix: &IpNet) -> Result<(u128, u8), MapError> {
+    match prefix {
+        IpNet::V6(net) => Ok((u128::from(net.network()), net.prefix_len())),
+        IpNet::V4(_) => Err(wrong_family()),
+    }
+}
+
+fn key_of(network: u128, len: u8) -> PrefixKey6 {
+    PrefixKey6::new(u32::from(len), network)
+}
+
+fn mask(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        len => u128::MAX << (128 - u32::from(len)),
+    }
+}
+
+/// The top 32 bits of an address, host byte order.
+fn top(network: u128) -> u32 {
+    (network >> 96) as u32
+}
+
+/// The IPv6 prefix index of one list; `P` is its prefix map.
+pub struct Prefix6Index<P> {
+    bits: u32,
+    filter: Region<u32>,
+    prefixes: P,
+    present: FastSet<(u128, u8)>,
+    /// (slot << 5 | bit) -> entries setting that bit of that slot.
+    counts: FastMap<u64, u32>,
+    /// Prefixes per length (/0 to /127).
+    lengths: [u32; 128],
+}
+
+impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
+    /// Takes the index's maps and reads the prefixes. The filter is left as
+    /// found until [`RuleMap::restore_hosts`] brings the hosts and rewrites
+    /// it (the rule tables call it at once): rewriting it without the
+    /// hosts would hide them from the program until then.
+    pub fn open(filter: Region<u32>, prefixes: P) -> Result<Self, MapError> {
+        let bits = (filter::MIN_BITS..=filter::MAX_BITS)
+            .find(|b| filter.len() == 1 << b)
+            .ok_or_else(|| {
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "IPv6 prefix index",
+                    io_error: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("a filter of {} slots", filter.len()),
+                    ),
+                })
+            })?;
+        let mut index = Self {
+            bits,
+            filter,
+            prefixes,
+            present: FastSet::default(),
+            counts: FastMap::default(),
+            lengths: [0; 128],
+        };
+        for (key, _) in index.prefixes.entries()? {
+            let network = key.network();
+            let len = key.prefix_len().unwrap_or(u32::MAX);
+            if len >= 128 || network & mask(len as u8) != network {
+                warn!(
+                    network = %Ipv6Addr::from(network),
+                    len,
+                    "dropping an IPv6 prefix entry that cannot be one (no length marker, or host bits)"
+                );
+                match index.prefixes.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            let len = len as u8;
+            if index.present.insert((network, len)) {
+                index.count(network, len, 1);
+            }
+        }
+        Ok(index)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.present.len()
+    }
+
+    /// The slot and bit an entry of `len` bits sets; `None` under /32
+    /// (those are probed for every address).
+    fn bit_of(&self, network: u128, len: u8) -> Option<(u32, u32)> {
+        let len = u32::from(len);
+        if len < filter::FIRST_LEN {
+            return None;
+        }
+        let slot = filter::slot_of(top(network), self.bits);
+        let bit = if len == 128 {
+            HOST_BIT
+        } else {
+            filter::class_of(len)
+        };
+        Some((slot, bit))
+    }
+
+    /// Adds `delta` (+1 or -1) to the counts of a prefix (`len` < 128) or
+    /// host (`len` 128); returns the slot whose bit must change, if any:
+    /// `(slot, bit, set)`.
+    fn count(&mut self, network: u128, len: u8, delta: i32) -> Option<(u32, u32, bool)> {
+        if len < 128 {
+            let n = &mut self.lengths[len as usize];
+            *n = n.saturating_add_signed(delta);
+        }
+        let (slot, bit) = self.bit_of(network, len)?;
+        let key = (u64::from(slot) << 5) | u64::from(bit);
+        let n = self.counts.entry(key).or_insert(0);
+        let before = *n;
+        *n = n.saturating_add_signed(delta);
+        let after = *n;
+        if after == 0 {
+            self.counts.remove(&key);
+        }
+        match (before, after) {
+            (0, 1..) => Some((slot, bit, true)),
+            (1.., 0) => Some((slot, bit, false)),
+            _ => None,
+        }
+    }
+
+    fn flip(&self, change: Option<(u32, u32, bool)>) {
+        if let Some((slot, bit, set)) = change {
+            let slot = slot as usize;
+            let value = self.filter.load(slot);
+            let value = if set {
+                value | (1 << bit)
+            } else {
+                value & !(1 << bit)
+            };
+            self.filter.store(slot, value);
+        }
+    }
+
+    /// Rewrites every slot from the counts.
+    fn rewrite(&mut self) -> Result<(), MapError> {
+        if self.counts.is_empty() {
+            self.filter.sync(None)?;
+            self.filter.unmap();
+            return Ok(());
+        }
+        let mut want = vec![0u32; self.filter.len()];
+        for key in self.counts.keys() {
+            let (slot, bit) = ((key >> 5) as usize, (key & 31) as u32);
+            want[slot] |= 1 << bit;
+        }
+        self.filter.ensure_mapped()?;
+        self.filter.sync(Some(&want))?;
+        Ok(())
+    }
+
+    /// An index without entries or hosts keeps its filter unmapped (see
+    /// `region`); it is mapped before any change.
+    fn unmap_if_empty(&mut self) {
+        if self.counts.is_empty() {
+            self.filter.unmap();
+        }
+    }
+
+    /// Adds or replaces one prefix; `true` when it was added.
+    pub fn upsert(&mut self, network: u128, len: u8, value: &RuleValue) -> Result<bool, MapError> {
+        self.filter.ensure_mapped()?;
+        let result = self.upsert_mapped(network, len, value);
+        self.unmap_if_empty();
+        result
+    }
+
+    fn upsert_mapped(
+        &mut self,
+        network: u128,
+        len: u8,
+        value: &RuleValue,
+    ) -> Result<bool, MapError> {
+        let mut value = *value;
+        value.prefix_len = u32::from(len);
+        self.prefixes.insert(&key_of(network, len), &value)?;
+        if !self.present.insert((network, len)) {
+            return Ok(false);
+        }
+        let change = self.count(network, len, 1);
+        self.flip(change);
+        Ok(true)
+    }
+
+    /// Removes one prefix; `false` when it was not there.
+    pub fn delete(&mut self, network: u128, len: u8) -> Result<bool, MapError> {
+        if !self.present.contains(&(network, len)) {
+            return Ok(false);
+        }
+        match self.prefixes.remove(&key_of(network, len)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+        self.present.remove(&(network, len));
+        // Mapped already: the index holds an entry.
+        let change = self.count(network, len, -1);
+        self.flip(change);
+        self.unmap_if_empty();
+        Ok(true)
+    }
+
+    /// Adds or replaces many prefixes with batched map updates, in order.
+    pub fn write_many(
+        &mut self,
+        items: &[(u128, u8)],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        let count = items.len().min(values.len());
+        let keys: Vec<PrefixKey6> = items[..count].iter().map(|(n, l)| key_of(*n, *l)).collect();
+        let values: Vec<RuleValue> = items[..count]
+            .iter()
+            .zip(values)
+            .map(|((_, len), value)| RuleValue {
+                prefix_len: u32::from(*len),
+                ..*value
+            })
+            .collect();
+        if let Err(e) = self.filter.ensure_mapped() {
+            return (0, Some(io::Error::other(e.to_string())));
+        }
+        let (written, error) = self.prefixes.insert_batch(&keys, &values);
+        for &(network, len) in &items[..written] {
+            if self.present.insert((network, len)) {
+                let change = self.count(network, len, 1);
+                self.flip(change);
+            }
+        }
+        self.unmap_if_empty();
+        (written, error)
+    }
+
+    /// The lengths the program probes, as 128-bit masks: those under /32
+    /// (for every address) and those from /32 (narrowing a slot's classes).
+    fn lengths_meta(&self) -> ([u64; 2], [u64; 2]) {
+        let mut always = 0u128;
+        let mut filtered = 0u128;
+        for (len, n) in self.lengths.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            if (len as u32) < filter::FIRST_LEN {
+                always |= 1 << len;
+            } else {
+                filtered |= 1 << len;
+            }
+        }
+        let halves = |m: u128| [m as u64, (m >> 64) as u64];
+        (halves(always), halves(filtered))
+    }
+}
+
+impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
+    fn get(&self, prefix: &IpNet) -> Result<Option<RuleValue>, MapError> {
+        let (network, len) = parts(prefix)?;
+        if !self.present.contains(&(network, len)) {
+            return Ok(None);
+        }
+        self.prefixes.get(&key_of(network, len))
+    }
+
+    fn insert(&mut self, prefix: &IpNet, value: &RuleValue) -> Result<(), MapError> {
+        let (network, len) = parts(prefix)?;
+        self.upsert(network, len, value).map(|_| ())
+    }
+
+    fn remove(&mut self, prefix: &IpNet) -> Result<(), MapError> {
+        let (network, len) = parts(prefix)?;
+        match self.delete(network, len)? {
+            true => Ok(()),
+            false => Err(MapError::KeyNotFound),
+        }
+    }
+
+    fn update_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        let mut items = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            match parts(prefix) {
+                Ok(item) => items.push(item),
+                Err(_) => {
+                    let (written, error) = self.write_many(&items, values);
+                    return (
+                        written,
+                        error.or(Some(io::Error::from_raw_os_error(libc::EAFNOSUPPORT))),
+                    );
+                }
+            }
+        }
+        self.write_many(&items, values)
+    }
+
+    fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {
+        Ok(self
+            .prefixes
+            .entries()?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let len = u8::try_from(key.prefix_len()?).ok()?;
+                Ipv6Net::new(Ipv6Addr::from(key.network()), len)
+                    .ok()
+                    .map(|net| (IpNet::V6(net), value))
+            })
+            .collect())
+    }
+
+    fn capacity(&self) -> u32 {
+        self.prefixes.capacity()
+    }
+
+    fn describe(&self, meta: &mut Meta, list: usize) {
+        let (always, lengths) = self.lengths_meta();
+        if let Some(m) = meta.v6.get_mut(list) {
+            m.filter_bits = self.bits;
+            m.always = always;
+            m.lengths = lengths;
+        }
+    }
+
+    fn hosts_changed(&mut self, hosts: &[IpNet], present: bool) -> Result<(), MapError> {
+        self.filter.ensure_mapped()?;
+        for host in hosts {
+            if let IpNet::V6(net) = host {
+                let change = self.count(u128::from(net.addr()), 128, if present { 1 } else { -1 });
+                self.flip(change);
+            }
+        }
+        self.unmap_if_empty();
+        Ok(())
+    }
+
+    fn restore_hosts(&mut self, hosts: &[IpNet]) -> Result<(), MapError> {
+        self.counts.retain(|key, _| key & 31 != u64::from(HOST_BIT));
+        for host in hosts {
+            if let IpNet::V6(net) = host {
+                // Counting only: the rewrite below sets the bits.
+                let _ = self.count(u128::from(net.addr()), 128, 1);
+            }
+        }
+        self.rewrite()
+    }
+}
+
+#[cfg(test)]
+mod tests;
