@@ -260,6 +260,7 @@ impl Shipper {
             shared_position: shared_position.clone(),
             progress,
             written: store.written(),
+            written_from: store.written_from(),
             metrics: store.metrics().clone(),
             cancel: cancel.clone(),
             done: done_tx,
@@ -394,6 +395,8 @@ pub struct ShipperTask {
     position: Position,
     shared_position: Arc<Mutex<Position>>,
     progress: Arc<Progress>,
+    /// Lines from here on were written by the running store.
+    written_from: Position,
     written: Arc<Notify>,
     metrics: ProfileMetrics,
     cancel: CancellationToken,
@@ -429,7 +432,9 @@ impl ShipperTask {
                 let dir = self.dir.clone();
                 let at = self.position;
                 let (size, bytes) = (self.options.batch_size, self.options.max_batch_bytes);
-                tokio::task::spawn_blocking(move || read_batch(&dir, at, size, bytes)).await
+                let trusted = self.written_from;
+                tokio::task::spawn_blocking(move || read_batch(&dir, at, trusted, size, bytes))
+                    .await
             };
             let read = match read {
                 Ok(Ok(read)) => read,
@@ -628,7 +633,16 @@ fn random() -> u64 {
 
 /// Reads complete lines from `at`: at most `max_records`, stopping at the
 /// first line that takes the batch to `max_bytes`.
-fn read_batch(dir: &Path, at: Position, max_records: usize, max_bytes: usize) -> io::Result<Read> {
+/// A batch from `at`. Lines before `trusted` (left by an earlier run,
+/// perhaps by a power loss) are checked to be JSON objects; the store's
+/// writer made those after it, so they are not parsed again.
+fn read_batch(
+    dir: &Path,
+    at: Position,
+    trusted: Position,
+    max_records: usize,
+    max_bytes: usize,
+) -> io::Result<Read> {
     // Listed before reading: if a later segment exists now, the writer had
     // finished this one before the read below began.
     let segments = list_segments(dir)?;
@@ -681,8 +695,12 @@ fn read_batch(dir: &Path, at: Position, max_records: usize, max_bytes: usize) ->
         }
         offset += n as u64;
         let line = &body[start..];
+        let line_at = Position {
+            segment: at.segment,
+            offset: offset - n as u64,
+        };
         if line.first() != Some(&b'{')
-            || serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err()
+            || (line_at < trusted && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err())
         {
             warn!(
                 path = %path.display(),

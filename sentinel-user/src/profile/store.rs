@@ -171,7 +171,7 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 
 /// Where the shipper is: the next byte it will read. Shared with the
 /// store so that retention can tell shipped records from unshipped ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Position {
     pub segment: u64,
     pub offset: u64,
@@ -201,6 +201,9 @@ struct Shared {
     dir: PathBuf,
     written: Arc<Notify>,
     progress: Arc<Progress>,
+    /// Where this writer began: every line from here on was serialized by
+    /// it, so it is a whole JSON object.
+    written_from: Position,
 }
 
 /// The producers' side of the store: cheap to clone, safe to share.
@@ -263,6 +266,11 @@ impl StoreHandle {
     pub(crate) fn progress(&self) -> Arc<Progress> {
         self.shared.progress.clone()
     }
+
+    /// Lines at or after this position were written by this store's writer.
+    pub(crate) fn written_from(&self) -> Position {
+        self.shared.written_from
+    }
 }
 
 /// The store's constructor.
@@ -299,6 +307,7 @@ impl Store {
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let progress = Arc::new(Progress::default());
         let writer = SegmentWriter::open(&options, progress.clone())?;
+        let written_from = writer.position();
         let (tx, rx) = mpsc::channel(options.queue_capacity);
         let (done_tx, done_rx) = watch::channel(false);
         let cancel = CancellationToken::new();
@@ -312,6 +321,7 @@ impl Store {
             dir,
             written: written.clone(),
             progress,
+            written_from,
         });
         let task = StoreTask {
             rx,
@@ -537,6 +547,14 @@ impl SegmentWriter {
 
     fn current(&self) -> u64 {
         self.segments.back().copied().unwrap_or(1)
+    }
+
+    /// Where the next line goes.
+    fn position(&self) -> Position {
+        Position {
+            segment: self.current(),
+            offset: self.size,
+        }
     }
 
     /// Stores `records` (emptied), one write(2) per segment they fall in.
