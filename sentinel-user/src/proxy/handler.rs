@@ -26,7 +26,7 @@ use super::{
     errors, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
-    router::{Action, Route, request_host},
+    router::{Action, Route},
     upstream::{InFlight, Upstream},
 };
 use crate::config::{StaticResponse, UpstreamProtocol};
@@ -239,7 +239,6 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
 
-    let host = request_host(&parts);
     // The request target's authority wins over `Host` (RFC 9112 §3.2.2),
     // as it did for routing: the upstream must see the host the route
     // was chosen for.
@@ -252,16 +251,10 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     // We answer `100-continue` ourselves (hyper does when the body is
     // first read); the upstream gets the body without the handshake.
     parts.headers.remove(EXPECT);
-    let forwarded_host = original_authority
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    forward::set_forwarding(
-        &mut parts.headers,
-        conn.peer,
-        conn.scheme,
-        forwarded_host.as_deref().or(host.as_deref()),
-    );
+    // When the authority is not text, neither is `Host`, and the host the
+    // router saw (`request_host`) is none either: nothing to fall back on.
+    let forwarded_host = original_authority.as_ref().and_then(|v| v.to_str().ok());
+    forward::set_forwarding(&mut parts.headers, conn.peer, conn.scheme, forwarded_host);
     if let Some(authority) = &original_authority {
         parts.headers.insert(HOST, authority.clone());
     }
