@@ -280,11 +280,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     };
     let progress = Arc::new(BodyProgress::new());
     let mut body = Some(Limited::new(body, limit).with_progress(progress.clone()));
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let path_and_query = parts.uri.path_and_query().cloned();
     let give_up_at = {
         let total = tokio::time::Instant::now() + deadline;
         hard.map_or(total, |hard| total.min(hard))
@@ -302,7 +298,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         attempt.count += 1;
         let target = &upstream.targets[index];
         attempt.target = Some(target.address.clone());
-        let uri: Uri = match format!("{}{}", target.base, path_and_query).parse() {
+        let uri: Uri = match target.uri_for(path_and_query.as_ref()) {
             Ok(uri) => uri,
             Err(e) => {
                 return Err((

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -45,6 +46,10 @@ pub struct Target {
     pub address: String,
     /// `http://host:port` or `https://host:port`.
     pub base: String,
+    /// `base`'s scheme and authority, parsed once: requests' URIs are put
+    /// together from them without formatting or parsing.
+    scheme: http::uri::Scheme,
+    authority: Option<http::uri::Authority>,
     /// Active health check verdict (true until a check says otherwise).
     active_healthy: AtomicBool,
     /// Consecutive failed requests, for passive ejection.
@@ -62,6 +67,32 @@ pub struct Target {
 impl Target {
     pub fn active_healthy(&self) -> bool {
         self.active_healthy.load(Ordering::Relaxed)
+    }
+
+    /// The URI of a request for `path_and_query` (`/` when `None`) on this
+    /// target. The path was validated when the request was parsed and is
+    /// shared, not copied; anything but an origin-form path (`*`, say) is
+    /// formatted and parsed whole, which refuses what cannot be forwarded.
+    pub fn uri_for(
+        &self,
+        path_and_query: Option<&http::uri::PathAndQuery>,
+    ) -> Result<Uri, http::uri::InvalidUri> {
+        let origin_form = path_and_query.is_none_or(|pq| pq.as_str().starts_with('/'));
+        if let (true, Some(authority)) = (origin_form, &self.authority) {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(
+                path_and_query
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            if let Ok(uri) = Uri::from_parts(parts) {
+                return Ok(uri);
+            }
+        }
+        let path_and_query = path_and_query.map_or("/", |pq| pq.as_str());
+        format!("{}{path_and_query}", self.base).parse()
     }
 }
 
@@ -96,6 +127,12 @@ impl Upstream {
                 Target {
                     address: t.address.clone(),
                     base: format!("{scheme}://{}", t.address),
+                    scheme: if cfg.tls.is_some() {
+                        http::uri::Scheme::HTTPS
+                    } else {
+                        http::uri::Scheme::HTTP
+                    },
+                    authority: t.address.parse().ok(),
                     active_healthy: AtomicBool::new(true),
                     failures: AtomicU32::new(0),
                     ejected_until_ms: AtomicU64::new(0),
@@ -329,6 +366,25 @@ mod tests {
         };
         Upstream::new(&cfg, &ProxyMetrics::new(&prometheus::Registry::new()))
             .expect("upstream builds")
+    }
+
+    #[test]
+    fn request_uris_keep_path_and_query() {
+        let u = upstream(LoadBalancing::RoundRobin, &[1]);
+        let t = &u.targets[0];
+        let pq = |s: &str| s.parse::<http::uri::PathAndQuery>().expect("path");
+        let uri = |p: Option<&str>| t.uri_for(p.map(pq).as_ref()).map(|u| u.to_string()).ok();
+        assert_eq!(
+            uri(Some("/a/b?c=1&d")).as_deref(),
+            Some("http://127.0.0.1:1000/a/b?c=1&d")
+        );
+        assert_eq!(uri(None).as_deref(), Some("http://127.0.0.1:1000/"));
+        // Not origin-form: formatted and parsed whole, as before.
+        let whole = format!("{}*", t.base)
+            .parse::<Uri>()
+            .ok()
+            .map(|u| u.to_string());
+        assert_eq!(uri(Some("*")), whole);
     }
 
     #[test]
