@@ -191,6 +191,37 @@ async fn slow_idle_and_surplus_connections_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_header_count_is_held_exactly() {
+    if skip() {
+        return;
+    }
+    // The default count (100) is hyper's own, which the listener then
+    // leaves to hyper instead of configuring it: 100 fields pass, 101 do
+    // not, through both the framing guard and hyper.
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        "",
+    ));
+    let addr = daemon.listener("http");
+    let many = |n: usize| {
+        let mut text = String::from("GET /n HTTP/1.1\r\nHost: test.local\r\n");
+        for i in 1..n {
+            text.push_str(&format!("X-H{i}: {i}\r\n"));
+        }
+        text.push_str("\r\n");
+        text
+    };
+    let ok = exchange(addr, many(100).as_bytes()).await;
+    assert_eq!(ok.map(|r| r.status), Some(200));
+    let over = exchange(addr, many(101).as_bytes()).await;
+    assert_eq!(over.map(|r| r.status), Some(431));
+    assert_eq!(app.heads(), 1, "a refused head reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_are_refused_and_never_forwarded() {
     if skip() {
         return;

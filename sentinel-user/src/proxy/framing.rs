@@ -22,7 +22,7 @@
 //! After a switch the tracker reads tunnel bytes that hyper no longer
 //! parses, and its verdicts on them are never asked for.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, mem::MaybeUninit};
 
 /// What the tracker found in one request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,16 +179,19 @@ impl Framing {
 
     /// Parses the head in `pending`; its length once complete.
     fn parse_head(&mut self, buf: &[u8]) -> Option<usize> {
-        let mut stack = [httparse::EMPTY_HEADER; 128];
+        // Uninitialised: httparse writes the entries it returns, and
+        // zeroing 128 of them (4 KiB) cost as much as the parse itself.
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
         let mut heap;
-        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= stack.len() {
+        let headers: &mut [MaybeUninit<httparse::Header<'_>>] = if self.max_headers <= stack.len() {
             &mut stack[..self.max_headers]
         } else {
-            heap = vec![httparse::EMPTY_HEADER; self.max_headers];
+            heap = Vec::with_capacity(self.max_headers);
+            heap.resize_with(self.max_headers, MaybeUninit::uninit);
             &mut heap
         };
-        let mut req = httparse::Request::new(headers);
-        let len = match req.parse(buf) {
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             Err(_) => {
