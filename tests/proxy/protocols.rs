@@ -1,7 +1,7 @@
 //! HTTP/2 with prior knowledge on a plain listener; TLS listeners: ALPN,
 //! certificates chosen by SNI, the minimum version, client certificates.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use http::Version;
 use rustls::{ProtocolVersion, pki_types::CertificateDer, version};
@@ -9,6 +9,7 @@ use sentinel_tests::{
     http::{BoxError, Reply, Upstream, empty, fetch, h2c, request, send_on, tls_connect},
     tls::{Issued, Pki},
 };
+use tokio::net::TcpStream;
 
 use super::{blocks, listener, route, skip, start, targets, upstream};
 
@@ -73,6 +74,37 @@ async fn h2c_prior_knowledge_and_http2_upstreams() {
     );
     assert_eq!(app.last().version, Version::HTTP_2);
     assert_eq!(app.complete(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_after_a_pause_before_the_preface() {
+    if skip() {
+        return;
+    }
+    // A plain connection idle before its first byte gives back its
+    // buffers; whether it speaks HTTP/2 is still told by its first bytes.
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        "",
+    ));
+    let addr = daemon.listener("http");
+    let late = async {
+        let stream = TcpStream::connect(addr).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send_on(stream, true, request("GET", "/late", &[], empty(), true)).await
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .unwrap_or_else(|_| panic!("h2c after a pause timed out"))
+        .unwrap_or_else(|e| panic!("h2c after a pause failed: {e}"));
+    assert_eq!(
+        (reply.status.as_u16(), reply.version),
+        (200, Version::HTTP_2)
+    );
+    assert_eq!(app.last().target, "/late");
 }
 
 /// Connects with `config` for `name` and sends one GET over whatever ALPN
