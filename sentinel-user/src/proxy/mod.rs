@@ -15,6 +15,7 @@ mod framing;
 mod handler;
 mod health;
 mod listener;
+mod pool;
 mod router;
 mod tls;
 mod upstream;

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::Uri;
+use http::{Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -18,7 +18,11 @@ use hyper_util::{
 use prometheus::{IntCounter, IntGauge};
 use tracing::{info, warn};
 
-use super::{ProxyBody, tls};
+use super::{
+    ProxyBody,
+    pool::{ClientError, Driven, Pool},
+    tls,
+};
 use crate::{
     config::{LoadBalancing, UpstreamConfig, UpstreamProtocol},
     metrics::ProxyMetrics,
@@ -38,7 +42,27 @@ pub const RESULTS: [&str; 9] = [
     "error",
 ];
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// How requests reach an upstream's targets: HTTP/1.1 connections pooled
+/// per target and driven by the requests themselves ([`Pool`]), or
+/// hyper-util's client for HTTP/2 (one multiplexed connection per target).
+pub enum HttpClient {
+    Http1(Arc<Pool>),
+    Http2(Box<Client<HttpsConnector<HttpConnector>, ProxyBody>>),
+}
+
+impl HttpClient {
+    /// Sends `req` (its URI names the target) and waits for the response
+    /// head; the body streams from the returned response.
+    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
+        match self {
+            HttpClient::Http1(pool) => pool.send(req).await,
+            HttpClient::Http2(client) => match client.request(req).await {
+                Ok(response) => Ok(response.map(Driven::detached)),
+                Err(source) => Err(ClientError::Pooled { source }),
+            },
+        }
+    }
+}
 
 /// One backend address of an upstream.
 pub struct Target {
@@ -168,24 +192,34 @@ impl Upstream {
             }
             None => builder,
         };
-        let connector = match cfg.protocol {
-            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-            UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+        let client = match cfg.protocol {
+            UpstreamProtocol::Http1 => {
+                let bases: Vec<Uri> = targets.iter().filter_map(|t| t.base.parse().ok()).collect();
+                HttpClient::Http1(Arc::new(Pool::new(
+                    builder.enable_http1().wrap_connector(http),
+                    &bases,
+                    cfg.pool.max_idle,
+                    cfg.pool.idle_timeout,
+                )))
+            }
+            UpstreamProtocol::Http2 => {
+                let mut client = Client::builder(TokioExecutor::new());
+                client
+                    .pool_max_idle_per_host(cfg.pool.max_idle)
+                    .pool_idle_timeout(cfg.pool.idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .http2_only(true);
+                HttpClient::Http2(Box::new(
+                    client.build(builder.enable_http2().wrap_connector(http)),
+                ))
+            }
         };
-        let mut client = Client::builder(TokioExecutor::new());
-        client
-            .pool_max_idle_per_host(cfg.pool.max_idle)
-            .pool_idle_timeout(cfg.pool.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if cfg.protocol == UpstreamProtocol::Http2 {
-            client.http2_only(true);
-        }
         Ok(Arc::new(Self {
             name: cfg.name.clone(),
             config: cfg.clone(),
             targets,
-            client: client.build(connector),
+            client,
             results: RESULTS
                 .iter()
                 .map(|r| {
