@@ -2,6 +2,11 @@
 //! of JSON. A length over the limit is refused before anything is read or
 //! allocated for it.
 
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, Ordering},
+};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::MAX_MESSAGE_SIZE;
@@ -75,6 +80,109 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Frames from many tasks onto one stream, without a task of its own.
+///
+/// A caller queues its frame and, when no other caller is writing, writes
+/// everything queued in one go, from its own task: alone, a frame leaves at
+/// once, with no hand-over to a writer task; under contention frames leave
+/// in batches, one system call for many. A write that fails, or a caller
+/// dropped in the middle of one (which would leave half a frame on the
+/// stream), breaks the writer for good: every later [`send`] fails, and
+/// the connection is to be closed.
+///
+/// [`send`]: SharedWriter::send
+pub struct SharedWriter<W> {
+    queued: Mutex<Vec<u8>>,
+    out: tokio::sync::Mutex<W>,
+    broken: AtomicBool,
+}
+
+/// Breaks the writer unless disarmed: a write cut short by cancellation.
+struct Armed<'a>(&'a AtomicBool);
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl<W: AsyncWrite + Unpin> SharedWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self {
+            queued: Mutex::new(Vec::new()),
+            out: tokio::sync::Mutex::new(out),
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a write failed or was cut short.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    fn broken_error() -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "an earlier write on this connection failed",
+        )
+    }
+
+    /// Queues `frame` (already framed) and writes what is queued unless
+    /// another caller is writing, in which case that caller writes it.
+    pub async fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        if self.is_broken() {
+            return Err(Self::broken_error());
+        }
+        self.queued().extend_from_slice(frame);
+        loop {
+            let Ok(mut out) = self.out.try_lock() else {
+                // The writer holding it looks at the queue again after it
+                // lets go, so this frame is not left behind.
+                return Ok(());
+            };
+            loop {
+                let batch = std::mem::take(&mut *self.queued());
+                if batch.is_empty() {
+                    break;
+                }
+                let armed = Armed(&self.broken);
+                let written = async {
+                    out.write_all(&batch).await?;
+                    out.flush().await
+                }
+                .await;
+                std::mem::forget(armed);
+                if let Err(e) = written {
+                    self.broken.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+            drop(out);
+            if self.queued().is_empty() || self.is_broken() {
+                return if self.is_broken() {
+                    Err(Self::broken_error())
+                } else {
+                    Ok(())
+                };
+            }
+        }
+    }
+
+    /// Shuts the stream's write side down, after what is queued.
+    pub async fn shutdown(&self) -> std::io::Result<()> {
+        let mut out = self.out.lock().await;
+        let rest = std::mem::take(&mut *self.queued());
+        if !rest.is_empty() && !self.is_broken() {
+            out.write_all(&rest).await?;
+        }
+        out.shutdown().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +229,49 @@ mod tests {
             read_frame(&mut b, 100).await,
             Err(FrameError::Truncated)
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_writer_loses_and_mixes_no_frame() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let writer = std::sync::Arc::new(SharedWriter::new(a));
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let w = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                let payload = format!("{{\"n\":{i}}}");
+                w.send(&encode(payload.as_bytes()).unwrap()).await.unwrap();
+            }));
+        }
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Ok(Some(frame)) = read_frame(&mut b, 100).await {
+                seen.push(String::from_utf8(frame).unwrap());
+            }
+            seen
+        });
+        for t in tasks {
+            t.await.unwrap();
+        }
+        writer.shutdown().await.unwrap();
+        let mut seen = reader.await.unwrap();
+        seen.sort();
+        let mut want: Vec<String> = (0..200).map(|i| format!("{{\"n\":{i}}}")).collect();
+        want.sort();
+        assert_eq!(seen, want);
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_short_breaks_the_writer() {
+        // A peer that never reads: the first big write cannot finish.
+        let (a, _b) = tokio::io::duplex(16);
+        let writer = SharedWriter::new(a);
+        let big = encode(&[b'x'; 1000]).unwrap();
+        let cut =
+            tokio::time::timeout(std::time::Duration::from_millis(50), writer.send(&big)).await;
+        assert!(cut.is_err(), "the write could not finish");
+        assert!(writer.is_broken());
+        assert!(writer.send(b"\0\0\0\0").await.is_err());
     }
 
     #[test]

@@ -60,6 +60,27 @@ fn the_seeds_messages_parse() {
     assert_eq!(response.audit.unwrap().rule_ids, vec!["auth-001"]);
 }
 
+/// The payload may come before its type, and unknown fields are ignored.
+#[test]
+fn envelope_fields_in_any_order() {
+    let text = r#"{"payload": {"agent_id": "a", "config": {"k": 1}}, "future": [1, 2],
+                   "event_type": "configure", "version": 1}"#;
+    let request = AgentRequest::from_json(text.as_bytes()).unwrap();
+    match request.event {
+        Event::Configure(c) => assert_eq!(c.config, json!({"k": 1})),
+        other => panic!("{other:?}"),
+    }
+    for bad in [
+        r#"{"version": 1, "event_type": "configure"}"#,
+        r#"{"version": 1, "payload": {}}"#,
+        r#"{"event_type": "configure", "payload": {"agent_id": "a"}}"#,
+        r#"{"version": 1, "event_type": "request_headers", "payload": {"method": "GET"}}"#,
+        r#"[1, 2]"#,
+    ] {
+        assert!(AgentRequest::from_json(bad.as_bytes()).is_err(), "{bad}");
+    }
+}
+
 #[test]
 fn a_request_without_extensions_carries_only_the_seeds_fields() {
     let request = AgentRequest::new(Event::RequestHeaders(RequestHeadersEvent {
@@ -357,4 +378,79 @@ fn binary_body_bytes_travel_as_base64() {
     let request = AgentRequest::new(every_event().swap_remove(2));
     let value: serde_json::Value = serde_json::from_slice(&request.to_json()).unwrap();
     assert_eq!(value["payload"]["data"], "AJ+Slv8=");
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = format!("{}/schema/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    jsonschema::validator_for(&value).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// The shipped JSON Schemas describe exactly what the types write: every
+/// event and every decision validates, and what the types refuse, the
+/// schema refuses too.
+#[test]
+fn the_json_schemas_match_the_types() {
+    let requests = schema("agent-request.schema.json");
+    let responses = schema("agent-response.schema.json");
+    let mut all = every_event()
+        .into_iter()
+        .map(AgentRequest::new)
+        .collect::<Vec<_>>();
+    all.push(AgentRequest {
+        id: Some(9),
+        ..AgentRequest::new(every_event().swap_remove(1))
+    });
+    for request in &all {
+        let value: serde_json::Value = serde_json::from_slice(&request.to_json()).unwrap();
+        let errors: Vec<String> = requests
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{value}: {errors:?}");
+    }
+    let seed: serde_json::Value = serde_json::from_str(SEED_REQUEST).unwrap();
+    assert!(requests.is_valid(&seed));
+
+    let mut answers = vec![full_response(), AgentResponse::allow()];
+    for decision in [
+        Decision::Allow,
+        Decision::block(403),
+        Decision::Redirect {
+            url: "/login".into(),
+            status: 301,
+        },
+        Decision::Challenge {
+            challenge_type: "javascript".into(),
+            params: BTreeMap::from([("k".into(), "v".into())]),
+        },
+    ] {
+        answers.push(AgentResponse::decide(decision));
+    }
+    for answer in &answers {
+        let value: serde_json::Value = serde_json::from_slice(&answer.to_json()).unwrap();
+        let errors: Vec<String> = responses
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{value}: {errors:?}");
+    }
+    let seed: serde_json::Value = serde_json::from_str(SEED_RESPONSE).unwrap();
+    assert!(responses.is_valid(&seed));
+    for bad in [
+        json!({"version": 2}),
+        json!({"version": 1, "decision": "maybe"}),
+        json!({"version": 1, "decision": {"redirect": {"url": "/x", "status": 303}}}),
+        json!({"version": 1, "decision": {"block": {"status": 99}}}),
+        json!({"version": 1, "request_headers": [{"rename": {"name": "a"}}]}),
+    ] {
+        assert!(!responses.is_valid(&bad), "the schema accepts {bad}");
+        assert!(
+            AgentResponse::from_json(bad.to_string().as_bytes()).is_err(),
+            "the types accept {bad}"
+        );
+    }
+    assert!(!requests.is_valid(&json!({"version": 1, "event_type": "nope", "payload": {}})));
 }

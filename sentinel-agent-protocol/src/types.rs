@@ -139,37 +139,92 @@ impl Serialize for AgentRequest {
     }
 }
 
+/// One pass over the envelope: when `event_type` comes before `payload`
+/// (as this crate and the seed write it) the payload is read straight into
+/// its type; otherwise it is kept raw and read once the type is known.
 impl<'de> Deserialize<'de> for AgentRequest {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        struct Envelope<'a> {
-            version: u32,
-            event_type: EventType,
-            #[serde(borrow)]
-            payload: &'a RawValue,
-            #[serde(default)]
-            id: Option<u64>,
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Field {
+            Version,
+            EventType,
+            Payload,
+            Id,
+            #[serde(other)]
+            Other,
         }
-        let envelope = Envelope::deserialize(deserializer)?;
-        let raw = envelope.payload.get();
-        fn parse<'a, T: Deserialize<'a>, E: de::Error>(raw: &'a str) -> Result<T, E> {
-            serde_json::from_str(raw).map_err(E::custom)
+
+        fn typed<'de, A: MapAccess<'de>>(kind: EventType, map: &mut A) -> Result<Event, A::Error> {
+            Ok(match kind {
+                EventType::Configure => Event::Configure(map.next_value()?),
+                EventType::RequestHeaders => Event::RequestHeaders(map.next_value()?),
+                EventType::RequestBodyChunk => Event::RequestBodyChunk(map.next_value()?),
+                EventType::ResponseHeaders => Event::ResponseHeaders(map.next_value()?),
+                EventType::ResponseBodyChunk => Event::ResponseBodyChunk(map.next_value()?),
+                EventType::RequestComplete => Event::RequestComplete(map.next_value()?),
+                EventType::WebsocketFrame => Event::WebsocketFrame(map.next_value()?),
+                EventType::GuardrailInspect => Event::GuardrailInspect(map.next_value()?),
+            })
         }
-        let event = match envelope.event_type {
-            EventType::Configure => Event::Configure(parse(raw)?),
-            EventType::RequestHeaders => Event::RequestHeaders(parse(raw)?),
-            EventType::RequestBodyChunk => Event::RequestBodyChunk(parse(raw)?),
-            EventType::ResponseHeaders => Event::ResponseHeaders(parse(raw)?),
-            EventType::ResponseBodyChunk => Event::ResponseBodyChunk(parse(raw)?),
-            EventType::RequestComplete => Event::RequestComplete(parse(raw)?),
-            EventType::WebsocketFrame => Event::WebsocketFrame(parse(raw)?),
-            EventType::GuardrailInspect => Event::GuardrailInspect(parse(raw)?),
-        };
-        Ok(AgentRequest {
-            version: envelope.version,
-            id: envelope.id,
-            event,
-        })
+
+        fn from_raw<E: de::Error>(kind: EventType, raw: &str) -> Result<Event, E> {
+            fn parse<'a, T: Deserialize<'a>, E: de::Error>(raw: &'a str) -> Result<T, E> {
+                serde_json::from_str(raw).map_err(E::custom)
+            }
+            Ok(match kind {
+                EventType::Configure => Event::Configure(parse(raw)?),
+                EventType::RequestHeaders => Event::RequestHeaders(parse(raw)?),
+                EventType::RequestBodyChunk => Event::RequestBodyChunk(parse(raw)?),
+                EventType::ResponseHeaders => Event::ResponseHeaders(parse(raw)?),
+                EventType::ResponseBodyChunk => Event::ResponseBodyChunk(parse(raw)?),
+                EventType::RequestComplete => Event::RequestComplete(parse(raw)?),
+                EventType::WebsocketFrame => Event::WebsocketFrame(parse(raw)?),
+                EventType::GuardrailInspect => Event::GuardrailInspect(parse(raw)?),
+            })
+        }
+
+        struct Envelope;
+
+        impl<'de> Visitor<'de> for Envelope {
+            type Value = AgentRequest;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object with version, event_type and payload")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AgentRequest, A::Error> {
+                let mut version = None;
+                let mut kind: Option<EventType> = None;
+                let mut event = None;
+                let mut raw: Option<Box<RawValue>> = None;
+                let mut id = None;
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::Version => version = Some(map.next_value::<u32>()?),
+                        Field::EventType => kind = Some(map.next_value()?),
+                        Field::Payload => match kind {
+                            Some(k) => event = Some(typed(k, &mut map)?),
+                            None => raw = Some(map.next_value()?),
+                        },
+                        Field::Id => id = map.next_value()?,
+                        Field::Other => {
+                            map.next_value::<de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
+                let kind = kind.ok_or_else(|| de::Error::missing_field("event_type"))?;
+                let event = match (event, raw) {
+                    (Some(e), _) => e,
+                    (None, Some(raw)) => from_raw(kind, raw.get())?,
+                    (None, None) => return Err(de::Error::missing_field("payload")),
+                };
+                Ok(AgentRequest { version, id, event })
+            }
+        }
+
+        deserializer.deserialize_map(Envelope)
     }
 }
 

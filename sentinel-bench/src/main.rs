@@ -12,11 +12,16 @@
 //! 4. CPU time per dropped packet under a trafgen flood, against
 //!    xdp-filter, nftables and iptables ([`flood`]).
 //!
+//! `sentinel-bench proxy` measures the reverse proxy against nginx
+//! ([`proxy`]); `sentinel-bench agents` what an agent adds to a request
+//! ([`agents`]).
+//!
 //! Everything it creates (namespaces, pin directories, firewall rules,
 //! xdp-filter attachments, daemons) is removed by guards when it ends, also
 //! on error or Ctrl-C; leftovers of a run that was killed outright are
 //! removed at the next start ([`stale`]).
 
+mod agents;
 mod bpf;
 mod cpu;
 mod daemon;
@@ -62,6 +67,35 @@ enum Bench {
     /// The reverse proxy against nginx: wrk throughput and latency, and
     /// memory per idle keep-alive connection (root: the daemon loads BPF).
     Proxy(ProxyArgs),
+    /// What an agent adds to a request: latency at a fixed rate over each
+    /// transport against a raw Unix-socket floor, and throughput (root).
+    Agents(AgentsArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentsArgs {
+    /// The `sentinel` binary (default: next to this program); the echo
+    /// agent is taken from the same directory.
+    #[arg(long, value_name = "PATH")]
+    sentinel_bin: Option<PathBuf>,
+    /// Requests per second of the latency runs.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Requests per latency run.
+    #[arg(long, default_value_t = 5_000)]
+    requests: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Rounds, rotating the order (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Short runs: a smoke test, not a measurement.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args, Debug)]
@@ -433,9 +467,76 @@ fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
     Ok(true)
 }
 
+fn bench_agents(mut args: AgentsArgs) -> Result<bool> {
+    if args.quick {
+        args.requests = 500;
+        args.duration = 2;
+        args.rounds = 1;
+    }
+    if args.rounds == 0 || args.requests == 0 || args.rate == 0 || args.duration == 0 {
+        bail!("--rounds, --requests, --rate and --duration must not be zero");
+    }
+    let bin = match &args.sentinel_bin {
+        Some(bin) => bin.clone(),
+        None => std::env::current_exe()
+            .context("cannot locate this program")?
+            .with_file_name("sentinel"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} does not exist: build it or pass --sentinel-bin",
+            bin.display()
+        );
+    }
+    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
+    for line in stale::clean() {
+        eprintln!("    removed a leftover of an earlier run: {line}");
+    }
+    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
+        Ok(command) => vec![command],
+        Err(_) => std::env::args().collect(),
+    };
+    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench agents", 1);
+    println!("{head}- proxy peers: {}\n", proxy::versions());
+    let plan = agents::Plan {
+        rate: args.rate,
+        requests: args.requests,
+        rounds: args.rounds,
+        wrk: proxy::Plan {
+            duration: Duration::from_secs(args.duration),
+            connections: args.connections,
+            rounds: args.rounds,
+            idle_connections: 0,
+        },
+    };
+    let started = Instant::now();
+    settle("the agents benchmark");
+    let results = agents::run(&bin, &plan)?;
+    for table in agents::report(&results, &plan) {
+        print(&table);
+    }
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Agents(args) => {
+            if !is_root() {
+                println!("SKIPPED: bench agents needs root (the daemon loads BPF)");
+                return ExitCode::SUCCESS;
+            }
+            install_signal_handlers();
+            match bench_agents(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Bench::Proxy(args) => {
             if !is_root() {
                 println!("SKIPPED: bench proxy needs root (the daemon loads BPF)");

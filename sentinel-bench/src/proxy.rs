@@ -31,19 +31,19 @@ pub struct Plan {
 
 /// A free port on loopback (bound, read and released; the window in which
 /// another process could take it is tiny and only on this machine).
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// An nginx master process with its own prefix and configuration, stopped
 /// on drop.
-struct Nginx {
+pub(crate) struct Nginx {
     child: Option<Child>,
     _dir: TempDir,
 }
 
 impl Nginx {
-    fn start(name: &str, http_block: &str) -> Result<Self> {
+    pub(crate) fn start(name: &str, http_block: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("sentinel-bench-nginx-{name}-"))
             .tempdir()?;
@@ -137,7 +137,7 @@ fn nofile_limit() -> u64 {
 }
 
 /// Waits until something answers HTTP on `addr`.
-fn wait_http(addr: SocketAddr, path: &str) -> Result<()> {
+pub(crate) fn wait_http(addr: SocketAddr, path: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(head) = get(addr, path)
@@ -175,7 +175,7 @@ pub struct WrkResult {
     pub errors: u64,
 }
 
-fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
+pub(crate) fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{}", plan.connections)])
         .arg(format!("-d{}s", plan.duration.as_secs().max(1)))

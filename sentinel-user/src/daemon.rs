@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin,
+    agents::kernel_push::KernelBridge,
     config::{Config, KernelConfig},
     kernel::{Kernel, SOURCE_CONFIG, clock},
     metrics::{self, Metrics},
@@ -90,6 +91,75 @@ impl State {
 
     pub fn ttl_policy(&self) -> TtlPolicy {
         *self.ttl.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Source label of list updates made by agents' kernel pushes.
+pub const SOURCE_AGENT: &str = "agent";
+
+impl KernelBridge for State {
+    fn allowlisted(&self, ip: std::net::IpAddr, prefix: &ipnet::IpNet) -> bool {
+        let kernel = self.lock_kernel();
+        let now = clock::now_ns();
+        match kernel.tables.entries(RuleList::Allow) {
+            Ok(entries) => entries.iter().any(|(allowed, value)| {
+                !value.is_expired(now)
+                    && (allowed.contains(&ip)
+                        || allowed.contains(&prefix.network())
+                        || prefix.contains(&allowed.network()))
+            }),
+            // Unknown: refuse the push rather than risk denying an
+            // allowlisted client.
+            Err(e) => {
+                warn!(error = %e, "cannot read the allowlist; refusing the kernel push");
+                true
+            }
+        }
+    }
+
+    fn deny(
+        &self,
+        prefix: &ipnet::IpNet,
+        ttl: Duration,
+        source: &str,
+        reason: &str,
+    ) -> Result<bool, String> {
+        let ttl = ttl.min(self.ttl_policy().max);
+        let mut kernel = self.lock_kernel();
+        if let Ok(Some(existing)) = kernel.tables.get(RuleList::Deny, prefix)
+            && !crate::kernel::rules::text(&existing.source).starts_with("agent:")
+        {
+            // An operator's entry (config, admin) stays as it was written.
+            return Ok(false);
+        }
+        let rule = crate::kernel::NewRule {
+            ttl: Some(ttl),
+            source: source.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let outcome = kernel.tables.upsert(RuleList::Deny, prefix, &rule);
+        self.metrics.set_entries(&kernel.tables);
+        drop(kernel);
+        match outcome {
+            Ok(upsert) => {
+                let result = if upsert == crate::kernel::Upsert::Created {
+                    "added"
+                } else {
+                    "replaced"
+                };
+                self.metrics.update(RuleList::Deny, SOURCE_AGENT, result, 1);
+                Ok(true)
+            }
+            Err(e) => {
+                self.metrics.update(
+                    RuleList::Deny,
+                    SOURCE_AGENT,
+                    admin::server::result_label(&e),
+                    1,
+                );
+                Err(e.to_string())
+            }
+        }
     }
 }
 
@@ -190,7 +260,14 @@ async fn start(
         }),
     });
     tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
-    let mut proxy = Proxy::start(config, state.metrics.proxy.clone()).await?;
+    let deps = crate::proxy::Deps {
+        metrics: state.metrics.proxy.clone(),
+        agent_metrics: state.metrics.agents.clone(),
+        kernel: Some(state.clone() as Arc<dyn KernelBridge>),
+        facts: None,
+        store: None,
+    };
+    let mut proxy = Proxy::start(config, deps).await?;
     state.set_listeners(proxy.bound());
 
     let admin_path = config.admin.socket.clone();

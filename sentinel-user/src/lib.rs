@@ -7,10 +7,13 @@
 //! both layers to Prometheus. `daemon` wires them together.
 
 pub mod admin;
+pub mod agents;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod inspect;
 pub mod kernel;
 pub mod metrics;
 pub mod net;
+pub mod profile;
 pub mod proxy;

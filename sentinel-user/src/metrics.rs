@@ -42,6 +42,7 @@ pub struct Metrics {
     denylist_updates: IntCounterVec,
     allowlist_updates: IntCounterVec,
     pub proxy: ProxyMetrics,
+    pub agents: crate::agents::metrics::AgentMetrics,
 }
 
 // Metric definitions below are constants: building them cannot fail at run
@@ -86,8 +87,10 @@ impl Metrics {
             registry.register(collector).expect(STATIC);
         }
         let proxy = ProxyMetrics::new(&registry);
+        let agents = crate::agents::metrics::AgentMetrics::new(&registry);
         Self {
             proxy,
+            agents,
             registry,
             denylist_entries,
             allowlist_entries,

@@ -97,12 +97,16 @@ struct State {
 /// - `sleep_ms=N`: wait N ms before answering;
 /// - `status=N`: answer with status N;
 /// - `hop=1`: add hop-by-hop headers (`Connection: x-hop-secret`,
-///   `X-Hop-Secret`, `Keep-Alive`) the proxy must remove.
+///   `X-Hop-Secret`, `Keep-Alive`) the proxy must remove;
+/// - `set=NAME:VALUE`: add that response header (`%20` for spaces).
 ///
 /// `/big?bytes=N` streams N zero bytes; `/ws` with an `Upgrade` header
-/// answers 101, writes `welcome\n` and echoes bytes; anything else answers
-/// the request it saw as JSON (`method`, `target`, `version`, `headers`,
-/// `body_bytes`).
+/// answers 101, writes `welcome\n` and echoes bytes; `/wsframes` answers
+/// 101 and echoes WebSocket frames (client frames unmasked, sent back
+/// unmasked, as a server must); `/echo` answers the request's body (its
+/// first MiB) as `application/octet-stream`, with `?type=T` as its
+/// content type instead; anything else answers the request it saw as JSON
+/// (`method`, `target`, `version`, `headers`, `body_bytes`).
 pub struct Upstream {
     pub addr: SocketAddr,
     state: Arc<State>,
@@ -278,14 +282,20 @@ async fn answer(
     let _busy = Counted::new(&state.in_flight);
     let query = query(&req);
 
-    if req.uri().path() == "/ws" && req.headers().contains_key(header::UPGRADE) {
+    let ws_path = req.uri().path();
+    if (ws_path == "/ws" || ws_path == "/wsframes") && req.headers().contains_key(header::UPGRADE) {
         let protocol = req.headers()[header::UPGRADE].clone();
+        let frames = ws_path == "/wsframes";
         let upgraded = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let Ok(upgraded) = upgraded.await else {
                 return;
             };
             let mut io = TokioIo::new(upgraded);
+            if frames {
+                ws_echo(&mut io).await;
+                return;
+            }
             if io.write_all(b"welcome\n").await.is_err() {
                 return;
             }
@@ -325,10 +335,15 @@ async fn answer(
     let (parts, mut incoming) = req.into_parts();
     let mut received = 0u64;
     let mut complete = true;
+    let keep = parts.uri.path() == "/echo";
+    let mut kept = Vec::new();
     while let Some(frame) = incoming.frame().await {
         match frame {
             Ok(frame) => {
                 if let Some(data) = frame.data_ref() {
+                    if keep && kept.len() < 1 << 20 {
+                        kept.extend_from_slice(data);
+                    }
                     received += data.len() as u64;
                     state
                         .body_bytes
@@ -371,7 +386,17 @@ async fn answer(
         .and_then(|v| v.parse().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    let mut reply = if parts.uri.path() == "/big" {
+    let mut reply = if keep {
+        let mut r = response(&state, status, full(kept));
+        let kind = query
+            .get("type")
+            .map(|t| t.replace("%2F", "/"))
+            .unwrap_or_else(|| "application/octet-stream".to_owned());
+        if let Ok(v) = HeaderValue::from_str(&kind) {
+            r.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        r
+    } else if parts.uri.path() == "/big" {
         let bytes = query.get("bytes").and_then(|v| v.parse().ok()).unwrap_or(0);
         response(&state, status, Zeros::sized(bytes).boxed())
     } else {
@@ -400,6 +425,14 @@ async fn answer(
         );
         r
     };
+    if let Some((name, value)) = query.get("set").and_then(|kv| kv.split_once(':'))
+        && let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value.replace("%20", " ")),
+        )
+    {
+        reply.headers_mut().insert(name, value);
+    }
     if query.contains_key("hop") {
         let h = reply.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("x-hop-secret"));
@@ -407,6 +440,52 @@ async fn answer(
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
     }
     Ok(reply)
+}
+
+/// Echoes WebSocket frames until a close frame or the end of the stream.
+async fn ws_echo<I: AsyncRead + AsyncWrite + Unpin>(io: &mut I) {
+    loop {
+        let mut head = [0u8; 2];
+        if io.read_exact(&mut head).await.is_err() {
+            return;
+        }
+        let mut len = u64::from(head[1] & 0x7f);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            if io.read_exact(&mut b).await.is_err() {
+                return;
+            }
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            if io.read_exact(&mut b).await.is_err() {
+                return;
+            }
+            len = u64::from_be_bytes(b);
+        }
+        let mut key = [0u8; 4];
+        if head[1] & 0x80 != 0 && io.read_exact(&mut key).await.is_err() {
+            return;
+        }
+        let mut payload = vec![0u8; len as usize];
+        if io.read_exact(&mut payload).await.is_err() {
+            return;
+        }
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= key[i % 4];
+        }
+        let mut out = vec![head[0]];
+        if payload.len() < 126 {
+            out.push(payload.len() as u8);
+        } else {
+            out.push(126);
+            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&payload);
+        if io.write_all(&out).await.is_err() || head[0] & 0x0f == 0x8 {
+            return;
+        }
+    }
 }
 
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];

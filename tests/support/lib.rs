@@ -2,9 +2,10 @@
 //! [`netns`] (throwaway network namespaces joined by a veth pair),
 //! [`daemon`] (the real `sentinel` binary with a generated configuration),
 //! `harness` and `packet` (the fast path in-process, crafted frames),
-//! [`http`] (test upstreams and clients for the proxy) and [`tls`] (a
-//! throwaway CA).
+//! [`http`] (test upstreams and clients for the proxy), [`tls`] (a
+//! throwaway CA) and [`agent`] (scriptable agents on every transport).
 
+pub mod agent;
 pub mod daemon;
 pub mod harness;
 pub mod http;

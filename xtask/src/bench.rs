@@ -36,12 +36,23 @@ pub enum Bench {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// What an agent adds to a request: latency at a fixed rate through
+    /// the reference echo agent over a Unix socket, gRPC and HTTP, against
+    /// a raw Unix-socket ping-pong (the floor), and wrk throughput with and
+    /// without the agent. Needs root; prints SKIPPED otherwise.
+    Agents {
+        /// Extra arguments for `sentinel-bench agents`, after `--` (e.g.
+        /// `-- --quick`; `-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn run(which: Bench) -> Result<()> {
     match which {
         Bench::Xdp { args } => bench("xdp", prereq::BENCH_XDP_PACKAGES, &args),
         Bench::Proxy { args } => bench("proxy", prereq::BENCH_PROXY_PACKAGES, &args),
+        Bench::Agents { args } => bench("agents", prereq::BENCH_PROXY_PACKAGES, &args),
     }
 }
 
@@ -64,6 +75,8 @@ fn bench(name: &str, packages: &[(&str, &str)], args: &[String]) -> Result<()> {
         "sentinel-user",
         "-p",
         "sentinel-bench",
+        "-p",
+        "sentinel-agents",
     ]))?;
     let release = root().join("target/release");
     let bench = release.join("sentinel-bench");

@@ -23,17 +23,28 @@ pub enum AgentEvent {
     ResponseBody,
     Log,
     WebsocketFrame,
+    /// Extension: the request body's text for prompt-injection and PII
+    /// checks (`guardrail_inspect` events, one per `guardrail-types`).
+    GuardrailInspect,
 }
 
 impl AgentEvent {
-    pub const ALL: [(&'static str, AgentEvent); 6] = [
+    pub const ALL: [(&'static str, AgentEvent); 7] = [
         ("request_headers", AgentEvent::RequestHeaders),
         ("request_body", AgentEvent::RequestBody),
         ("response_headers", AgentEvent::ResponseHeaders),
         ("response_body", AgentEvent::ResponseBody),
         ("log", AgentEvent::Log),
         ("websocket_frame", AgentEvent::WebsocketFrame),
+        ("guardrail_inspect", AgentEvent::GuardrailInspect),
     ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, e)| *e == self)
+            .map_or("?", |(n, _)| n)
+    }
 }
 
 /// TLS options of a `grpc` or `http` transport.
@@ -90,6 +101,28 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
+/// `kernel-push { ... }`: the agent may ask for its clients to be denied
+/// (or watched) in the kernel. Absent: it may not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPushConfig {
+    /// Upper bound and default of a push's TTL. Default: 3600 s.
+    pub max_ttl: Duration,
+    /// Shortest IPv4 prefix a push may name. Default: 32 (the client only).
+    pub min_prefix_len_v4: u8,
+    /// Shortest IPv6 prefix a push may name. Default: 64.
+    pub min_prefix_len_v6: u8,
+}
+
+impl Default for KernelPushConfig {
+    fn default() -> Self {
+        Self {
+            max_ttl: Duration::from_secs(3600),
+            min_prefix_len_v4: 32,
+            min_prefix_len_v6: 64,
+        }
+    }
+}
+
 /// `agent "name" type="..." { ... }`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -118,6 +151,20 @@ pub struct AgentConfig {
     /// JSON: each child node becomes a key; one argument becomes its value,
     /// several an array, children an object.
     pub config: serde_json::Value,
+    /// Calls in flight at once; a call over it waits for a slot within its
+    /// timeout. Default: 100.
+    pub max_concurrent_calls: usize,
+    /// Default: `None` (no kernel pushes).
+    pub kernel_push: Option<KernelPushConfig>,
+    /// `inspection_type`s of the `guardrail_inspect` events sent per
+    /// request. Default: `["prompt_injection"]`.
+    pub guardrail_types: Vec<String>,
+}
+
+impl AgentConfig {
+    pub fn subscribes(&self, event: AgentEvent) -> bool {
+        self.events.contains(&event)
+    }
 }
 
 /// Which side of the exchange a filter runs on.
@@ -187,8 +234,44 @@ impl Default for BodyInspection {
     }
 }
 
+/// `waf { challenge { ... } }`: how a `challenge` decision is answered.
+/// Sentinel serves the page and verifies the answer itself (a proof of
+/// work), so no request passes a challenge unchallenged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChallengeConfig {
+    /// Status of the challenge page. Default: 403.
+    pub status: u16,
+    /// HTML template replacing the built-in page; see docs/agents.md for
+    /// its placeholders. Default: the built-in page.
+    pub page: Option<PathBuf>,
+    /// Cookie that carries a passed challenge. Default: `sentinel_challenge`.
+    pub cookie_name: String,
+    /// How long a passed challenge is honoured. Default: 3600 s.
+    pub ttl: Duration,
+    /// Leading zero bits the proof of work needs. Default: 16.
+    pub difficulty: u8,
+    /// File with the HMAC key for challenge tokens (at least 32 bytes), so
+    /// tokens survive restarts and are shared by several daemons.
+    /// Default: a random key per start.
+    pub secret_file: Option<PathBuf>,
+}
+
+impl Default for ChallengeConfig {
+    fn default() -> Self {
+        Self {
+            status: 403,
+            page: None,
+            cookie_name: "sentinel_challenge".to_owned(),
+            ttl: Duration::from_secs(3600),
+            difficulty: 16,
+            secret_file: None,
+        }
+    }
+}
+
 /// The `waf { ... }` block.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WafConfig {
     pub body_inspection: BodyInspection,
+    pub challenge: ChallengeConfig,
 }

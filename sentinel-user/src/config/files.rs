@@ -72,6 +72,18 @@ pub(super) fn pem_file(w: &mut Walker<'_>, offset: usize, option: &str, path: &s
     w.at_offset(offset, message);
 }
 
+/// Reports, at `offset`, a file named by `option` that cannot be read.
+pub(super) fn readable(w: &mut Walker<'_>, offset: usize, option: &str, path: &str) {
+    if let Err(e) = std::fs::File::open(path) {
+        let why = match e.kind() {
+            ErrorKind::NotFound => "does not exist".to_owned(),
+            ErrorKind::PermissionDenied => "cannot be read: permission denied".to_owned(),
+            _ => format!("cannot be read: {e}"),
+        };
+        w.at_offset(offset, format!("'{option}' file '{path}' {why}"));
+    }
+}
+
 /// pem::Error's own text prints byte vectors; say it in words.
 fn describe(error: &pem::Error) -> String {
     match error {

@@ -7,15 +7,18 @@
 
 mod agents;
 mod files;
+mod profile;
 mod proxy;
 mod read_agents;
 mod read_listeners;
+mod read_profile;
 mod read_proxy;
 mod read_upstreams;
 mod refs;
 mod walk;
 
 pub use agents::*;
+pub use profile::*;
 pub use proxy::*;
 
 use std::{
@@ -66,33 +69,6 @@ pub struct Config {
     pub kernel: KernelConfig,
     pub admin: AdminConfig,
     pub profile: ProfileConfig,
-}
-
-/// Operation mode of the runtime profile.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProfileMode {
-    /// Pure pass-through: no inspection, no agent calls, no metadata.
-    Off,
-    /// Metadata only, never delaying a request.
-    Lite,
-    /// Full inspection; decisions recorded as "would have", never enforced.
-    Monitor,
-    /// Decisions enforced. Default.
-    Protection,
-}
-
-/// The `profile { ... }` block.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfileConfig {
-    pub mode: ProfileMode,
-}
-
-impl Default for ProfileConfig {
-    fn default() -> Self {
-        Self {
-            mode: ProfileMode::Protection,
-        }
-    }
 }
 
 /// How the XDP program is attached.
@@ -344,7 +320,7 @@ impl Config {
                 "observability" => observability(w, node, &mut config.observability),
                 "kernel" => kernel(w, node, &mut config.kernel),
                 "admin" => admin(w, node, &mut config.admin),
-                "profile" => profile(w, node, &mut config.profile),
+                "profile" => read_profile::profile(w, node, &mut config.profile),
                 _ => w.unknown(node, "block", TOP_LEVEL),
             }
         }
@@ -664,25 +640,6 @@ fn logging(w: &mut Walker<'_>, node: &KdlNode, out: &mut AccessLog) {
                 }
             }
             _ => return false,
-        }
-        true
-    });
-}
-
-/// `profile { mode "protection" }`.
-fn profile(w: &mut Walker<'_>, node: &KdlNode, out: &mut ProfileConfig) {
-    w.options(node, &["mode"], &[], |w, name, leaf| {
-        if name != "mode" {
-            return false;
-        }
-        let choices = [
-            ("off", ProfileMode::Off),
-            ("lite", ProfileMode::Lite),
-            ("monitor", ProfileMode::Monitor),
-            ("protection", ProfileMode::Protection),
-        ];
-        if let Some(mode) = w.choice(leaf, &choices) {
-            out.mode = mode;
         }
         true
     });

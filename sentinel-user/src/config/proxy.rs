@@ -128,6 +128,9 @@ pub struct RouteConfig {
     /// Filter names applied in order (`filters "a" "b"`).
     pub filters: Vec<String>,
     pub policies: RoutePolicies,
+    /// `profile { ... }`: this route's mode and secure headers, over the
+    /// global `profile` block's.
+    pub profile: super::RouteProfile,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,6 +50,9 @@ const AGENT_OPTIONS: &[&str] = &[
     "request-body-mode",
     "response-body-mode",
     "config",
+    "max-concurrent-calls",
+    "kernel-push",
+    "guardrail-types",
 ];
 
 const AGENT_TYPES: &[(&str, AgentType)] = &[
@@ -81,6 +84,9 @@ fn agent(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<AgentC
     let mut request_body_mode = BodyMode::Buffer;
     let mut response_body_mode = BodyMode::Buffer;
     let mut config = Value::Object(Map::new());
+    let mut max_concurrent_calls = 100;
+    let mut kernel_push = None;
+    let mut guardrail_types = vec!["prompt_injection".to_owned()];
     w.children(node, AGENT_OPTIONS, Some(&[]), |w, name, child| {
         match name {
             "unix-socket" | "grpc" | "http" => {
@@ -149,6 +155,28 @@ fn agent(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<AgentC
                 w.no_entries(child);
                 config = Value::Object(json_object(w, child));
             }
+            "max-concurrent-calls" => {
+                if let Some(v) = w.integer(child, 1, 100_000) {
+                    max_concurrent_calls = v as usize;
+                }
+            }
+            "kernel-push" => kernel_push = Some(kernel_push_block(w, child)),
+            "guardrail-types" => {
+                let mut types = Vec::new();
+                for (t, at) in w.strings(child) {
+                    if !GUARDRAIL_TYPES.contains(&t.as_str()) {
+                        w.at_offset(
+                            at,
+                            format!("unknown guardrail type '{t}' (one of: {})", GUARDRAIL_TYPES.join(", ")),
+                        );
+                    } else if types.contains(&t) {
+                        w.at_offset(at, format!("guardrail type '{t}' is listed twice"));
+                    } else {
+                        types.push(t);
+                    }
+                }
+                guardrail_types = types;
+            }
             _ => return false,
         }
         true
@@ -177,7 +205,47 @@ fn agent(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<AgentC
         request_body_mode,
         response_body_mode,
         config,
+        max_concurrent_calls,
+        kernel_push,
+        guardrail_types,
     })
+}
+
+/// What `guardrail_inspect` events can ask an agent to look for.
+pub const GUARDRAIL_TYPES: &[&str] = &["prompt_injection", "pii_detection"];
+
+/// `kernel-push { max-ttl-seconds N; min-prefix-length-v4 N; min-prefix-length-v6 N }`.
+fn kernel_push_block(w: &mut Walker<'_>, node: &KdlNode) -> KernelPushConfig {
+    const OPTIONS: &[&str] = &[
+        "max-ttl-seconds",
+        "min-prefix-length-v4",
+        "min-prefix-length-v6",
+    ];
+    let mut out = KernelPushConfig::default();
+    w.no_entries(node);
+    w.options(node, OPTIONS, &[], |w, name, child| {
+        match name {
+            "max-ttl-seconds" => {
+                if let Some(v) = w.secs(child, 1, 365 * 86_400) {
+                    out.max_ttl = v;
+                }
+            }
+            // A /0 would deny everyone; /8 is the broadest a push may name.
+            "min-prefix-length-v4" => {
+                if let Some(v) = w.integer(child, 8, 32) {
+                    out.min_prefix_len_v4 = v as u8;
+                }
+            }
+            "min-prefix-length-v6" => {
+                if let Some(v) = w.integer(child, 16, 128) {
+                    out.min_prefix_len_v6 = v as u8;
+                }
+            }
+            _ => return false,
+        }
+        true
+    });
+    out
 }
 
 /// The `type="..."` property.
@@ -263,7 +331,7 @@ const AGENT_TLS_OPTIONS: &[&str] = &[
 ];
 
 /// The block under `grpc "URL" { ... }` / `http "URL" { ... }`.
-fn agent_tls(w: &mut Walker<'_>, node: &KdlNode) -> Option<AgentTls> {
+pub(super) fn agent_tls(w: &mut Walker<'_>, node: &KdlNode) -> Option<AgentTls> {
     let mut out = AgentTls::default();
     let mut client = ClientCert::default();
     let mut ok = true;
@@ -526,11 +594,78 @@ fn filter(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<Filte
 }
 
 pub(super) fn waf(w: &mut Walker<'_>, node: &KdlNode, out: &mut WafConfig) {
-    w.options(node, &["body-inspection"], &[], |w, name, child| {
-        if name != "body-inspection" {
-            return false;
+    w.options(
+        node,
+        &["body-inspection", "challenge"],
+        &[],
+        |w, name, child| {
+            match name {
+                "body-inspection" => body_inspection(w, child, &mut out.body_inspection),
+                "challenge" => challenge(w, child, &mut out.challenge),
+                _ => return false,
+            }
+            true
+        },
+    );
+}
+
+const CHALLENGE_OPTIONS: &[&str] = &[
+    "status",
+    "page",
+    "cookie-name",
+    "ttl-seconds",
+    "difficulty",
+    "secret-file",
+];
+
+fn challenge(w: &mut Walker<'_>, node: &KdlNode, out: &mut ChallengeConfig) {
+    w.options(node, CHALLENGE_OPTIONS, &[], |w, name, child| {
+        match name {
+            "status" => {
+                if let Some(v) = w.integer(child, 200, 599) {
+                    out.status = v as u16;
+                }
+            }
+            "page" => {
+                if let Some((path, at)) = w.string_at(child) {
+                    files::readable(w, at, "page", &path);
+                    out.page = Some(PathBuf::from(path));
+                }
+            }
+            "secret-file" => {
+                if let Some((path, at)) = w.string_at(child) {
+                    files::readable(w, at, "secret-file", &path);
+                    out.secret_file = Some(PathBuf::from(path));
+                }
+            }
+            "cookie-name" => {
+                if let Some((cookie, at)) = w.string_at(child) {
+                    let token = !cookie.is_empty()
+                        && cookie
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+                    if token {
+                        out.cookie_name = cookie;
+                    } else {
+                        w.at_offset(
+                            at,
+                            format!("'cookie-name' must be letters, digits, '_', '-' or '.', found \"{cookie}\""),
+                        );
+                    }
+                }
+            }
+            "ttl-seconds" => {
+                if let Some(v) = w.secs(child, 1, 30 * 86_400) {
+                    out.ttl = v;
+                }
+            }
+            "difficulty" => {
+                if let Some(v) = w.integer(child, 0, 32) {
+                    out.difficulty = v as u8;
+                }
+            }
+            _ => return false,
         }
-        body_inspection(w, child, &mut out.body_inspection);
         true
     });
 }

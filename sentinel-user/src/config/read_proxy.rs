@@ -103,6 +103,7 @@ const ROUTE_OPTIONS: &[&str] = &[
     "static-response",
     "filters",
     "policies",
+    "profile",
 ];
 
 fn route(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<RouteConfig> {
@@ -120,6 +121,7 @@ fn route(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<RouteC
     let mut actions: Vec<(&'static str, usize)> = Vec::new();
     let mut filters: Vec<String> = Vec::new();
     let mut policies = RoutePolicies::default();
+    let mut profile = super::RouteProfile::default();
     let mut complete = true;
     w.children(node, ROUTE_OPTIONS, Some(&[]), |w, name, child| {
         match name {
@@ -154,6 +156,7 @@ fn route(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<RouteC
                 }
             }
             "policies" => policies = route_policies(w, child),
+            "profile" => profile = super::read_profile::route_profile(w, child),
             _ => return false,
         }
         true
@@ -181,6 +184,7 @@ fn route(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<RouteC
         static_response,
         filters,
         policies,
+        profile,
     })
 }
 

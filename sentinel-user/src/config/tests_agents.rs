@@ -422,3 +422,134 @@ profile { mode "on"; }
         errors[5]
     );
 }
+
+/// The options this project adds to the seed's agent and waf blocks:
+/// defaults, and bounds that keep a push from naming everyone.
+#[test]
+fn kernel_push_guardrail_and_challenge_options() {
+    let cfg = parse(
+        r#"agents {
+    agent "a" type="waf" {
+        http "http://a:1/"
+        kernel-push
+    }
+}
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e:#?}"));
+    assert_eq!(cfg.agents[0].kernel_push, Some(KernelPushConfig::default()));
+    assert_eq!(
+        KernelPushConfig::default(),
+        KernelPushConfig {
+            max_ttl: Duration::from_secs(3600),
+            min_prefix_len_v4: 32,
+            min_prefix_len_v6: 64,
+        }
+    );
+    assert_eq!(cfg.waf.challenge, ChallengeConfig::default());
+    assert_eq!(cfg.waf.challenge.status, 403);
+    assert_eq!(cfg.waf.challenge.difficulty, 16);
+
+    let errors = parse(
+        r#"agents {
+    agent "a" type="waf" {
+        http "http://a:1/"
+        kernel-push {
+            max-ttl-seconds 0
+            min-prefix-length-v4 0
+            min-prefix-length-v6 8
+            max-ttl 5
+        }
+        max-concurrent-calls 0
+        guardrail-types "toxicity"
+    }
+}
+waf {
+    challenge {
+        status 99
+        cookie-name "a b"
+        difficulty 40
+        page "/nonexistent/challenge.html"
+    }
+}
+"#,
+    )
+    .unwrap_err();
+    assert_problem(&errors, "5:29", "'max-ttl-seconds' must be between 1 and");
+    assert_problem(
+        &errors,
+        "6:34",
+        "'min-prefix-length-v4' must be between 8 and 32",
+    );
+    assert_problem(
+        &errors,
+        "7:34",
+        "'min-prefix-length-v6' must be between 16 and 128",
+    );
+    assert_problem(&errors, "8:13", "unknown option in 'kernel-push' 'max-ttl'");
+    assert_problem(
+        &errors,
+        "10:30",
+        "'max-concurrent-calls' must be between 1 and",
+    );
+    assert_problem(&errors, "11:25", "unknown guardrail type 'toxicity'");
+    assert_problem(&errors, "16:16", "'status' must be between 200 and 599");
+    assert_problem(&errors, "17:21", "'cookie-name' must be letters");
+    assert_problem(&errors, "18:20", "'difficulty' must be between 0 and 32");
+    assert_problem(
+        &errors,
+        "19:14",
+        "'page' file '/nonexistent/challenge.html' does not exist",
+    );
+    assert_eq!(errors.len(), 10, "{errors:#?}");
+}
+
+#[test]
+fn profile_problems() {
+    let errors = parse(
+        r#"profile {
+    mode "strict"
+    collector {
+        url "ftp://x"
+        header "only-a-name"
+        backoff-min-ms 500
+        backoff-max-ms 100
+    }
+    store { max-files 0; }
+    secure-headers { x-frame-options "a\nb"; x-powered-by "no"; }
+    metadata { body-bytes 99999999; }
+}
+routes {
+    route "r" {
+        static-response 200 "ok"
+        profile { mode "loud"; }
+    }
+}
+"#,
+    )
+    .unwrap_err();
+    assert_problem(&errors, "2:10", "found \"strict\"");
+    assert_problem(&errors, "3:5", "'collector' needs a 'store'");
+    assert_problem(
+        &errors,
+        "4:13",
+        "collector url 'ftp://x' is not a valid URL",
+    );
+    assert_problem(&errors, "5:9", "'header' takes a name and a value");
+    assert_problem(&errors, "3:5", "'backoff-min-ms' is above 'backoff-max-ms'");
+    assert_problem(&errors, "9:5", "'store' needs a 'path'");
+    assert_problem(&errors, "9:23", "'max-files' must be between 1 and");
+    assert_problem(
+        &errors,
+        "10:38",
+        "'x-frame-options' is not a valid header value",
+    );
+    assert_problem(
+        &errors,
+        "10:46",
+        "unknown option in 'secure-headers' 'x-powered-by'",
+    );
+    assert_problem(&errors, "11:27", "'body-bytes' must be between 0 and");
+    assert_problem(&errors, "16:24", "found \"loud\"");
+    assert_eq!(errors.len(), 11, "{errors:#?}");
+}

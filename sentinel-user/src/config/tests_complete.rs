@@ -59,6 +59,10 @@ routes {
             max-body-bytes 1048576
             timeout-secs 30
         }
+        profile {
+            mode "lite"
+            secure-response-headers #true
+        }
     }
     route "fallback" {
         priority -1
@@ -132,6 +136,12 @@ agents {
             limits { per-ip 10; burst 20; }
             owner name="ops" id=7
         }
+        max-concurrent-calls 8
+        kernel-push {
+            max-ttl-seconds 600
+            min-prefix-length-v4 24
+        }
+        guardrail-types "pii_detection" "prompt_injection"
     }
     agent "jwt-auth" type="auth" {
         grpc "https://auth.internal:50051" {
@@ -159,6 +169,12 @@ waf {
         max-decompression-ratio 50.0
         max-decompressed-bytes 4096
     }
+    challenge {
+        status 429
+        cookie-name "sx_pass"
+        ttl-seconds 60
+        difficulty 4
+    }
 }
 limits {
     max-header-bytes 32768
@@ -174,7 +190,42 @@ observability {
 }
 kernel { interfaces "lo"; }
 admin { socket "/tmp/sentinel-test.sock"; }
-profile { mode "monitor"; }
+profile {
+    mode "monitor"
+    secure-response-headers #true
+    secure-headers {
+        x-frame-options "SAMEORIGIN"
+        permissions-policy ""
+        override #true
+    }
+    metadata {
+        agent-id "edge-1"
+        agent-name "sentinel-edge"
+        body-bytes 100
+        file-content-bytes 512
+        redact-headers "Authorization" "x-api-key"
+        redact-fields "password" "pin"
+        host-sample-interval-secs 5
+    }
+    store {
+        path "$D/records"
+        max-file-bytes 1048576
+        max-files 3
+        queue-capacity 50
+        fsync-interval-ms 250
+    }
+    collector {
+        url "https://collector.example:8443/ingest" {
+            ca-cert "$D/ca.pem"
+        }
+        batch-size 100
+        flush-interval-ms 500
+        timeout-ms 2000
+        backoff-min-ms 100
+        backoff-max-ms 10000
+        header "authorization" "Bearer t0ken"
+    }
+}
 "#;
 
 #[test]
@@ -257,9 +308,14 @@ fn complete_file_reads_every_block() {
                 max_body_bytes: Some(1_048_576),
                 timeout: Some(Duration::from_secs(30)),
             },
+            profile: RouteProfile {
+                mode: Some(ProfileMode::Lite),
+                secure_response_headers: Some(true),
+            },
         }
     );
     let fallback = &cfg.routes[1];
+    assert_eq!(fallback.profile, RouteProfile::default());
     assert_eq!(fallback.priority, -1);
     assert_eq!(fallback.upstream, None);
     assert_eq!(
@@ -370,8 +426,18 @@ fn complete_file_reads_every_block() {
                 "limits": { "per-ip": 10, "burst": 20 },
                 "owner": { "name": "ops", "id": 7 },
             }),
+            max_concurrent_calls: 8,
+            kernel_push: Some(KernelPushConfig {
+                max_ttl: Duration::from_secs(600),
+                min_prefix_len_v4: 24,
+                min_prefix_len_v6: 64,
+            }),
+            guardrail_types: vec!["pii_detection".into(), "prompt_injection".into()],
         }
     );
+    assert_eq!(cfg.agents[1].max_concurrent_calls, 100);
+    assert_eq!(cfg.agents[1].kernel_push, None);
+    assert_eq!(cfg.agents[1].guardrail_types, ["prompt_injection"]);
     assert_eq!(cfg.agents[1].agent_type, AgentType::Auth);
     assert_eq!(
         cfg.agents[1].transport,
@@ -409,6 +475,17 @@ fn complete_file_reads_every_block() {
         }
     );
     assert_eq!(
+        cfg.waf.challenge,
+        ChallengeConfig {
+            status: 429,
+            page: None,
+            cookie_name: "sx_pass".into(),
+            ttl: Duration::from_secs(60),
+            difficulty: 4,
+            secret_file: None,
+        }
+    );
+    assert_eq!(
         cfg.limits,
         LimitsConfig {
             max_header_bytes: 32768,
@@ -428,5 +505,46 @@ fn complete_file_reads_every_block() {
     );
     assert_eq!(cfg.kernel.interfaces, ["lo"]);
     assert_eq!(cfg.admin.socket, Path::new("/tmp/sentinel-test.sock"));
-    assert_eq!(cfg.profile.mode, ProfileMode::Monitor);
+    assert_eq!(
+        cfg.profile,
+        ProfileConfig {
+            mode: ProfileMode::Monitor,
+            secure_response_headers: true,
+            secure_headers: SecureHeaders {
+                x_frame_options: "SAMEORIGIN".into(),
+                permissions_policy: String::new(),
+                override_upstream: true,
+                ..SecureHeaders::default()
+            },
+            metadata: MetadataConfig {
+                agent_id: Some("edge-1".into()),
+                agent_name: "sentinel-edge".into(),
+                body_bytes: 100,
+                file_content_bytes: 512,
+                redact_headers: vec!["authorization".into(), "x-api-key".into()],
+                redact_fields: vec!["password".into(), "pin".into()],
+                host_sample_interval: Duration::from_secs(5),
+            },
+            store: Some(StoreConfig {
+                path: d("records"),
+                max_file_bytes: 1_048_576,
+                max_files: 3,
+                queue_capacity: 50,
+                fsync_interval: Duration::from_millis(250),
+            }),
+            collector: Some(CollectorConfig {
+                url: "https://collector.example:8443/ingest".into(),
+                batch_size: 100,
+                flush_interval: Duration::from_millis(500),
+                timeout: Duration::from_millis(2000),
+                backoff_min: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(10),
+                headers: vec![("authorization".into(), "Bearer t0ken".into())],
+                tls: AgentTls {
+                    ca_cert: Some(d("ca.pem")),
+                    ..AgentTls::default()
+                },
+            }),
+        }
+    );
 }

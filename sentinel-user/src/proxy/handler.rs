@@ -23,13 +23,21 @@ use tracing::{debug, info, warn};
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
     body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
-    errors, forward,
+    errors, exchange, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
     router::{Action, Route},
     upstream::{InFlight, Upstream},
 };
-use crate::config::{StaticResponse, UpstreamProtocol};
+use super::{exchange::Inspection, record::Pending};
+use crate::{
+    agents::{
+        body as agent_body, challenge,
+        pipeline::{Exchange, Step},
+        websocket,
+    },
+    config::{AgentEvent, StaticResponse, UpstreamProtocol},
+};
 
 /// The service function of every connection.
 pub async fn handle(
@@ -55,34 +63,60 @@ pub async fn handle(
         verdict => verdict,
     };
     let request_id = forward::request_id(req.headers_mut());
-    let (route, outcome) = match verdict {
+    let refused = |error: ProxyError, req: Request<Incoming>| {
+        let (parts, _) = req.into_parts();
+        Dispatched {
+            route: None,
+            outcome: Err((error, Attempt::default())),
+            agents: None,
+            record: exchange::record(&snapshot, None, &conn, &parts),
+        }
+    };
+    let Dispatched {
+        route,
+        outcome,
+        agents,
+        record,
+    } = match verdict {
         Verdict::Clean => {
             // The listener's whole-request deadline, when it has one.
             let hard = (!conn.request_timeout.is_zero())
                 .then(|| tokio::time::Instant::now() + conn.request_timeout);
-            dispatch(req, &conn, &snapshot, &activity, hard).await
+            dispatch(req, &conn, &snapshot, &activity, hard, &request_id).await
         }
-        Verdict::Smuggling(reason) => {
-            let error = ProxyError::BadRequest {
+        Verdict::Smuggling(reason) => refused(
+            ProxyError::BadRequest {
                 reason: reason.to_owned(),
-            };
-            (None, Err((error, Attempt::default())))
-        }
-        Verdict::HeadTooLarge => {
-            let error = ProxyError::HeadTooLarge {
+            },
+            req,
+        ),
+        Verdict::HeadTooLarge => refused(
+            ProxyError::HeadTooLarge {
                 limit: snapshot.limits.max_header_bytes,
-            };
-            (None, Err((error, Attempt::default())))
-        }
+            },
+            req,
+        ),
     };
 
+    let mut failure = None;
     let (mut response, attempt) = match outcome {
         Ok(done) => done,
         Err((error, attempt)) => {
             log_error(&error, &conn, route.as_deref());
+            failure = Some(error.to_string());
             (error.response(), attempt)
         }
     };
+    if let Some(agents) = &agents {
+        agents.exchange.finish_headers(response.headers_mut());
+    }
+    let route_name = route.as_deref().map(|r| r.name.as_str());
+    if snapshot.profiles.secure_headers(route_name) {
+        snapshot
+            .profiles
+            .headers
+            .apply(response.headers_mut(), conn.scheme == "https");
+    }
     response
         .headers_mut()
         .insert(forward::X_REQUEST_ID.clone(), request_id.clone());
@@ -120,7 +154,35 @@ pub async fn handle(
             request_id = request_id.to_str().unwrap_or("-"),
         );
     }
-    Ok(response.map(|b| Tracked::new(b, guard).boxed()))
+    let completion = agents.as_ref().and_then(|a| a.exchange.completion());
+    let done = (completion.is_some() || record.is_some()).then(|| exchange::Done {
+        completion,
+        record,
+        decisions: agents
+            .as_ref()
+            .map(|a| a.exchange.decisions())
+            .unwrap_or_default(),
+        started,
+        status: status.as_u16(),
+        attempts: attempt.count,
+        error: failure,
+        request_bytes: agents
+            .as_ref()
+            .map(|a| a.request_bytes.clone())
+            .unwrap_or_default(),
+    });
+    Ok(response.map(|b| match done {
+        Some(done) => Tracked::new(exchange::Counted::new(b, done), guard).boxed(),
+        None => Tracked::new(b, guard).boxed(),
+    }))
+}
+
+/// What a request's dispatch decided, and what it leaves for the end.
+struct Dispatched {
+    route: Option<Arc<Route>>,
+    outcome: Outcome,
+    agents: Option<exchange::Agents>,
+    record: Option<Pending>,
 }
 
 /// What the access log says about where a request went.
@@ -139,11 +201,53 @@ async fn dispatch(
     snapshot: &Snapshot,
     activity: &Arc<Activity>,
     hard: Option<tokio::time::Instant>,
-) -> (Option<Arc<Route>>, Outcome) {
-    let (parts, body) = req.into_parts();
+    request_id: &HeaderValue,
+) -> Dispatched {
+    let (mut parts, body) = req.into_parts();
+    if parts.uri.path() == challenge::VERIFY_PATH {
+        let query = parts.uri.query().unwrap_or("");
+        let response = snapshot.agent_context.challenges.verify(
+            query,
+            exchange::client_ip(conn.peer.ip()),
+            conn.scheme == "https",
+        );
+        return Dispatched {
+            route: None,
+            outcome: Ok((response, Attempt::default())),
+            agents: None,
+            record: None,
+        };
+    }
     let Some(route) = snapshot.router.route(&parts) else {
-        return (None, Err((ProxyError::NoRoute, Attempt::default())));
+        return Dispatched {
+            route: None,
+            outcome: Err((ProxyError::NoRoute, Attempt::default())),
+            agents: None,
+            record: exchange::record(snapshot, None, conn, &parts),
+        };
     };
+    let record = exchange::record(snapshot, Some(&route), conn, &parts);
+    let agents = exchange::begin(snapshot, &route, conn, &parts, request_id);
+    if let Some(a) = &agents {
+        let method = parts.method.as_str().to_owned();
+        let uri = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        if let Step::Respond(stop) = a
+            .exchange
+            .request_headers(&method, &uri, &mut parts.headers)
+            .await
+        {
+            return Dispatched {
+                route: Some(route),
+                outcome: Ok((stop, Attempt::default())),
+                agents,
+                record,
+            };
+        }
+    }
     let outcome = match &route.action {
         Action::Respond(r) => Ok((static_response(r), Attempt::default())),
         Action::Forward(upstream) => {
@@ -162,11 +266,25 @@ async fn dispatch(
                 limit,
                 deadline,
                 hard,
+                agents: agents.as_ref(),
+                record: record.as_ref(),
             };
             proxy(parts, body, request).await
         }
     };
-    (Some(route), outcome)
+    let outcome = match (&agents, outcome) {
+        (Some(a), Ok((response, attempt))) => Ok((
+            exchange::response(&a.exchange, response, hard).await,
+            attempt,
+        )),
+        (_, other) => other,
+    };
+    Dispatched {
+        route: Some(route),
+        outcome,
+        agents,
+        record,
+    }
 }
 
 fn static_response(r: &StaticResponse) -> Response<ProxyBody> {
@@ -210,6 +328,10 @@ struct Forwarding<'a> {
     deadline: Duration,
     /// The listener's whole-request deadline.
     hard: Option<tokio::time::Instant>,
+    /// The route's agents, when it has some and the profile calls them.
+    agents: Option<&'a exchange::Agents>,
+    /// The request's metadata record, which sees its body go past.
+    record: Option<&'a Pending>,
 }
 
 async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome {
@@ -220,6 +342,8 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         limit,
         deadline,
         hard,
+        agents,
+        record,
     } = fwd;
     let mut attempt = Attempt {
         upstream: Some(upstream.name.clone()),
@@ -279,12 +403,51 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         0
     };
     let progress = Arc::new(BodyProgress::new());
-    let mut body = Some(Limited::new(body, limit).with_progress(progress.clone()));
-    let path_and_query = parts.uri.path_and_query().cloned();
+    let limited = Limited::new(body, limit).with_progress(progress.clone());
+    let limited: ProxyBody = match record {
+        Some(r) => r.tap(limited).boxed(),
+        None => limited.boxed(),
+    };
     let give_up_at = {
         let total = tokio::time::Instant::now() + deadline;
         hard.map_or(total, |hard| total.min(hard))
     };
+    // Agents that inspect the body decide on what they buffered before
+    // the upstream is asked anything.
+    let (mut body, stopped): (Option<ProxyBody>, _) = match agents {
+        Some(a) if !empty_body => {
+            let counted = exchange::count_request(limited, a);
+            match exchange::request_body(a, &mut parts.headers, counted, give_up_at).await {
+                Ok(inspected) => inspected,
+                Err(Inspection::Stopped(response)) => return Ok((response, attempt)),
+                Err(Inspection::Failed(e)) => {
+                    let error = match body::find_body_error(e.as_ref()) {
+                        Some(BodyError::TooLarge { limit }) => {
+                            ProxyError::BodyTooLarge { limit: *limit }
+                        }
+                        Some(other) => ProxyError::BadRequest {
+                            reason: other.to_string(),
+                        },
+                        None => ProxyError::BadRequest {
+                            reason: errors::chain(e.as_ref()),
+                        },
+                    };
+                    return Err((error, attempt));
+                }
+                Err(Inspection::TimedOut) => {
+                    return Err((
+                        ProxyError::ClientTimeout {
+                            after_ms: deadline.as_millis(),
+                        },
+                        attempt,
+                    ));
+                }
+            }
+        }
+        Some(a) => (Some(exchange::count_request(limited, a)), None),
+        None => (Some(limited), None),
+    };
+    let path_and_query = parts.uri.path_and_query().cloned();
     let read_timeout = upstream.config.timeouts.read;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -321,7 +484,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         };
         head.uri = uri;
         let outgoing: ProxyBody = match body.take() {
-            Some(b) if !empty_body => b.boxed(),
+            Some(b) if !empty_body => b,
             _ => Empty::<Bytes>::new()
                 .map_err(|never| match never {})
                 .boxed(),
@@ -378,9 +541,13 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
                     && let Some(on_client) = on_client_upgrade
                 {
                     let on_upstream = hyper::upgrade::on(&mut response);
+                    let frames = agents
+                        .filter(|a| a.exchange.agents.wants(AgentEvent::WebsocketFrame))
+                        .map(|a| a.exchange.clone());
                     tokio::spawn(tunnel(
                         on_client,
                         on_upstream,
+                        frames,
                         (in_flight, activity.clone()),
                     ));
                     let (head, _) = response.into_parts();
@@ -401,6 +568,13 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
             }
             Waited::Done(Err(e)) => {
                 let source: &(dyn std::error::Error + 'static) = &e;
+                if agent_body::is_agent_stop(source)
+                    && let Some(response) = stopped.as_ref().and_then(|s| s.take())
+                {
+                    // An agent stopped the streamed body: not the target's
+                    // fault.
+                    return Ok((response, attempt));
+                }
                 if let Some(b) = body::find_body_error(source) {
                     // The client's own body failed: not the target's fault.
                     let error = match b {
@@ -491,6 +665,8 @@ async fn wait_for_head<F: std::future::Future>(
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
+    // Agents that inspect WebSocket frames, when the route has some.
+    frames: Option<Arc<Exchange>>,
     // The target's in-flight count and the client connection's place under
     // the caps, held while the tunnel lives.
     _held: (InFlight, Arc<Activity>),
@@ -504,6 +680,10 @@ async fn tunnel(
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
+    if let Some(exchange) = frames {
+        websocket::tunnel(exchange, client, upstream).await;
+        return;
+    }
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         debug!(%error, "upgraded connection ended");
     }

@@ -10,14 +10,17 @@
 
 mod body;
 mod errors;
+mod exchange;
 mod forward;
 mod framing;
 mod handler;
 mod health;
 mod listener;
 mod pool;
+mod profile;
+pub mod record;
 mod router;
-mod tls;
+pub(crate) mod tls;
 mod upstream;
 
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
@@ -35,11 +38,18 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub use body::BoxError;
-pub use errors::ProxyError;
+pub use errors::{ProxyError, chain as error_chain};
 use router::{Action, Route, Router};
 use upstream::Upstream;
 
 use crate::{
+    agents::{
+        Agents,
+        challenge::Challenges,
+        kernel_push::KernelBridge,
+        metrics::AgentMetrics,
+        pipeline::{self, AgentContext, RouteAgents},
+    },
     config::{Config, LimitsConfig, ListenerConfig},
     metrics::ProxyMetrics,
 };
@@ -62,17 +72,22 @@ pub struct Snapshot {
     pub limits: LimitsConfig,
     pub listeners: HashMap<String, Arc<ListenerSpec>>,
     pub access_log: bool,
+    pub agents: Agents,
+    /// Each route's filters, for routes that have some.
+    pub route_agents: HashMap<String, Arc<RouteAgents>>,
+    pub agent_context: Arc<AgentContext>,
+    /// Each route's profile mode and secure headers.
+    pub profiles: profile::Profiles,
+    /// Builds requests' metadata records, when they go anywhere.
+    pub recorder: Option<Arc<record::Recorder>>,
 }
 
 impl Snapshot {
     /// Builds a generation from `config`, reusing `previous`'s upstreams
     /// whose configuration did not change (their health state and pools
     /// carry over) and their listeners' connection caps.
-    fn build(
-        config: &Config,
-        previous: Option<&Snapshot>,
-        metrics: &ProxyMetrics,
-    ) -> anyhow::Result<Self> {
+    fn build(config: &Config, previous: Option<&Snapshot>, deps: &Deps) -> anyhow::Result<Self> {
+        let metrics = &deps.metrics;
         let mut upstreams = HashMap::new();
         for cfg in &config.upstreams {
             let reused = previous
@@ -136,20 +151,62 @@ impl Snapshot {
             );
         }
 
+        let agents = Agents::build(config, previous.map(|p| &p.agents), &deps.agent_metrics)
+            .context("agents")?;
+        let challenges = match previous {
+            Some(p) => p
+                .agent_context
+                .challenges
+                .reconfigured(&config.waf.challenge),
+            None => Challenges::new(&config.waf.challenge),
+        }
+        .context("waf.challenge")?;
+        let agent_context = Arc::new(AgentContext {
+            metrics: deps.agent_metrics.clone(),
+            kernel: deps.kernel.clone(),
+            challenges,
+            waf: config.waf.clone(),
+        });
         Ok(Self {
             router: Router::new(routes),
             upstreams,
             limits: config.limits.clone(),
             listeners,
             access_log: config.observability.access_log.enabled,
+            route_agents: pipeline::route_agents(config, &agents),
+            agents,
+            agent_context,
+            profiles: profile::Profiles::new(config),
+            recorder: deps.facts.clone().map(|facts| {
+                Arc::new(record::Recorder::new(
+                    &config.profile.metadata,
+                    facts,
+                    deps.store.clone(),
+                ))
+            }),
         })
     }
+}
+
+/// What the proxy needs from the rest of the daemon.
+#[derive(Clone)]
+pub struct Deps {
+    pub metrics: ProxyMetrics,
+    pub agent_metrics: AgentMetrics,
+    /// The kernel denylist, for agents' kernel pushes; `None` in tools and
+    /// tests that run the proxy alone.
+    pub kernel: Option<Arc<dyn KernelBridge>>,
+    /// Client and host facts for metadata records; `None`: no records.
+    pub facts: Option<Arc<dyn record::Facts>>,
+    /// The local store of records, when `profile { store }` is set.
+    pub store: Option<crate::profile::store::StoreHandle>,
 }
 
 /// What every connection and request shares.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: ProxyMetrics,
+    pub deps: Deps,
     /// `system.max-connections`, over all listeners.
     pub connections: Arc<Semaphore>,
     /// Turns true when the daemon stops: connections finish their current
@@ -174,12 +231,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds every listener and starts serving.
-    pub async fn start(config: &Config, metrics: ProxyMetrics) -> anyhow::Result<Self> {
-        let snapshot = Snapshot::build(config, None, &metrics)?;
+    pub async fn start(config: &Config, deps: Deps) -> anyhow::Result<Self> {
+        let snapshot = Snapshot::build(config, None, &deps)?;
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics,
+            metrics: deps.metrics.clone(),
+            deps,
             connections: Arc::new(Semaphore::new(config.system.max_connections)),
             draining,
         });
@@ -240,7 +298,7 @@ impl Proxy {
     /// drain. On an error nothing changes.
     pub async fn reload(&mut self, config: &Config) -> anyhow::Result<()> {
         let previous = self.shared.snapshot.load_full();
-        let next = Snapshot::build(config, Some(&previous), &self.shared.metrics)?;
+        let next = Snapshot::build(config, Some(&previous), &self.shared.deps)?;
 
         // Open new listeners first: if one cannot bind, the old
         // configuration stays whole.

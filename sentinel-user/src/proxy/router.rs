@@ -192,6 +192,7 @@ mod tests {
             }),
             filters: Vec::new(),
             policies: RoutePolicies::default(),
+            profile: Default::default(),
         };
         Route::new(
             &cfg,

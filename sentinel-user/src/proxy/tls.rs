@@ -179,25 +179,50 @@ pub fn server_config(cfg: &ListenerTls) -> Result<Arc<ServerConfig>, TlsError> {
 /// The client configuration for an upstream (also used, with TLS off, for
 /// plain connections through the same connector).
 pub fn client_config(cfg: Option<&UpstreamTls>) -> Result<ClientConfig, TlsError> {
+    client_config_for(ClientTls {
+        ca_cert: cfg.and_then(|c| c.ca_cert.as_deref()),
+        client_cert: cfg
+            .and_then(|c| c.client_cert.as_ref())
+            .map(|p| (p.cert_file.as_path(), p.key_file.as_path())),
+        insecure_skip_verify: cfg.is_some_and(|c| c.insecure_skip_verify),
+        peer: "upstream",
+    })
+}
+
+/// What a client side of TLS verifies and presents.
+pub struct ClientTls<'a> {
+    /// Default: the system's roots.
+    pub ca_cert: Option<&'a Path>,
+    /// Certificate chain and key files, for mutual TLS.
+    pub client_cert: Option<(&'a Path, &'a Path)>,
+    pub insecure_skip_verify: bool,
+    /// Who is at the other end, for the warning: `upstream`, `agent`.
+    pub peer: &'static str,
+}
+
+/// A client configuration (ALPN is left to the caller).
+pub fn client_config_for(cfg: ClientTls<'_>) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {
             what: "TLS versions",
             source,
         })?;
-    let insecure = cfg.is_some_and(|c| c.insecure_skip_verify);
-    let builder = if insecure {
-        warn!("TLS certificate verification disabled for upstream connection");
+    let builder = if cfg.insecure_skip_verify {
+        warn!(
+            "TLS certificate verification disabled for {} connection",
+            cfg.peer
+        );
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
     } else {
         let mut roots = RootCertStore::empty();
-        match cfg.and_then(|c| c.ca_cert.as_ref()) {
+        match cfg.ca_cert {
             Some(ca) => {
                 for cert in load_certs(ca)? {
                     roots.add(cert).map_err(|e| TlsError::Certs {
-                        path: ca.clone(),
+                        path: ca.to_owned(),
                         reason: e.to_string(),
                     })?;
                 }
@@ -212,10 +237,9 @@ pub fn client_config(cfg: Option<&UpstreamTls>) -> Result<ClientConfig, TlsError
         }
         builder.with_root_certificates(roots)
     };
-    // hyper-rustls sets ALPN from the enabled HTTP versions.
-    let config = match cfg.and_then(|c| c.client_cert.as_ref()) {
-        Some(pair) => builder
-            .with_client_auth_cert(load_certs(&pair.cert_file)?, load_key(&pair.key_file)?)
+    let config = match cfg.client_cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
             .map_err(|source| TlsError::Rustls {
                 what: "client certificate",
                 source,

@@ -1,0 +1,806 @@
+//! The local store of profile records: JSON Lines in size-rotated segment
+//! files, written by one background task fed through a bounded queue.
+//!
+//! Contract:
+//! - [`StoreHandle::push`] never blocks and never awaits: when the queue is
+//!   full the record is dropped and counted
+//!   (`sentinel_profile_records_dropped_total{reason="queue_full"}`).
+//! - The writer ([`StoreTask::run`]) takes records in queue order and gives
+//!   each a `seq` (a `u64` that grows by one per stored record, carried on
+//!   across restarts from the last line on disk) and, when the record has
+//!   no non-empty string `record_id`, a random UUID v4 one. Both are set
+//!   here, in the writer, so that `seq` follows the order of the lines in
+//!   the files whatever the order in which request tasks pushed.
+//! - Each record is one line, `{...}\n`, in `records-NNNNNNNN.jsonl`
+//!   (numbered from 1, zero-padded to 8 digits so that names sort; numbers
+//!   past 99999999 still sort numerically here). A new segment is started
+//!   before a line would take the current one past `max_file_bytes` (a
+//!   single larger line gets a segment of its own), and the oldest segments
+//!   beyond `max_files` are deleted; their records the shipper had not yet
+//!   sent are counted as dropped with reason `retention`.
+//! - A record counts as stored (`sentinel_profile_records_stored_total`)
+//!   once the write(2) carrying it returned. The page cache keeps it through
+//!   a crash of the daemon; against power loss the writer fsyncs every
+//!   `fsync_interval` while something is unsynced, at each rotation, and at
+//!   shutdown.
+//! - Open repairs what a crash can leave: a trailing partial line in the
+//!   newest segment is cut off (counted as `partial_line`), so every segment
+//!   is valid JSON Lines.
+//! - [`StoreHandle::shutdown`] stops the queue, writes what was in it,
+//!   fsyncs and returns once that is done.
+//! - One store per directory: open takes an exclusive lock on `LOCK_FILE`
+//!   in it, held until the writer ends, so a second daemon pointed at the
+//!   same directory gets [`StoreError::Locked`] instead of interleaving
+//!   its lines.
+
+use std::{
+    collections::VecDeque,
+    fs::{self, File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::metrics::ProfileMetrics;
+
+/// File names of segments are `records-` + number + `.jsonl`.
+pub const SEGMENT_PREFIX: &str = "records-";
+pub const SEGMENT_SUFFIX: &str = ".jsonl";
+
+/// Locked by the store that owns the directory.
+pub const LOCK_FILE: &str = "store.lock";
+
+/// Field the store sets on every record: its sequence number.
+pub const SEQ_FIELD: &str = "seq";
+/// Field the store sets when a record has none: a UUID v4.
+pub const RECORD_ID_FIELD: &str = "record_id";
+
+/// Records the writer takes from the queue at once (one write(2) each
+/// batch, unless a rotation falls in it).
+const WRITE_BATCH: usize = 256;
+
+/// The file name of segment `n`.
+pub fn segment_name(n: u64) -> String {
+    format!("{SEGMENT_PREFIX}{n:08}{SEGMENT_SUFFIX}")
+}
+
+/// The number of a segment file name, `None` for any other file.
+pub fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The segments in `dir`, oldest (lowest number) first.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if let Some(n) = name.to_str().and_then(parse_segment_name) {
+            out.push((n, entry.path()));
+        }
+    }
+    out.sort_by_key(|(n, _)| *n);
+    Ok(out)
+}
+
+/// What can be pushed: a JSON object, or one already serialized (a single
+/// JSON object; the writer parses it to set `seq` and `record_id`).
+#[derive(Debug)]
+pub enum Record {
+    Value(Value),
+    Line(String),
+}
+
+impl From<Value> for Record {
+    fn from(value: Value) -> Self {
+        Self::Value(value)
+    }
+}
+
+impl From<String> for Record {
+    fn from(line: String) -> Self {
+        Self::Line(line)
+    }
+}
+
+pub struct StoreOptions {
+    /// Created if missing. Holds the segments (and, by default, the
+    /// shipper's cursor file).
+    pub dir: PathBuf,
+    /// A segment is closed before a line would take it past this size.
+    pub max_file_bytes: u64,
+    /// Segments kept; the oldest beyond are deleted.
+    pub max_files: usize,
+    /// Records waiting for the writer; a push beyond is dropped.
+    pub queue_capacity: usize,
+    /// Longest time written records stay without an fsync.
+    pub fsync_interval: Duration,
+    pub metrics: ProfileMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("profile store option {option}: {reason}")]
+    Option {
+        option: &'static str,
+        reason: &'static str,
+    },
+    #[error("profile store {path} is in use by another process")]
+    Locked { path: PathBuf },
+    #[error("profile store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the shipper is: the next byte it will read. Shared with the
+/// store so that retention can tell shipped records from unshipped ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+/// `None` while no shipper is attached: then deleted records are not
+/// counted as dropped, since keeping them was never promised.
+#[derive(Default)]
+pub(crate) struct Progress(Mutex<Option<Position>>);
+
+impl Progress {
+    pub(crate) fn set(&self, position: Position) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(position);
+    }
+
+    fn get(&self) -> Option<Position> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Shared {
+    tx: mpsc::Sender<Record>,
+    closed: AtomicBool,
+    cancel: CancellationToken,
+    done: watch::Receiver<bool>,
+    metrics: ProfileMetrics,
+    dir: PathBuf,
+    written: Arc<Notify>,
+    progress: Arc<Progress>,
+}
+
+/// The producers' side of the store: cheap to clone, safe to share.
+#[derive(Clone)]
+pub struct StoreHandle {
+    shared: Arc<Shared>,
+}
+
+impl StoreHandle {
+    /// Queues a record for the writer. Returns at once: `false` when the
+    /// queue is full or the store is shut down (the record is dropped and
+    /// counted), `true` when queued.
+    pub fn push(&self, record: impl Into<Record>) -> bool {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            shared.metrics.drop_records("closed", 1);
+            return false;
+        }
+        // Raised before the send so that the writer's decrement can never
+        // take the gauge below zero.
+        shared.metrics.queued.inc();
+        match shared.tx.try_send(record.into()) {
+            Ok(()) => true,
+            Err(e) => {
+                shared.metrics.queued.dec();
+                let reason = match e {
+                    mpsc::error::TrySendError::Full(_) => "queue_full",
+                    mpsc::error::TrySendError::Closed(_) => "closed",
+                };
+                shared.metrics.drop_records(reason, 1);
+                false
+            }
+        }
+    }
+
+    /// Stops taking records, has the writer store what is queued and fsync,
+    /// and returns once it has (at once if the task is not running any
+    /// more). Pushes after this are dropped as `closed`.
+    pub async fn shutdown(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.cancel.cancel();
+        let mut done = self.shared.done.clone();
+        // An error means the task is gone: nothing is left to wait for.
+        let _ = done.wait_for(|finished| *finished).await;
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    pub fn metrics(&self) -> &ProfileMetrics {
+        &self.shared.metrics
+    }
+
+    /// Notified after each write, for the shipper.
+    pub(crate) fn written(&self) -> Arc<Notify> {
+        self.shared.written.clone()
+    }
+
+    pub(crate) fn progress(&self) -> Arc<Progress> {
+        self.shared.progress.clone()
+    }
+}
+
+/// The store's constructor.
+pub struct Store;
+
+impl Store {
+    /// Opens (or creates) the store in `options.dir`, repairing the newest
+    /// segment. The task must be spawned for records to be written.
+    pub fn open(options: StoreOptions) -> Result<(StoreHandle, StoreTask), StoreError> {
+        let check = |ok: bool, option, reason| {
+            if ok {
+                Ok(())
+            } else {
+                Err(StoreError::Option { option, reason })
+            }
+        };
+        check(
+            options.max_file_bytes > 0,
+            "max_file_bytes",
+            "must be above 0",
+        )?;
+        check(options.max_files > 0, "max_files", "must be at least 1")?;
+        check(
+            options.queue_capacity > 0,
+            "queue_capacity",
+            "must be at least 1",
+        )?;
+        check(
+            !options.fsync_interval.is_zero(),
+            "fsync_interval",
+            "must be above 0",
+        )?;
+        let dir = options.dir.clone();
+        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let progress = Arc::new(Progress::default());
+        let writer = SegmentWriter::open(&options, progress.clone())?;
+        let (tx, rx) = mpsc::channel(options.queue_capacity);
+        let (done_tx, done_rx) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let written = Arc::new(Notify::new());
+        let shared = Arc::new(Shared {
+            tx,
+            closed: AtomicBool::new(false),
+            cancel: cancel.clone(),
+            done: done_rx,
+            metrics: options.metrics.clone(),
+            dir,
+            written: written.clone(),
+            progress,
+        });
+        let task = StoreTask {
+            rx,
+            writer,
+            cancel,
+            done: done_tx,
+            fsync_interval: options.fsync_interval,
+            metrics: options.metrics,
+            written,
+        };
+        Ok((StoreHandle { shared }, task))
+    }
+}
+
+/// The writer. Spawn [`StoreTask::run`]; it ends after a shutdown, or when
+/// every handle is gone, having stored and fsynced what was queued.
+pub struct StoreTask {
+    rx: mpsc::Receiver<Record>,
+    writer: SegmentWriter,
+    cancel: CancellationToken,
+    done: watch::Sender<bool>,
+    fsync_interval: Duration,
+    metrics: ProfileMetrics,
+    written: Arc<Notify>,
+}
+
+impl StoreTask {
+    pub async fn run(self) {
+        let StoreTask {
+            mut rx,
+            writer,
+            cancel,
+            done,
+            fsync_interval,
+            metrics,
+            written,
+        } = self;
+        let mut writer = Some(writer);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut tick = tokio::time::interval(fsync_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        enum Step {
+            Stop,
+            Records(usize),
+            Tick,
+        }
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Step::Stop,
+                n = rx.recv_many(&mut batch, WRITE_BATCH) => Step::Records(n),
+                _ = tick.tick() => Step::Tick,
+            };
+            match step {
+                Step::Stop | Step::Records(0) => break,
+                Step::Records(n) => {
+                    metrics.queued.sub(n as i64);
+                    batch = blocking(&mut writer, move |w| {
+                        w.write_batch(&mut batch);
+                        w.sync_if_due(fsync_interval);
+                        batch
+                    })
+                    .await
+                    .unwrap_or_default();
+                    written.notify_one();
+                }
+                Step::Tick => {
+                    blocking(&mut writer, move |w| w.sync_if_due(fsync_interval)).await;
+                }
+            }
+            if writer.is_none() {
+                break;
+            }
+        }
+        // Whatever was sent before the close is still in the channel;
+        // a push after it fails at once and is counted as closed.
+        rx.close();
+        loop {
+            let n = rx.recv_many(&mut batch, WRITE_BATCH).await;
+            if n == 0 || writer.is_none() {
+                break;
+            }
+            metrics.queued.sub(n as i64);
+            batch = blocking(&mut writer, move |w| {
+                w.write_batch(&mut batch);
+                batch
+            })
+            .await
+            .unwrap_or_default();
+        }
+        blocking(&mut writer, |w| w.sync()).await;
+        written.notify_one();
+        // Closes the files and releases the lock before anyone waiting for
+        // the shutdown can open the store again.
+        drop(writer);
+        info!("profile store closed");
+        let _ = done.send(true);
+    }
+}
+
+/// Runs `f` on the writer on tokio's blocking pool: file writes and fsyncs
+/// must not stall the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    writer: &mut Option<SegmentWriter>,
+    f: impl FnOnce(&mut SegmentWriter) -> T + Send + 'static,
+) -> Option<T> {
+    let mut w = writer.take()?;
+    match tokio::task::spawn_blocking(move || {
+        let out = f(&mut w);
+        (w, out)
+    })
+    .await
+    {
+        Ok((w, out)) => {
+            *writer = Some(w);
+            Some(out)
+        }
+        Err(error) => {
+            error!(%error, "profile store writer failed; records are no longer stored");
+            None
+        }
+    }
+}
+
+/// The segment files as the writer sees them.
+struct SegmentWriter {
+    /// Holds the directory's lock while open.
+    _lock: File,
+    dir: PathBuf,
+    max_file_bytes: u64,
+    max_files: usize,
+    /// Segment numbers on disk, oldest first; the last is being written.
+    segments: VecDeque<u64>,
+    file: File,
+    /// Bytes of complete lines in the current segment.
+    size: u64,
+    next_seq: u64,
+    /// Written since the last fsync.
+    dirty: bool,
+    last_sync: Instant,
+    /// After a write error could not be undone: start a new segment first.
+    needs_rotation: bool,
+    buf: Vec<u8>,
+    line: Vec<u8>,
+    metrics: ProfileMetrics,
+    progress: Arc<Progress>,
+}
+
+impl SegmentWriter {
+    fn open(options: &StoreOptions, progress: Arc<Progress>) -> Result<Self, StoreError> {
+        let dir = &options.dir;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Locked { path: dir.clone() });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StoreError::Io {
+                    path: lock_path,
+                    source,
+                });
+            }
+        }
+        let mut segments: VecDeque<u64> = list_segments(dir)
+            .map_err(io_error(dir))?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let newest = match segments.back() {
+            Some(n) => *n,
+            None => {
+                create_segment(dir, 1)?;
+                segments.push_back(1);
+                1
+            }
+        };
+        let path = dir.join(segment_name(newest));
+        let size = repair(&path, &options.metrics)?;
+        let mut last_seq = None;
+        for n in segments.iter().rev() {
+            let path = dir.join(segment_name(*n));
+            last_seq = last_seq_in(&path).map_err(io_error(&path))?;
+            if last_seq.is_some() {
+                break;
+            }
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        options.metrics.segments.set(segments.len() as i64);
+        info!(
+            dir = %dir.display(),
+            segments = segments.len(),
+            next_seq = last_seq.unwrap_or(0) + 1,
+            "profile store opened"
+        );
+        Ok(Self {
+            _lock: lock,
+            dir: dir.clone(),
+            max_file_bytes: options.max_file_bytes,
+            max_files: options.max_files,
+            segments,
+            file,
+            size,
+            next_seq: last_seq.unwrap_or(0) + 1,
+            dirty: false,
+            last_sync: Instant::now(),
+            needs_rotation: false,
+            buf: Vec::new(),
+            line: Vec::new(),
+            metrics: options.metrics.clone(),
+            progress,
+        })
+    }
+
+    fn current(&self) -> u64 {
+        self.segments.back().copied().unwrap_or(1)
+    }
+
+    /// Stores `records` (emptied), one write(2) per segment they fall in.
+    fn write_batch(&mut self, records: &mut Vec<Record>) {
+        self.buf.clear();
+        let mut pending = 0u64;
+        for record in records.drain(..) {
+            let mut line = std::mem::take(&mut self.line);
+            line.clear();
+            if !self.encode(record, &mut line) {
+                self.metrics.drop_records("invalid", 1);
+                self.line = line;
+                continue;
+            }
+            let used = self.size + self.buf.len() as u64;
+            if self.needs_rotation || (used > 0 && used + line.len() as u64 > self.max_file_bytes) {
+                self.flush(&mut pending);
+                self.rotate();
+            }
+            self.buf.extend_from_slice(&line);
+            pending += 1;
+            self.line = line;
+        }
+        self.flush(&mut pending);
+    }
+
+    /// Appends `{...,"record_id":...,"seq":N}\n` to `out`; `false` when the
+    /// record is not a JSON object.
+    fn encode(&mut self, record: Record, out: &mut Vec<u8>) -> bool {
+        let mut map: Map<String, Value> = match record {
+            Record::Value(Value::Object(map)) => map,
+            Record::Value(_) => return false,
+            Record::Line(line) => match serde_json::from_str(&line) {
+                Ok(map) => map,
+                Err(_) => return false,
+            },
+        };
+        map.insert(SEQ_FIELD.to_owned(), Value::from(self.next_seq));
+        let has_id = matches!(map.get(RECORD_ID_FIELD), Some(Value::String(id)) if !id.is_empty());
+        if !has_id {
+            map.insert(
+                RECORD_ID_FIELD.to_owned(),
+                Value::String(uuid::Uuid::new_v4().to_string()),
+            );
+        }
+        if serde_json::to_writer(&mut *out, &map).is_err() {
+            out.clear();
+            return false;
+        }
+        out.push(b'\n');
+        self.next_seq += 1;
+        true
+    }
+
+    /// Writes the buffered lines to the current segment.
+    fn flush(&mut self, pending: &mut u64) {
+        if self.buf.is_empty() {
+            return;
+        }
+        match self.file.write_all(&self.buf) {
+            Ok(()) => {
+                self.size += self.buf.len() as u64;
+                self.dirty = true;
+                self.metrics.stored.inc_by(*pending);
+            }
+            Err(error) => {
+                error!(
+                    %error,
+                    segment = %segment_name(self.current()),
+                    records = *pending,
+                    "cannot write profile records"
+                );
+                self.metrics.drop_records("write_error", *pending);
+                // A short write leaves part of a line: cut it, or the next
+                // line would be glued to it.
+                if let Err(error) = self.file.set_len(self.size) {
+                    error!(%error, "cannot cut a partial profile line; starting a new segment");
+                    self.needs_rotation = true;
+                }
+            }
+        }
+        self.buf.clear();
+        *pending = 0;
+    }
+
+    /// Closes the current segment and starts the next, then applies
+    /// retention.
+    fn rotate(&mut self) {
+        self.sync();
+        let next = self.current() + 1;
+        let path = self.dir.join(segment_name(next));
+        let file = create_segment(&self.dir, next).and_then(|()| {
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io_error(&path))
+        });
+        match file {
+            Ok(file) => {
+                self.file = file;
+                self.size = 0;
+                self.needs_rotation = false;
+                self.segments.push_back(next);
+            }
+            Err(error) => {
+                // Keep appending to the current segment: a segment too
+                // large beats records lost.
+                error!(%error, "cannot start a new profile segment");
+                return;
+            }
+        }
+        while self.segments.len() > self.max_files {
+            let Some(oldest) = self.segments.pop_front() else {
+                break;
+            };
+            self.delete(oldest);
+        }
+        self.metrics.segments.set(self.segments.len() as i64);
+    }
+
+    fn delete(&mut self, n: u64) {
+        let path = self.dir.join(segment_name(n));
+        let unshipped = match self.progress.get() {
+            None => 0,
+            Some(at) if n < at.segment => 0,
+            Some(at) => {
+                let from = if n == at.segment { at.offset } else { 0 };
+                count_lines_from(&path, from).unwrap_or_else(|error| {
+                    warn!(%error, path = %path.display(), "cannot count the records of a segment");
+                    0
+                })
+            }
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.metrics.drop_records("retention", unshipped);
+                if unshipped > 0 {
+                    warn!(
+                        segment = %segment_name(n),
+                        unshipped,
+                        "profile segment deleted by retention before it was shipped"
+                    );
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => {
+                error!(%error, path = %path.display(), "cannot delete an old profile segment")
+            }
+        }
+    }
+
+    fn sync_if_due(&mut self, interval: Duration) {
+        if self.dirty && self.last_sync.elapsed() >= interval {
+            self.sync();
+        }
+    }
+
+    fn sync(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        match self.file.sync_data() {
+            Ok(()) => {
+                self.dirty = false;
+                self.last_sync = Instant::now();
+            }
+            Err(error) => error!(%error, "cannot fsync the profile segment"),
+        }
+    }
+}
+
+/// Creates segment `n`, empty, and makes its name durable.
+fn create_segment(dir: &Path, n: u64) -> Result<(), StoreError> {
+    let path = dir.join(segment_name(n));
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(&path))?;
+    sync_dir(dir).map_err(io_error(dir))
+}
+
+/// fsync of a directory, so that a file created or renamed in it survives
+/// power loss.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Cuts a trailing partial line off `path`; returns the size left.
+fn repair(path: &Path, metrics: &ProfileMetrics) -> Result<u64, StoreError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_error(path))?;
+    let len = file.metadata().map_err(io_error(path))?.len();
+    let end = match last_newline(&mut file, len).map_err(io_error(path))? {
+        Some(at) => at + 1,
+        None => 0,
+    };
+    if end < len {
+        file.set_len(end)
+            .and_then(|()| file.sync_all())
+            .map_err(io_error(path))?;
+        metrics.drop_records("partial_line", 1);
+        warn!(
+            path = %path.display(),
+            bytes = len - end,
+            "cut a partial profile record left by a crash"
+        );
+    }
+    Ok(end)
+}
+
+/// The offset of the last `\n` before `end`.
+fn last_newline(file: &mut File, end: u64) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut hi = end;
+    while hi > 0 {
+        let lo = hi.saturating_sub(buf.len() as u64);
+        let n = (hi - lo) as usize;
+        file.seek(SeekFrom::Start(lo))?;
+        file.read_exact(&mut buf[..n])?;
+        if let Some(i) = memchr::memrchr(b'\n', &buf[..n]) {
+            return Ok(Some(lo + i as u64));
+        }
+        hi = lo;
+    }
+    Ok(None)
+}
+
+/// `seq` of the last line that has one, in a segment of complete lines
+/// (lines without one, garbage a power loss can leave, are passed over).
+fn last_seq_in(path: &Path) -> io::Result<Option<u64>> {
+    #[derive(serde::Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // `end`: the offset of the newline that ends the line looked at.
+    let Some(mut end) = last_newline(&mut file, len)? else {
+        return Ok(None);
+    };
+    let mut skipped = 0u64;
+    loop {
+        let start = last_newline(&mut file, end)?.map_or(0, |i| i + 1);
+        let mut line = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut line)?;
+        if let Ok(s) = serde_json::from_slice::<Seq>(&line) {
+            if skipped > 0 {
+                warn!(path = %path.display(), lines = skipped, "profile lines without a seq at the end of a segment");
+            }
+            return Ok(Some(s.seq));
+        }
+        skipped += 1;
+        if start == 0 {
+            return Ok(None);
+        }
+        end = start - 1;
+    }
+}
+
+/// Complete lines in `path` from byte `from` on.
+fn count_lines_from(path: &Path, from: u64) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(from))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut lines = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        lines += memchr::memchr_iter(b'\n', &buf[..n]).count() as u64;
+    }
+}
