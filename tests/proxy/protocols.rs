@@ -1,7 +1,14 @@
 //! HTTP/2 with prior knowledge on a plain listener; TLS listeners: ALPN,
 //! certificates chosen by SNI, the minimum version, client certificates.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use http::Version;
 use rustls::{ProtocolVersion, pki_types::CertificateDer, version};
@@ -9,6 +16,7 @@ use sentinel_tests::{
     http::{BoxError, Reply, Upstream, empty, fetch, h2c, request, send_on, tls_connect},
     tls::{Issued, Pki},
 };
+use tokio::net::TcpStream;
 
 use super::{blocks, listener, route, skip, start, targets, upstream};
 
@@ -73,6 +81,37 @@ async fn h2c_prior_knowledge_and_http2_upstreams() {
     );
     assert_eq!(app.last().version, Version::HTTP_2);
     assert_eq!(app.complete(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_after_a_pause_before_the_preface() {
+    if skip() {
+        return;
+    }
+    // A plain connection idle before its first byte gives back its
+    // buffers; whether it speaks HTTP/2 is still told by its first bytes.
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        "",
+    ));
+    let addr = daemon.listener("http");
+    let late = async {
+        let stream = TcpStream::connect(addr).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        send_on(stream, true, request("GET", "/late", &[], empty(), true)).await
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .unwrap_or_else(|_| panic!("h2c after a pause timed out"))
+        .unwrap_or_else(|e| panic!("h2c after a pause failed: {e}"));
+    assert_eq!(
+        (reply.status.as_u16(), reply.version),
+        (200, Version::HTTP_2)
+    );
+    assert_eq!(app.last().target, "/late");
 }
 
 /// Connects with `config` for `name` and sends one GET over whatever ALPN
@@ -232,4 +271,81 @@ async fn tls_alpn_sni_versions_and_client_certificates() {
         .unwrap_or_else(|e| panic!("TLS with a client certificate: {e}"));
     assert_eq!(reply.status, 200);
     assert_eq!(app.heads(), before + 1);
+}
+
+/// A TLS upstream for `upstream.test` (certificate from `pki`) that
+/// answers `tls <target>`; its address and how many connections it took.
+async fn tls_upstream(pki: &Pki) -> (SocketAddr, Arc<AtomicUsize>) {
+    let cert = pki.server("upstream", &["upstream.test"]);
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.clone()], cert.key())
+        .unwrap_or_else(|e| panic!("upstream TLS config: {e}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("cannot bind the TLS upstream: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("no address: {e}"));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let text = format!("tls {}", req.uri());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(text)),
+                        ))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstreams_are_verified_and_their_connections_reused() {
+    if skip() {
+        return;
+    }
+    let pki = Pki::new("upstream");
+    let (addr, connections) = tls_upstream(&pki).await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "secure""#)],
+        &[upstream(
+            "secure",
+            &[addr.to_string()],
+            &format!(
+                "tls {{ sni \"upstream.test\"; ca-cert \"{}\"; }}\n        connection-pool {{ idle-timeout-secs 1; }}",
+                pki.ca_file().display()
+            ),
+        )],
+        "",
+    ));
+    let proxy = daemon.listener("http");
+    for i in 0..5 {
+        let reply = fetch(proxy, "GET", &format!("/s/{i}?q=1"), &[], empty()).await;
+        assert_eq!(reply.status.as_u16(), 200);
+        assert_eq!(reply.text(), format!("tls /s/{i}?q=1"));
+    }
+    // One after the other, the five requests share one TLS connection.
+    assert_eq!(connections.load(Ordering::Relaxed), 1);
+    // Idle past the pool's timeout, it is not used again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = fetch(proxy, "GET", "/again", &[], empty()).await;
+    assert_eq!(reply.text(), "tls /again");
+    assert_eq!(connections.load(Ordering::Relaxed), 2);
 }

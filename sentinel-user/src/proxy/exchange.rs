@@ -4,6 +4,7 @@
 //! `request_complete` event once the response body is done.
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     pin::Pin,
     sync::{
@@ -91,7 +92,7 @@ pub fn begin(
         request_id: request_id.to_str().unwrap_or_default().to_owned(),
         client_ip: client.to_string(),
         client_port: conn.peer.port(),
-        server_name: super::router::request_host(parts),
+        server_name: super::router::request_host(parts).map(Cow::into_owned),
         protocol: protocol(parts.version).to_owned(),
         tls_version: None,
         route_id: Some(route.name.clone()),

@@ -17,7 +17,8 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), plus the
-/// non-standard `Keep-Alive` and `Proxy-Connection`.
+/// non-standard `Keep-Alive` and `Proxy-Connection`; `Connection` first
+/// (`strip_hop_by_hop` relies on its place).
 fn hop_by_hop() -> [&'static HeaderName; 8] {
     [
         &CONNECTION,
@@ -35,18 +36,37 @@ fn hop_by_hop() -> [&'static HeaderName; 8] {
 /// `upgrade` is given, the upgrade handshake (`Connection: upgrade` and
 /// `Upgrade`) is kept for the next hop.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One pass over the names present finds which of the eight are there:
+    // most requests carry none, most responses only `Connection`. Removing
+    // all eight blindly costs a hash and a probe apiece, in both
+    // directions of every request. Standard names compare as enum tags.
+    let hop = hop_by_hop();
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        }
     }
-    for name in hop_by_hop() {
-        headers.remove(name);
+    if present & 1 != 0 {
+        // `Connection` (index 0) names more headers. Its values are cheap
+        // to clone (shared bytes); the clones let those names be removed
+        // by `&str`, without building a `HeaderName` for each.
+        // There is usually one value; more go to a vector.
+        let mut values = headers.get_all(CONNECTION).iter().cloned();
+        let first = values.next();
+        let rest: Vec<HeaderValue> = values.collect();
+        for value in first.iter().chain(&rest) {
+            let Ok(value) = value.to_str() else { continue };
+            for name in value.split(',').map(str::trim) {
+                // An invalid name finds nothing and removes nothing.
+                headers.remove(name);
+            }
+        }
+    }
+    for (i, name) in hop.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -68,42 +88,128 @@ pub fn upgrade_request(headers: &HeaderMap) -> Option<HeaderValue> {
 /// Sets `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
 /// `X-Forwarded-Host` and `Forwarded` (appended) for a request from
 /// `client` that arrived over `proto` for `host`.
+///
+/// Values are assembled as bytes, each in one allocation of its exact
+/// size: this runs for every forwarded request, and `format!` with
+/// `Display` for the address cost several times as much.
 pub fn set_forwarding(
     headers: &mut HeaderMap,
     client: SocketAddr,
-    proto: &str,
+    proto: &'static str,
     host: Option<&str>,
 ) {
     let ip = client.ip().to_canonical();
-    let xff = match headers
-        .get(&X_FORWARDED_FOR)
+    let mut ip_text = IpText::new();
+    ip_text.write(ip);
+    let ip_text = ip_text.as_bytes();
+
+    // A clone of a received value shares its bytes, and frees `headers`
+    // for the insert below.
+    let previous = headers.get(&X_FORWARDED_FOR).cloned();
+    let previous = appendable(previous.as_ref());
+    insert(
+        headers,
+        &X_FORWARDED_FOR,
+        &[previous.unwrap_or(b""), ip_text],
+        previous.is_some(),
+    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+
+    let host = host.filter(|h| is_token_safe(h));
+    match host {
+        Some(host) => {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                headers.insert(X_FORWARDED_HOST.clone(), value);
+            }
+        }
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
+    // for=...;proto=...[;host="..."]; an IPv6 node is quoted and bracketed
+    // (RFC 7239 §6), and a host always quoted: with a port it contains ':',
+    // which a token does not allow.
+    let (open, close): (&[u8], &[u8]) = match ip {
+        IpAddr::V4(_) => (b"", b""),
+        IpAddr::V6(_) => (b"\"[", b"]\""),
+    };
+    let (host_open, host, host_close): (&[u8], &[u8], &[u8]) = match host {
+        Some(host) => (b";host=\"", host.as_bytes(), b"\""),
+        None => (b"", b"", b""),
+    };
+    let previous = headers.get(&FORWARDED).cloned();
+    let previous = appendable(previous.as_ref());
+    let element: [&[u8]; 10] = [
+        previous.unwrap_or(b""),
+        b"for=",
+        open,
+        ip_text,
+        close,
+        b";proto=",
+        proto.as_bytes(),
+        host_open,
+        host,
+        host_close,
+    ];
+    insert(headers, &FORWARDED, &element, previous.is_some());
+}
+
+/// A previous value to append to: text, and not blank.
+fn appendable(value: Option<&HeaderValue>) -> Option<&[u8]> {
+    value
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.trim().is_empty())
-    {
-        Some(previous) => format!("{previous}, {ip}"),
-        None => ip.to_string(),
-    };
-    insert(headers, &X_FORWARDED_FOR, &xff);
-    insert(headers, &X_FORWARDED_PROTO, proto);
+        .map(str::as_bytes)
+}
 
-    let for_node = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={for_node};proto={proto}");
-    if let Some(host) = host.filter(|h| is_token_safe(h)) {
-        insert(headers, &X_FORWARDED_HOST, host);
-        element.push_str(";host=");
-        // Hosts with a port contain ':', which a token does not allow.
-        element.push_str(&format!("\"{host}\""));
-    } else {
-        headers.remove(&X_FORWARDED_HOST);
+/// An IP address as text, on the stack.
+struct IpText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl IpText {
+    fn new() -> Self {
+        Self {
+            buf: [0; 48],
+            len: 0,
+        }
     }
-    let forwarded = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {element}"),
-        _ => element,
-    };
-    insert(headers, &FORWARDED, &forwarded);
+
+    fn write(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.push(b'.');
+                    }
+                    if octet >= 100 {
+                        self.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        self.push(b'0' + octet / 10 % 10);
+                    }
+                    self.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::io::Write as _;
+                let mut cursor = std::io::Cursor::new(&mut self.buf[..]);
+                // 45 bytes at most ("ffff:...:255.255.255.255"), which fits.
+                let _ = write!(cursor, "{v6}");
+                self.len = cursor.position() as usize;
+            }
+        }
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
 }
 
 /// Hosts come from the client: only plain host[:port] characters are
@@ -116,8 +222,22 @@ fn is_token_safe(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
 }
 
-fn insert(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+/// Sets `name` to the concatenation of `parts`; when `appended`, the first
+/// part is the previous value and ", " follows it. Values that are not
+/// valid header values are not set.
+fn insert(headers: &mut HeaderMap, name: &HeaderName, parts: &[&[u8]], appended: bool) {
+    let separator: &[u8] = if appended { b", " } else { b"" };
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + separator.len();
+    let mut value = Vec::with_capacity(len);
+    if let Some((first, rest)) = parts.split_first() {
+        value.extend_from_slice(first);
+        value.extend_from_slice(separator);
+        for part in rest {
+            value.extend_from_slice(part);
+        }
+    }
+    // Exactly as long as its capacity: `Bytes` takes it without copying.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(name.clone(), value);
     }
 }
@@ -132,8 +252,10 @@ pub fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     {
         return v.clone();
     }
-    let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-        .unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    // Formatted on the stack, not through `Display` into a `String`.
+    let mut text = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let id = HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     headers.insert(X_REQUEST_ID.clone(), id.clone());
     id
 }
@@ -167,6 +289,51 @@ mod tests {
         strip_hop_by_hop(&mut h, None);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn removes_what_every_connection_value_names() {
+        let mut h = map(&[
+            ("connection", "close"),
+            ("connection", "X-One , x-two,"),
+            ("close", "1"),
+            ("x-one", "1"),
+            ("x-two", "2"),
+            ("upgrade", "h2c"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, None);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = map(&[("host", "a"), ("x-kept", "yes")]);
+        strip_hop_by_hop(&mut h, None);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn writes_addresses_as_text() {
+        for ip in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.100.9",
+            "192.0.2.10",
+            "::1",
+            "2001:db8::ff00:42:8329",
+        ] {
+            let mut text = IpText::new();
+            text.write(ip.parse().expect("address"));
+            assert_eq!(std::str::from_utf8(text.as_bytes()), Ok(ip));
+        }
+        let mut h = HeaderMap::new();
+        set_forwarding(
+            &mut h,
+            "[2001:db8::1]:443".parse().expect("addr"),
+            "https",
+            None,
+        );
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! After a switch the tracker reads tunnel bytes that hyper no longer
 //! parses, and its verdicts on them are never asked for.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, mem::MaybeUninit};
 
 /// What the tracker found in one request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,10 @@ pub struct Framing {
     /// hyper's header count limit: a head with more is one hyper refuses,
     /// any head with fewer must be followed.
     max_headers: usize,
+    /// The last head asked to leave HTTP (an `Upgrade` header, CONNECT):
+    /// whether it does is the upstream's answer, which the tracker cannot
+    /// see.
+    upgrade: bool,
     pub verdicts: VecDeque<Verdict>,
 }
 
@@ -69,12 +73,20 @@ impl Framing {
             pending: Vec::new(),
             max_head,
             max_headers,
+            upgrade: false,
             verdicts: VecDeque::new(),
         }
     }
 
     pub fn lost(&self) -> bool {
         matches!(self.state, State::Lost)
+    }
+
+    /// Whether the stream is between messages: every byte fed so far
+    /// belongs to complete requests, and the last of them did not ask to
+    /// leave HTTP.
+    pub fn between_messages(&self) -> bool {
+        matches!(self.state, State::Head) && self.pending.is_empty() && !self.upgrade
     }
 
     /// Follows `data`, the next bytes the client sent.
@@ -179,16 +191,19 @@ impl Framing {
 
     /// Parses the head in `pending`; its length once complete.
     fn parse_head(&mut self, buf: &[u8]) -> Option<usize> {
-        let mut stack = [httparse::EMPTY_HEADER; 128];
+        // Uninitialised: httparse writes the entries it returns, and
+        // zeroing 128 of them (4 KiB) cost as much as the parse itself.
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
         let mut heap;
-        let headers: &mut [httparse::Header<'_>] = if self.max_headers <= stack.len() {
+        let headers: &mut [MaybeUninit<httparse::Header<'_>>] = if self.max_headers <= stack.len() {
             &mut stack[..self.max_headers]
         } else {
-            heap = vec![httparse::EMPTY_HEADER; self.max_headers];
+            heap = Vec::with_capacity(self.max_headers);
+            heap.resize_with(self.max_headers, MaybeUninit::uninit);
             &mut heap
         };
-        let mut req = httparse::Request::new(headers);
-        let len = match req.parse(buf) {
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, headers) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             Err(_) => {
@@ -200,8 +215,11 @@ impl Framing {
         let mut content_length: Option<&[u8]> = None;
         let mut lengths_differ = false;
         let mut transfer_encoding: Option<&[u8]> = None;
+        self.upgrade = req.method == Some("CONNECT");
         for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
+            if h.name.eq_ignore_ascii_case("upgrade") {
+                self.upgrade = true;
+            } else if h.name.eq_ignore_ascii_case("content-length") {
                 match content_length {
                     Some(prev) if prev != h.value => lengths_differ = true,
                     _ => content_length = Some(h.value),
@@ -329,6 +347,29 @@ mod tests {
         assert_eq!(f.verdicts.len(), 2);
         assert_eq!(f.verdicts[0], Verdict::Clean);
         assert!(matches!(f.verdicts[1], Verdict::Smuggling(_)));
+    }
+
+    #[test]
+    fn knows_when_it_is_between_messages() {
+        let mut f = Framing::new(65536, 100);
+        assert!(f.between_messages());
+        f.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhel");
+        assert!(!f.between_messages(), "inside a body");
+        f.feed(b"lo");
+        assert!(f.between_messages());
+        f.feed(b"GET / HTTP/1.1\r\nHo");
+        assert!(!f.between_messages(), "inside a head");
+        f.feed(b"st: a\r\n\r\n");
+        assert!(f.between_messages());
+        f.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n");
+        assert!(!f.between_messages(), "after an upgrade request");
+        f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(
+            f.between_messages(),
+            "the upgrade was refused, HTTP goes on"
+        );
+        f.feed(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n");
+        assert!(!f.between_messages(), "after CONNECT");
     }
 
     #[test]

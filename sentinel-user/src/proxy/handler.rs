@@ -26,7 +26,7 @@ use super::{
     errors, exchange, forward,
     framing::Verdict,
     listener::{Activity, ConnInfo},
-    router::{Action, Route, request_host},
+    router::{Action, Route},
     upstream::{InFlight, Upstream},
 };
 use super::{exchange::Inspection, record::Pending};
@@ -363,7 +363,6 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
 
-    let host = request_host(&parts);
     // The request target's authority wins over `Host` (RFC 9112 §3.2.2),
     // as it did for routing: the upstream must see the host the route
     // was chosen for.
@@ -376,16 +375,10 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     // We answer `100-continue` ourselves (hyper does when the body is
     // first read); the upstream gets the body without the handshake.
     parts.headers.remove(EXPECT);
-    let forwarded_host = original_authority
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    forward::set_forwarding(
-        &mut parts.headers,
-        conn.peer,
-        conn.scheme,
-        forwarded_host.as_deref().or(host.as_deref()),
-    );
+    // When the authority is not text, neither is `Host`, and the host the
+    // router saw (`request_host`) is none either: nothing to fall back on.
+    let forwarded_host = original_authority.as_ref().and_then(|v| v.to_str().ok());
+    forward::set_forwarding(&mut parts.headers, conn.peer, conn.scheme, forwarded_host);
     if let Some(authority) = &original_authority {
         parts.headers.insert(HOST, authority.clone());
     }
@@ -454,11 +447,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         Some(a) => (Some(exchange::count_request(limited, a)), None),
         None => (Some(limited), None),
     };
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    let path_and_query = parts.uri.path_and_query().cloned();
     let read_timeout = upstream.config.timeouts.read;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
@@ -472,7 +461,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         attempt.count += 1;
         let target = &upstream.targets[index];
         attempt.target = Some(target.address.clone());
-        let uri: Uri = match format!("{}{}", target.base, path_and_query).parse() {
+        let uri: Uri = match target.uri_for(path_and_query.as_ref()) {
             Ok(uri) => uri,
             Err(e) => {
                 return Err((

@@ -23,7 +23,7 @@ use hyper_util::{
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Notify, OwnedSemaphorePermit, watch},
+    sync::{OwnedSemaphorePermit, watch},
 };
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -33,6 +33,10 @@ use super::{
     framing::{Framing, Verdict},
     handler,
 };
+
+/// How many header fields hyper accepts in an HTTP/1 head when told no
+/// other number (`DEFAULT_MAX_HEADERS` in hyper's `proto::h1::role`).
+const HYPER_MAX_HEADERS: usize = 100;
 
 /// Who is on the other end of a connection, for the request handler.
 pub struct ConnInfo {
@@ -99,6 +103,14 @@ pub async fn accept_loop(
 
 type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
+/// What the framing tracker needs from the limits, read once per
+/// connection.
+#[derive(Clone, Copy)]
+struct HeadLimits {
+    max_head: usize,
+    max_headers: usize,
+}
+
 async fn serve(
     stream: TcpStream,
     info: Arc<ConnInfo>,
@@ -117,119 +129,318 @@ async fn serve(
         _permits: permits,
         gauge,
     }));
-    let (max_head, max_headers) = {
+    let limits = {
         let limits = &shared.snapshot.load().limits;
-        (limits.max_header_bytes, limits.max_header_count)
-    };
-    match &spec.tls {
-        None => {
-            let io = Watched::new(stream, activity.clone(), max_head, max_headers);
-            drive(io, false, info, &spec, shared, activity).await
+        HeadLimits {
+            max_head: limits.max_header_bytes,
+            max_headers: limits.max_header_count,
         }
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(spec.config.header_read_timeout, acceptor.accept(stream))
-                    .await;
-            match handshake {
-                Ok(Ok(tls)) => {
-                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    if h2 {
-                        activity.multiplexed.store(true, Ordering::Relaxed);
-                    }
-                    let io = Watched::new(tls, activity.clone(), max_head, max_headers);
-                    drive(io, h2, info, &spec, shared, activity).await;
-                }
-                Ok(Err(error)) => debug!(peer = %info.peer, %error, "TLS handshake failed"),
-                Err(_) => debug!(peer = %info.peer, "TLS handshake timed out"),
+    };
+    if spec.tls.is_none() {
+        serve_plain(stream, info, spec, shared, activity, limits).await;
+    } else {
+        // Boxed: the handshake and a TLS session are large futures, which
+        // would otherwise size every connection's task, idle plain ones
+        // included.
+        let tls = Box::pin(serve_tls(stream, info, spec, shared, activity, limits));
+        tls.await;
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    limits: HeadLimits,
+) {
+    let Some(acceptor) = &spec.tls else { return };
+    let handshake =
+        tokio::time::timeout(spec.config.header_read_timeout, acceptor.accept(stream)).await;
+    match handshake {
+        Ok(Ok(tls)) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if h2 {
+                activity.multiplexed.store(true, Ordering::Relaxed);
             }
+            let io = Watched::new(tls, activity.clone(), limits, None);
+            let proto = if h2 { Proto::Http2 } else { Proto::Detect };
+            drive(io, proto, &info, &spec, &shared, &activity, limits).await;
+        }
+        Ok(Err(error)) => debug!(peer = %info.peer, %error, "TLS handshake failed"),
+        Err(_) => debug!(peer = %info.peer, "TLS handshake timed out"),
+    }
+}
+
+/// A plain connection, session by session: hyper serves requests while
+/// they come; when it waits for the next head and none has arrived, the
+/// connection parks (see [`Watched`]): hyper's connection and its buffers
+/// are freed, and the socket waits here for readability without any
+/// buffer, as nginx does with an idle keep-alive connection. Its next
+/// bytes start a new hyper session (HTTP/1: whether it speaks HTTP/2 was
+/// settled by the first one).
+async fn serve_plain(
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+    spec: Arc<ListenerSpec>,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    limits: HeadLimits,
+) {
+    // While parked, the stream waits in its home, not in this task: the
+    // task of every idle connection is that much smaller.
+    let home = Home::new();
+    home.put(Stream::new(stream, limits));
+    let mut draining = shared.draining.clone();
+    let mut proto = Proto::Detect;
+    while let Some(stream) = home.take() {
+        let io = Watched::from_stream(stream, activity.clone(), Some(home.clone()));
+        // Boxed: a session (hyper's connection state, builders, clocks)
+        // exists only while requests come, not for the idle task.
+        let session = Box::pin(drive(io, proto, &info, &spec, &shared, &activity, limits));
+        session.await;
+        // hyper has let go of the connection: parked, it is back home;
+        // otherwise it is closed.
+        // A connection that parked before its first request has not said
+        // yet whether it speaks HTTP/2.
+        if activity.heads.load(Ordering::Relaxed) > 0 {
+            proto = Proto::Http1;
+        }
+        if !wait_for_next(
+            &home,
+            &activity,
+            spec.config.keepalive_timeout,
+            &mut draining,
+        )
+        .await
+        {
+            return;
         }
     }
 }
 
+/// Waits, without buffers, for a parked connection's next bytes; `false`
+/// when it is to close instead (dropping the stream closes it): idle past
+/// the keep-alive timeout, the daemon draining, a socket error, or no
+/// stream at home because hyper closed it.
+async fn wait_for_next(
+    home: &Home<TcpStream>,
+    activity: &Activity,
+    keepalive: Duration,
+    draining: &mut watch::Receiver<bool>,
+) -> bool {
+    if *draining.borrow() || home.is_empty() {
+        return false;
+    }
+    let mut drained = std::pin::pin!(draining.changed());
+    let mut expired = std::pin::pin!(tokio::time::sleep_until(activity.idle_deadline(keepalive)));
+    // Polled by hand rather than with `select!`: `poll_read_ready` keeps
+    // the waker in the socket's own registration, where `readable()` would
+    // add a 150-byte future to every parked connection's task.
+    std::future::poll_fn(|cx| {
+        if drained.as_mut().poll(cx).is_ready() || expired.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        home.poll_read_ready(cx).map(|ready| ready.is_ok())
+    })
+    .await
+}
+
+/// How hyper serves a session.
+#[derive(Clone, Copy)]
+enum Proto {
+    /// HTTP/1.1, or HTTP/2 when the connection starts with its preface.
+    Detect,
+    /// HTTP/2 only (TLS with ALPN h2).
+    Http2,
+    /// HTTP/1.1: a plain connection's later sessions.
+    Http1,
+}
+
+/// One hyper session on `io`, until it ends: the client closed, a clock
+/// closed it, the daemon is draining, or the connection parked.
 async fn drive<I>(
-    io: I,
-    h2_only: bool,
-    info: Arc<ConnInfo>,
+    io: Watched<I>,
+    proto: Proto,
+    info: &Arc<ConnInfo>,
     spec: &ListenerSpec,
-    shared: Arc<Shared>,
-    activity: Arc<Activity>,
+    shared: &Arc<Shared>,
+    activity: &Arc<Activity>,
+    limits: HeadLimits,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = shared.snapshot.load().limits.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Our own clocks below tell an idle keep-alive connection from a
-        // slow request head; hyper's would count idle time as head time.
-        .header_read_timeout(None)
-        .max_headers(limits.max_header_count)
-        // hyper answers 431 when a head does not fit its buffer; it cannot
-        // be smaller than 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = if h2_only {
-        builder.http2_only()
-    } else {
-        builder
-    };
-
-    let mut draining = shared.draining.clone();
     let service = {
-        let activity = activity.clone();
+        let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
         service_fn(move |req| handler::handle(req, info.clone(), shared.clone(), activity.clone()))
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let clocks = Clocks {
+        header_read: spec.config.header_read_timeout,
+        keepalive: spec.config.keepalive_timeout,
+        parks: io.home.is_some(),
+    };
+    let io = TokioIo::new(io);
 
-    let header_read = spec.config.header_read_timeout;
-    let keepalive = spec.config.keepalive_timeout;
-    // One timer per connection, set to the next moment a clock could
-    // expire; a request head starting wakes the loop to arm its clock.
-    let wake = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(wake);
+    match proto {
+        Proto::Http1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new());
+            // Our own clocks below tell an idle keep-alive connection from
+            // a slow request head; hyper's would count idle time as head
+            // time.
+            builder.header_read_timeout(None);
+            // hyper answers 431 when a head does not fit its buffer; it
+            // cannot be smaller than 8 KiB.
+            builder.max_buf_size(limits.max_head.max(8192));
+            if limits.max_headers != HYPER_MAX_HEADERS {
+                builder.max_headers(limits.max_headers);
+            }
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            run(conn, |c| c.graceful_shutdown(), clocks, shared, activity).await;
+        }
+        Proto::Detect | Proto::Http2 => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .max_buf_size(limits.max_head.max(8192));
+            // Without a count of its own hyper holds heads to the same 100
+            // fields on stack arrays it leaves uninitialised; with one it
+            // fills two vectors of that many entries for every request head
+            // it parses (about 1,700 instructions a request, measured with
+            // callgrind).
+            if limits.max_headers != HYPER_MAX_HEADERS {
+                builder.http1().max_headers(limits.max_headers);
+            }
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_head).unwrap_or(u32::MAX));
+            let builder = match proto {
+                Proto::Http2 => builder.http2_only(),
+                _ => builder,
+            };
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            run(conn, |c| c.graceful_shutdown(), clocks, shared, activity).await;
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Clocks {
+    header_read: Duration,
+    keepalive: Duration,
+    /// Whether the connection can park (a plain one).
+    parks: bool,
+}
+
+/// How long a plain HTTP/1 connection stays idle, its last response
+/// written and nothing more received, before it parks and gives back
+/// hyper's buffers (see [`Watched`]). Parking and starting a new session
+/// cost about 15,000 instructions (callgrind), as much as a third of a
+/// proxied request: a client that sends its next request within this
+/// time (any busy keep-alive client, the benchmark's included) never
+/// pays it, and an idle connection holds its 20 KiB and more of buffers
+/// for no longer than this.
+const PARK_AFTER: Duration = Duration::from_millis(20);
+
+/// Polls `conn` to its end under the connection's clocks and the drain;
+/// `finish` asks it to finish its current request and close.
+async fn run<C, E>(
+    conn: C,
+    finish: impl Fn(Pin<&mut C>),
+    clocks: Clocks,
+    shared: &Shared,
+    activity: &Activity,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut draining = shared.draining.clone();
     let mut closing = false;
-    if *draining.borrow() {
-        conn.as_mut().graceful_shutdown();
+    if *draining.borrow_and_update() {
+        finish(conn.as_mut());
         closing = true;
     }
-    loop {
-        tokio::select! {
-            result = conn.as_mut() => {
+    // Kept across polls, so that waiting for the drain registers once per
+    // session rather than on every wake-up of the connection.
+    let mut drained = std::pin::pin!(draining.changed());
+    // One timer per connection, set to the next moment a clock could
+    // expire: the head, keep-alive or park clock.
+    let (_, next) = activity.clock(clocks.header_read, clocks.keepalive);
+    let mut wake = std::pin::pin!(tokio::time::sleep(next));
+    // When this connection may park, if it stays idle until then.
+    let mut park_at =
+        (clocks.parks && activity.nothing_owed()).then(|| tokio::time::Instant::now() + PARK_AFTER);
+    std::future::poll_fn(|cx| {
+        loop {
+            if !closing && drained.as_mut().poll(cx).is_ready() {
+                finish(conn.as_mut());
+                closing = true;
+            }
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                 if let Err(error) = result {
                     debug!(%error, "connection ended with an error");
                 }
-                break;
+                return Poll::Ready(());
             }
-            _ = draining.changed(), if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
+            // Reads and writes happened in the poll above, on this task:
+            // the flags they left re-arm the timer. Moving it earlier
+            // re-registers it with the driver; moving it later is an
+            // atomic update, and a timer left earlier than needed only
+            // wakes this loop to look again.
+            if activity.head_started_signal.swap(false, Ordering::Relaxed) {
+                // The first byte of a request head: its clock starts now.
+                let (_, next) = activity.clock(clocks.header_read, clocks.keepalive);
+                let at = tokio::time::Instant::now() + next;
+                if at < wake.deadline() {
+                    wake.as_mut().reset(at);
+                }
             }
-            _ = activity.head_started_signal.notified() => {
-                let (_, next) = activity.clock(header_read, keepalive);
-                wake.as_mut().reset(tokio::time::Instant::now() + next);
+            if activity.went_idle.swap(false, Ordering::Relaxed) {
+                // Nothing owed and no head started: the park and
+                // keep-alive clocks are the only ones running.
+                let at = (tokio::time::Instant::now() + PARK_AFTER)
+                    .min(activity.idle_deadline(clocks.keepalive));
+                park_at = Some(at);
+                wake.as_mut().reset(at);
             }
-            _ = wake.as_mut() => {
-                let (clock, next) = activity.clock(header_read, keepalive);
-                match clock {
-                    Clock::Keep => {}
-                    Clock::CloseIdle => if !closing {
-                        conn.as_mut().graceful_shutdown();
+            if wake.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = tokio::time::Instant::now();
+            if park_at.is_some_and(|at| now >= at) {
+                park_at = None;
+                // Idle all along: hyper, polled again below, asks for the
+                // next head and is told the client closed (see `Watched`).
+                if activity.nothing_owed() {
+                    activity.may_park.store(true, Ordering::Relaxed);
+                }
+            }
+            let (clock, next) = activity.clock(clocks.header_read, clocks.keepalive);
+            let at = park_at.map_or(now + next, |at| at.min(now + next));
+            wake.as_mut().reset(at);
+            match clock {
+                Clock::Keep => {}
+                Clock::CloseIdle => {
+                    if !closing {
+                        finish(conn.as_mut());
                         closing = true;
-                    },
-                    Clock::Abort => {
-                        debug!("request head not received in time; connection dropped");
-                        break;
                     }
                 }
-                wake.as_mut().reset(tokio::time::Instant::now() + next);
+                Clock::Abort => {
+                    debug!("request head not received in time; connection dropped");
+                    return Poll::Ready(());
+                }
             }
+            // Poll again: the timer is re-armed, and a connection told to
+            // finish or to park may be done at once.
         }
-    }
+    })
+    .await
 }
 
 /// What the connection's clocks decide.
@@ -256,7 +467,20 @@ pub struct Activity {
     multiplexed: AtomicBool,
     /// Framing verdicts of HTTP/1 request heads not yet handled, in order.
     verdicts: Mutex<VecDeque<Verdict>>,
-    head_started_signal: Notify,
+    /// Set when `head_started` is: the connection's clock re-arms for the
+    /// head deadline. Reads happen on the connection's own task, inside
+    /// its poll of hyper, so a flag it looks at after that poll suffices.
+    head_started_signal: AtomicBool,
+    /// HTTP/1 request heads the framing tracker found.
+    heads: AtomicU64,
+    /// Requests whose handling ended (response written, or given up).
+    completed: AtomicU64,
+    /// A plain connection's last response owed was flushed: its park
+    /// clock starts.
+    went_idle: AtomicBool,
+    /// The park clock expired with nothing owed: the next read that finds
+    /// no bytes parks the connection. Bytes arriving clear it.
+    may_park: AtomicBool,
 }
 
 impl Activity {
@@ -269,7 +493,11 @@ impl Activity {
             head_started: AtomicU64::new(0),
             multiplexed: AtomicBool::new(false),
             verdicts: Mutex::new(VecDeque::new()),
-            head_started_signal: Notify::new(),
+            head_started_signal: AtomicBool::new(false),
+            heads: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            went_idle: AtomicBool::new(false),
+            may_park: AtomicBool::new(false),
         }
     }
 
@@ -284,7 +512,21 @@ impl Activity {
         {
             self.head_started
                 .store(self.now_ms() + 1, Ordering::Relaxed);
+            self.head_started_signal.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// Whether every request head found has been handled to its end.
+    fn nothing_owed(&self) -> bool {
+        self.completed.load(Ordering::Relaxed) == self.heads.load(Ordering::Relaxed)
+    }
+
+    /// When an idle connection's keep-alive clock expires (the moment
+    /// [`Activity::clock`] would say `CloseIdle`).
+    fn idle_deadline(&self, keepalive: Duration) -> tokio::time::Instant {
+        let idle_since = self.idle_since.load(Ordering::Relaxed);
+        let at = self.epoch + Duration::from_millis(idle_since + 1) + keepalive;
+        tokio::time::Instant::from_std(at)
     }
 
     /// A request is being handled until the guard drops (after its
@@ -350,27 +592,138 @@ impl Drop for RequestGuard {
         if a.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             a.idle_since.store(a.now_ms(), Ordering::Relaxed);
         }
+        a.completed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// The client connection (after TLS), noting when bytes arrive and
-/// following HTTP/1 framing.
-struct Watched<I> {
+/// The client's byte stream (after TLS) and what follows it: the framing
+/// tracker, whether written bytes are still unflushed.
+struct Stream<I> {
     inner: I,
-    activity: Arc<Activity>,
     framing: Option<Framing>,
+    dirty: bool,
+}
+
+impl<I> Stream<I> {
+    fn new(inner: I, limits: HeadLimits) -> Self {
+        Self {
+            inner,
+            framing: Some(Framing::new(limits.max_head, limits.max_headers)),
+            dirty: false,
+        }
+    }
+
+    /// Whether hyper, asking for bytes now, can only be waiting for the
+    /// next request head with an empty buffer: every byte read belongs
+    /// to a complete request (the framing tracker is between messages,
+    /// not after an upgrade request), every request found has been
+    /// handled to its end, and everything written has been flushed.
+    /// hyper returns to reading heads only after a flush that finds both
+    /// its request and its response finished, so none of its state is
+    /// lost when it is told the client closed.
+    fn idle(&self, activity: &Activity) -> bool {
+        self.framing.as_ref().is_some_and(Framing::between_messages)
+            && !self.dirty
+            && activity.nothing_owed()
+    }
+}
+
+/// Where a parked connection's stream goes when hyper drops it.
+struct Home<I>(Arc<Mutex<Option<Stream<I>>>>);
+
+impl<I> Clone for Home<I> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<I> Home<I> {
+    fn new() -> Self {
+        Self(Arc::new(Mutex::new(None)))
+    }
+
+    fn put(&self, stream: Stream<I>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(stream);
+    }
+
+    fn take(&self) -> Option<Stream<I>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+}
+
+impl Home<TcpStream> {
+    /// Waits for the parked stream to become readable.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(stream) => stream.inner.poll_read_ready(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+/// The client connection as hyper sees it: notes when bytes arrive,
+/// follows HTTP/1 framing, and parks.
+///
+/// Parking: on a plain connection (one with a [`Home`]), when hyper asks
+/// for bytes while the stream is [idle](Stream::idle) and the socket has
+/// none, hyper is told the client closed. It then ends the session as it
+/// does for a client that closes between requests: without a response
+/// and without shutting the socket down (`poll_shutdown` is not passed
+/// on), and drops this wrapper, which hands the stream back home. The
+/// socket was never closed; the client sees a keep-alive connection.
+struct Watched<I> {
+    /// `None` only once handed back home.
+    stream: Option<Stream<I>>,
+    activity: Arc<Activity>,
+    home: Option<Home<I>>,
+    parked: bool,
 }
 
 impl<I> Watched<I> {
-    fn new(inner: I, activity: Arc<Activity>, max_head: usize, max_headers: usize) -> Self {
-        let framing = (!activity.multiplexed.load(Ordering::Relaxed))
-            .then(|| Framing::new(max_head, max_headers));
+    fn new(inner: I, activity: Arc<Activity>, limits: HeadLimits, home: Option<Home<I>>) -> Self {
+        let mut stream = Stream::new(inner, limits);
+        if activity.multiplexed.load(Ordering::Relaxed) {
+            stream.framing = None;
+        }
+        Self::from_stream(stream, activity, home)
+    }
+
+    fn from_stream(stream: Stream<I>, activity: Arc<Activity>, home: Option<Home<I>>) -> Self {
         Self {
-            inner,
+            stream: Some(stream),
             activity,
-            framing,
+            home,
+            parked: false,
         }
     }
+}
+
+impl<I> Drop for Watched<I> {
+    fn drop(&mut self) {
+        if self.parked
+            && let (Some(home), Some(mut stream)) = (&self.home, self.stream.take())
+        {
+            // The verdict queues are empty between messages; a parked
+            // connection gives back their memory too.
+            if let Some(framing) = &mut stream.framing {
+                framing.verdicts.shrink_to_fit();
+            }
+            self.activity
+                .verdicts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .shrink_to_fit();
+            home.put(stream);
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection parked")
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
@@ -379,26 +732,53 @@ impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.parked {
+            // The end of this session's stream, whatever arrives next.
+            return Poll::Ready(Ok(()));
+        }
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let parkable = this.home.is_some()
+            && this.activity.may_park.load(Ordering::Relaxed)
+            && stream.idle(&this.activity);
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let this = &mut *self;
-            this.activity.on_read();
-            if let Some(framing) = &mut this.framing {
-                framing.feed(&buf.filled()[before..]);
-                if !framing.verdicts.is_empty() {
-                    this.activity
-                        .verdicts
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(framing.verdicts.drain(..));
-                }
-                if framing.lost() {
-                    this.framing = None;
+        let polled = Pin::new(&mut stream.inner).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.activity.on_read();
+                this.activity.may_park.store(false, Ordering::Relaxed);
+                if let Some(framing) = &mut stream.framing {
+                    framing.feed(&buf.filled()[before..]);
+                    if !framing.verdicts.is_empty() {
+                        this.activity
+                            .heads
+                            .fetch_add(framing.verdicts.len() as u64, Ordering::Relaxed);
+                        this.activity
+                            .verdicts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend(framing.verdicts.drain(..));
+                    }
+                    if framing.lost() {
+                        stream.framing = None;
+                    }
                 }
             }
+            Poll::Pending if parkable => {
+                this.parked = true;
+                return Poll::Ready(Ok(()));
+            }
+            _ => {}
         }
         polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> Watched<I> {
+    fn inner(&mut self) -> io::Result<&mut Stream<I>> {
+        self.stream.as_mut().ok_or_else(gone)
     }
 }
 
@@ -408,15 +788,37 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let stream = self.inner()?;
+        let polled = Pin::new(&mut stream.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            stream.dirty = true;
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let Some(stream) = this.stream.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let polled = Pin::new(&mut stream.inner).poll_flush(cx);
+        if matches!(polled, Poll::Ready(Ok(()))) && std::mem::take(&mut stream.dirty) {
+            // The end of a response went out: if it was the last one owed,
+            // the connection may park.
+            if this.home.is_some() && stream.idle(&this.activity) {
+                this.activity.went_idle.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        if self.parked {
+            // Not closed: it goes home.
+            return Poll::Ready(Ok(()));
+        }
+        let stream = self.inner()?;
+        Pin::new(&mut stream.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -424,10 +826,162 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let stream = self.inner()?;
+        let polled = Pin::new(&mut stream.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            stream.dirty = true;
+        }
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.stream
+            .as_ref()
+            .is_some_and(|s| s.inner.is_write_vectored())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream, duplex};
+    use tokio::sync::Semaphore;
+
+    fn activity() -> Arc<Activity> {
+        let permit = Arc::new(Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a permit");
+        let gauge = prometheus::IntGauge::new("test_gauge", "test").expect("gauge");
+        Arc::new(Activity::new(Counted {
+            _permits: (permit, None),
+            gauge,
+        }))
+    }
+
+    fn watched(
+        activity: &Arc<Activity>,
+    ) -> (Watched<DuplexStream>, DuplexStream, Home<DuplexStream>) {
+        let (ours, client) = duplex(4096);
+        let home = Home::new();
+        let limits = HeadLimits {
+            max_head: 8192,
+            max_headers: 100,
+        };
+        let io = Watched::new(ours, activity.clone(), limits, Some(home.clone()));
+        (io, client, home)
+    }
+
+    /// One read as hyper does it: `None` while pending, else the bytes.
+    fn read(io: &mut Watched<DuplexStream>) -> Option<Vec<u8>> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut space = [0u8; 1024];
+        let mut buf = ReadBuf::new(&mut space);
+        match Pin::new(io).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(Ok(())) => Some(buf.filled().to_vec()),
+            Poll::Ready(Err(e)) => panic!("read failed: {e}"),
+            Poll::Pending => None,
+        }
+    }
+
+    fn write(io: &mut Watched<DuplexStream>, bytes: &[u8]) {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut io = Pin::new(io);
+        assert!(
+            matches!(io.as_mut().poll_write(&mut cx, bytes), Poll::Ready(Ok(n)) if n == bytes.len())
+        );
+        assert!(matches!(
+            io.as_mut().poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+    }
+
+    #[tokio::test]
+    async fn parks_only_between_requests_and_keeps_the_socket() {
+        let activity = activity();
+        let (mut io, mut client, home) = watched(&activity);
+        activity.may_park.store(true, Ordering::Relaxed);
+
+        // A request arrives: delivered, and bytes clear the permission.
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("client writes");
+        let got = read(&mut io).expect("the request");
+        assert!(got.starts_with(b"GET / "));
+        assert_eq!(activity.heads.load(Ordering::Relaxed), 1);
+        activity.may_park.store(true, Ordering::Relaxed);
+        // A request owed: no parking, the read is simply pending.
+        assert_eq!(read(&mut io), None);
+        assert!(!io.parked);
+
+        // Answered and flushed: the connection went idle, not before.
+        let guard = activity.begin();
+        write(&mut io, b"HTTP/1.1 200 OK\r\n");
+        assert!(
+            !activity.went_idle.load(Ordering::Relaxed),
+            "a request is still owed"
+        );
+        drop(guard);
+        write(&mut io, b"content-length: 0\r\n\r\n");
+        assert!(activity.went_idle.swap(false, Ordering::Relaxed));
+        let mut reply = [0u8; 64];
+        let n = client.read(&mut reply).await.expect("client reads");
+        assert!(reply[..n].starts_with(b"HTTP/1.1 200"));
+
+        // Half a head: not between messages, no parking.
+        client
+            .write_all(b"GET /next HT")
+            .await
+            .expect("client writes");
+        let got = read(&mut io).expect("half a head");
+        assert_eq!(got, b"GET /next HT");
+        activity.may_park.store(true, Ordering::Relaxed);
+        assert_eq!(read(&mut io), None);
+        assert!(!io.parked);
+        client
+            .write_all(b"TP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("client writes");
+        assert!(read(&mut io).is_some());
+        drop(activity.begin());
+
+        // Idle and allowed: hyper is told the client closed, the socket is
+        // not shut down, and the stream goes home when hyper drops it.
+        activity.may_park.store(true, Ordering::Relaxed);
+        assert_eq!(
+            read(&mut io),
+            Some(Vec::new()),
+            "an end of stream for hyper"
+        );
+        assert!(io.parked);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(matches!(
+            Pin::new(&mut io).poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        drop(io);
+        let mut stream = home.take().expect("the stream is home");
+        client
+            .write_all(b"after")
+            .await
+            .expect("the client's side is open");
+        let mut after = [0u8; 5];
+        stream
+            .inner
+            .read_exact(&mut after)
+            .await
+            .expect("the stream reads on");
+        assert_eq!(&after, b"after");
+    }
+
+    #[tokio::test]
+    async fn a_closed_connection_does_not_go_home() {
+        let activity = activity();
+        let (io, _client, home) = watched(&activity);
+        drop(io);
+        assert!(home.take().is_none());
     }
 }

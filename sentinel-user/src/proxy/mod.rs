@@ -16,6 +16,7 @@ mod framing;
 mod handler;
 mod health;
 mod listener;
+mod pool;
 mod profile;
 pub mod record;
 mod router;

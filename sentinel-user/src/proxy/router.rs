@@ -1,7 +1,7 @@
 //! Routing: the first route, by descending priority then file order, whose
 //! every condition holds. No match is a 404.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use http::{HeaderMap, Method, request::Parts};
 
@@ -38,19 +38,27 @@ impl Route {
 /// The routes of one configuration generation.
 pub struct Router {
     routes: Vec<Arc<Route>>,
+    /// Whether any route matches on the host: only then is it worked out.
+    needs_host: bool,
 }
 
 impl Router {
     /// `routes` in file order; ties in priority keep that order.
     pub fn new(mut routes: Vec<(i64, Route)>) -> Self {
         routes.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
+        let needs_host = routes.iter().any(|(_, r)| !r.matcher.hosts.is_empty());
         Self {
             routes: routes.into_iter().map(|(_, r)| Arc::new(r)).collect(),
+            needs_host,
         }
     }
 
     pub fn route(&self, parts: &Parts) -> Option<Arc<Route>> {
-        let host = request_host(parts);
+        let host = if self.needs_host {
+            request_host(parts)
+        } else {
+            None
+        };
         self.routes
             .iter()
             .find(|r| r.matcher.matches(parts, host.as_deref()))
@@ -59,16 +67,18 @@ impl Router {
 }
 
 /// The request's host, lowercased and without its port: the URI's
-/// authority (HTTP/2, absolute-form) or the `Host` header.
-pub fn request_host(parts: &Parts) -> Option<String> {
+/// authority (HTTP/2, absolute-form) or the `Host` header. Borrowed from
+/// the request unless it had to be lowercased.
+pub fn request_host(parts: &Parts) -> Option<Cow<'_, str>> {
     let raw = match parts.uri.authority() {
-        Some(authority) => authority.host().to_owned(),
-        None => {
-            let value = parts.headers.get(http::header::HOST)?.to_str().ok()?;
-            strip_port(value).to_owned()
-        }
+        Some(authority) => authority.host(),
+        None => strip_port(parts.headers.get(http::header::HOST)?.to_str().ok()?),
     };
-    Some(raw.to_ascii_lowercase())
+    Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(raw.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(raw)
+    })
 }
 
 fn strip_port(host: &str) -> &str {
@@ -272,6 +282,20 @@ mod tests {
         // HTTP/2 carries the host in the URI's authority.
         let h2 = [("x-env", "prod"), ("x-debug", "")];
         assert!(pick(&router, &parts("POST", "https://x.example.com/exact", &h2)).is_some());
+    }
+
+    #[test]
+    fn hosts_are_lowercased_and_borrowed_when_they_can_be() {
+        let p = parts("GET", "/", &[("host", "Example.COM:8080")]);
+        assert!(matches!(request_host(&p), Some(Cow::Owned(h)) if h == "example.com"));
+        let p = parts("GET", "/", &[("host", "example.com")]);
+        assert!(matches!(
+            request_host(&p),
+            Some(Cow::Borrowed("example.com"))
+        ));
+        let p = parts("GET", "http://A.example/x", &[("host", "other")]);
+        assert_eq!(request_host(&p).as_deref(), Some("a.example"));
+        assert_eq!(request_host(&parts("GET", "/", &[])), None);
     }
 
     #[test]

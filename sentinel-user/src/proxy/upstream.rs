@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::{Request, Response, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -17,7 +18,11 @@ use hyper_util::{
 use prometheus::{IntCounter, IntGauge};
 use tracing::{info, warn};
 
-use super::{ProxyBody, tls};
+use super::{
+    ProxyBody,
+    pool::{ClientError, Driven, Pool},
+    tls,
+};
 use crate::{
     config::{LoadBalancing, UpstreamConfig, UpstreamProtocol},
     metrics::ProxyMetrics,
@@ -37,7 +42,27 @@ pub const RESULTS: [&str; 9] = [
     "error",
 ];
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+/// How requests reach an upstream's targets: HTTP/1.1 connections pooled
+/// per target and driven by the requests themselves ([`Pool`]), or
+/// hyper-util's client for HTTP/2 (one multiplexed connection per target).
+pub enum HttpClient {
+    Http1(Arc<Pool>),
+    Http2(Box<Client<HttpsConnector<HttpConnector>, ProxyBody>>),
+}
+
+impl HttpClient {
+    /// Sends `req` (its URI names the target) and waits for the response
+    /// head; the body streams from the returned response.
+    pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
+        match self {
+            HttpClient::Http1(pool) => pool.send(req).await,
+            HttpClient::Http2(client) => match client.request(req).await {
+                Ok(response) => Ok(response.map(Driven::detached)),
+                Err(source) => Err(ClientError::Pooled { source }),
+            },
+        }
+    }
+}
 
 /// One backend address of an upstream.
 pub struct Target {
@@ -45,6 +70,10 @@ pub struct Target {
     pub address: String,
     /// `http://host:port` or `https://host:port`.
     pub base: String,
+    /// `base`'s scheme and authority, parsed once: requests' URIs are put
+    /// together from them without formatting or parsing.
+    scheme: http::uri::Scheme,
+    authority: Option<http::uri::Authority>,
     /// Active health check verdict (true until a check says otherwise).
     active_healthy: AtomicBool,
     /// Consecutive failed requests, for passive ejection.
@@ -62,6 +91,32 @@ pub struct Target {
 impl Target {
     pub fn active_healthy(&self) -> bool {
         self.active_healthy.load(Ordering::Relaxed)
+    }
+
+    /// The URI of a request for `path_and_query` (`/` when `None`) on this
+    /// target. The path was validated when the request was parsed and is
+    /// shared, not copied; anything but an origin-form path (`*`, say) is
+    /// formatted and parsed whole, which refuses what cannot be forwarded.
+    pub fn uri_for(
+        &self,
+        path_and_query: Option<&http::uri::PathAndQuery>,
+    ) -> Result<Uri, http::uri::InvalidUri> {
+        let origin_form = path_and_query.is_none_or(|pq| pq.as_str().starts_with('/'));
+        if let (true, Some(authority)) = (origin_form, &self.authority) {
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.scheme.clone());
+            parts.authority = Some(authority.clone());
+            parts.path_and_query = Some(
+                path_and_query
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            if let Ok(uri) = Uri::from_parts(parts) {
+                return Ok(uri);
+            }
+        }
+        let path_and_query = path_and_query.map_or("/", |pq| pq.as_str());
+        format!("{}{path_and_query}", self.base).parse()
     }
 }
 
@@ -96,6 +151,12 @@ impl Upstream {
                 Target {
                     address: t.address.clone(),
                     base: format!("{scheme}://{}", t.address),
+                    scheme: if cfg.tls.is_some() {
+                        http::uri::Scheme::HTTPS
+                    } else {
+                        http::uri::Scheme::HTTP
+                    },
+                    authority: t.address.parse().ok(),
                     active_healthy: AtomicBool::new(true),
                     failures: AtomicU32::new(0),
                     ejected_until_ms: AtomicU64::new(0),
@@ -131,24 +192,34 @@ impl Upstream {
             }
             None => builder,
         };
-        let connector = match cfg.protocol {
-            UpstreamProtocol::Http1 => builder.enable_http1().wrap_connector(http),
-            UpstreamProtocol::Http2 => builder.enable_http2().wrap_connector(http),
+        let client = match cfg.protocol {
+            UpstreamProtocol::Http1 => {
+                let bases: Vec<Uri> = targets.iter().filter_map(|t| t.base.parse().ok()).collect();
+                HttpClient::Http1(Arc::new(Pool::new(
+                    builder.enable_http1().wrap_connector(http),
+                    &bases,
+                    cfg.pool.max_idle,
+                    cfg.pool.idle_timeout,
+                )))
+            }
+            UpstreamProtocol::Http2 => {
+                let mut client = Client::builder(TokioExecutor::new());
+                client
+                    .pool_max_idle_per_host(cfg.pool.max_idle)
+                    .pool_idle_timeout(cfg.pool.idle_timeout)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .http2_only(true);
+                HttpClient::Http2(Box::new(
+                    client.build(builder.enable_http2().wrap_connector(http)),
+                ))
+            }
         };
-        let mut client = Client::builder(TokioExecutor::new());
-        client
-            .pool_max_idle_per_host(cfg.pool.max_idle)
-            .pool_idle_timeout(cfg.pool.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
-        if cfg.protocol == UpstreamProtocol::Http2 {
-            client.http2_only(true);
-        }
         Ok(Arc::new(Self {
             name: cfg.name.clone(),
             config: cfg.clone(),
             targets,
-            client: client.build(connector),
+            client,
             results: RESULTS
                 .iter()
                 .map(|r| {
@@ -329,6 +400,25 @@ mod tests {
         };
         Upstream::new(&cfg, &ProxyMetrics::new(&prometheus::Registry::new()))
             .expect("upstream builds")
+    }
+
+    #[test]
+    fn request_uris_keep_path_and_query() {
+        let u = upstream(LoadBalancing::RoundRobin, &[1]);
+        let t = &u.targets[0];
+        let pq = |s: &str| s.parse::<http::uri::PathAndQuery>().expect("path");
+        let uri = |p: Option<&str>| t.uri_for(p.map(pq).as_ref()).map(|u| u.to_string()).ok();
+        assert_eq!(
+            uri(Some("/a/b?c=1&d")).as_deref(),
+            Some("http://127.0.0.1:1000/a/b?c=1&d")
+        );
+        assert_eq!(uri(None).as_deref(), Some("http://127.0.0.1:1000/"));
+        // Not origin-form: formatted and parsed whole, as before.
+        let whole = format!("{}*", t.base)
+            .parse::<Uri>()
+            .ok()
+            .map(|u| u.to_string());
+        assert_eq!(uri(Some("*")), whole);
     }
 
     #[test]
