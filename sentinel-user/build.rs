@@ -23,7 +23,14 @@ fn main() {
     );
 
     let object = match env::var_os("SENTINEL_EBPF_OBJECT") {
-        Some(path) => PathBuf::from(path),
+        Some(path) => {
+            // The object itself, not only the sources it was built from: a
+            // build with another feature set has its own copy of this
+            // script's output, which must not keep an older object.
+            let path = PathBuf::from(path);
+            println!("cargo:rerun-if-changed={}", path.display());
+            path
+        }
         None => {
             let target_dir = root.join("target").join("ebpf");
             let built = sentinel_build::toolchain()

@@ -40,7 +40,7 @@ mod testrun;
 mod xdp_filter;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, ExitCode},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -450,17 +450,12 @@ fn xdp(mut args: XdpArgs) -> Result<bool> {
     Ok(!failed)
 }
 
-fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
-    if args.quick {
-        args.duration = 2;
-        args.rounds = 1;
-        args.idle_connections = 1_000;
-    }
-    if args.rounds == 0 || args.connections == 0 || args.duration == 0 {
-        bail!("--rounds, --connections and --duration must not be zero");
-    }
-    let bin = match &args.sentinel_bin {
-        Some(bin) => bin.clone(),
+/// What the benchmarks through the daemon do first: find the `sentinel`
+/// binary, mount bpffs, clear leftovers of an earlier run, and print the
+/// report's header for `sentinel-bench NAME`.
+fn proxy_prelude(sentinel_bin: Option<&Path>, name: &str) -> Result<PathBuf> {
+    let bin = match sentinel_bin {
+        Some(bin) => bin.to_owned(),
         None => std::env::current_exe()
             .context("cannot locate this program")?
             .with_file_name("sentinel"),
@@ -479,8 +474,25 @@ fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
         Ok(command) => vec![command],
         Err(_) => std::env::args().collect(),
     };
-    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench proxy", 1);
+    let head = header(&argv).replacen(
+        "## sentinel-bench xdp",
+        &format!("## sentinel-bench {name}"),
+        1,
+    );
     println!("{head}- proxy peers: {}\n", proxy::versions());
+    Ok(bin)
+}
+
+fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
+    if args.quick {
+        args.duration = 2;
+        args.rounds = 1;
+        args.idle_connections = 1_000;
+    }
+    if args.rounds == 0 || args.connections == 0 || args.duration == 0 {
+        bail!("--rounds, --connections and --duration must not be zero");
+    }
+    let bin = proxy_prelude(args.sentinel_bin.as_deref(), "proxy")?;
     let plan = proxy::Plan {
         duration: Duration::from_secs(args.duration),
         connections: args.connections,
@@ -506,28 +518,7 @@ fn bench_agents(mut args: AgentsArgs) -> Result<bool> {
     if args.rounds == 0 || args.requests == 0 || args.rate == 0 || args.duration == 0 {
         bail!("--rounds, --requests, --rate and --duration must not be zero");
     }
-    let bin = match &args.sentinel_bin {
-        Some(bin) => bin.clone(),
-        None => std::env::current_exe()
-            .context("cannot locate this program")?
-            .with_file_name("sentinel"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it or pass --sentinel-bin",
-            bin.display()
-        );
-    }
-    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
-    for line in stale::clean() {
-        eprintln!("    removed a leftover of an earlier run: {line}");
-    }
-    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
-        Ok(command) => vec![command],
-        Err(_) => std::env::args().collect(),
-    };
-    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench agents", 1);
-    println!("{head}- proxy peers: {}\n", proxy::versions());
+    let bin = proxy_prelude(args.sentinel_bin.as_deref(), "agents")?;
     let plan = agents::Plan {
         rate: args.rate,
         requests: args.requests,
@@ -558,28 +549,7 @@ fn bench_profile(mut args: ProfileArgs) -> Result<bool> {
     if args.rounds == 0 || args.requests == 0 || args.rate == 0 || args.duration == 0 {
         bail!("--rounds, --requests, --rate and --duration must not be zero");
     }
-    let bin = match &args.sentinel_bin {
-        Some(bin) => bin.clone(),
-        None => std::env::current_exe()
-            .context("cannot locate this program")?
-            .with_file_name("sentinel"),
-    };
-    if !bin.exists() {
-        bail!(
-            "{} does not exist: build it or pass --sentinel-bin",
-            bin.display()
-        );
-    }
-    bpf::ensure_bpffs().context("cannot mount bpffs at /sys/fs/bpf")?;
-    for line in stale::clean() {
-        eprintln!("    removed a leftover of an earlier run: {line}");
-    }
-    let argv: Vec<String> = match std::env::var("SENTINEL_BENCH_COMMAND") {
-        Ok(command) => vec![command],
-        Err(_) => std::env::args().collect(),
-    };
-    let head = header(&argv).replacen("## sentinel-bench xdp", "## sentinel-bench profile", 1);
-    println!("{head}- proxy peers: {}\n", proxy::versions());
+    let bin = proxy_prelude(args.sentinel_bin.as_deref(), "profile")?;
     let plan = profile::Plan {
         rate: args.rate,
         requests: args.requests,

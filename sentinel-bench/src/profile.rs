@@ -15,11 +15,10 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::{
     agents::{self, Run},
@@ -68,19 +67,8 @@ fn blocks(upstream_port: u16, mode: &str, store: &Path) -> String {
 
 /// One wrk run against `url` with a browser User-Agent.
 fn wrk(url: &str, plan: &proxy::Plan) -> Result<WrkResult> {
-    let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{}", plan.connections)])
-        .arg(format!("-d{}s", plan.duration.as_secs().max(1)))
-        .args(["-H", &format!("User-Agent: {USER_AGENT}")])
-        .arg("--latency")
-        .arg(url)
-        .output()
-        .context("cannot run wrk (is it installed?)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    proxy::parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
+    let user_agent = format!("User-Agent: {USER_AGENT}");
+    proxy::wrk_with(url, plan, &["-H", &user_agent])
 }
 
 /// The daemon's `sentinel_profile_records_stored_total`.

@@ -176,9 +176,15 @@ pub struct WrkResult {
 }
 
 pub(crate) fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
+    wrk_with(url, plan, &[])
+}
+
+/// [`wrk`] with `extra` arguments (e.g. `-H "User-Agent: ..."`).
+pub(crate) fn wrk_with(url: &str, plan: &Plan, extra: &[&str]) -> Result<WrkResult> {
     let out = Command::new("wrk")
         .args(["-t1", &format!("-c{}", plan.connections)])
         .arg(format!("-d{}s", plan.duration.as_secs().max(1)))
+        .args(extra)
         .arg("--latency")
         .arg(url)
         .output()
@@ -190,7 +196,7 @@ pub(crate) fn wrk(url: &str, plan: &Plan) -> Result<WrkResult> {
     parse_wrk(&text).with_context(|| format!("cannot read wrk's output:\n{text}"))
 }
 
-pub(crate) fn parse_wrk(text: &str) -> Option<WrkResult> {
+fn parse_wrk(text: &str) -> Option<WrkResult> {
     let rps = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?

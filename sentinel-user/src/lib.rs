@@ -11,6 +11,7 @@ pub mod agents;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod form;
 pub mod inspect;
 pub mod kernel;
 pub mod metrics;

@@ -26,6 +26,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     config::{MetadataConfig, ProfileMode},
+    form::{pairs as form_pairs, percent_decode},
     profile::{
         multipart::{self, MultipartObserver},
         store::{Record, StoreHandle},
@@ -316,44 +317,6 @@ fn host_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "sentinel".to_owned())
-}
-
-/// `a=1&b=x%20y` as decoded pairs.
-fn form_pairs(text: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    text.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(name), percent_decode(value))
-    })
-}
-
-fn percent_decode(text: &str) -> String {
-    fn digit(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(h), Some(l)) => digit(*h).zip(digit(*l)).map(|(h, l)| h << 4 | l),
-            _ => None,
-        };
-        match (decoded, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What the request body showed as it streamed past.
