@@ -1,6 +1,7 @@
 //! From an agent's verdict to the kernel: an answer's `kernel_push` asks
-//! for the client to be denied in XDP (or, later, watched), and is applied
-//! only within the agent's `kernel-push { ... }` limits.
+//! for the client to be denied in XDP or watched (its connections steered
+//! to the quarantine listener), and is applied only within the agent's
+//! `kernel-push { ... }` limits, the same for both actions.
 //!
 //! The guards, in order: the agent's configuration allows pushes; the
 //! prefix parses, contains the client's address and is no broader than
@@ -39,6 +40,19 @@ pub trait KernelBridge: Send + Sync {
         source: &str,
         reason: &str,
     ) -> Result<bool, String>;
+
+    /// Adds or extends a watchlist entry written by `source`, with the same
+    /// rule about operators' entries as [`Self::deny`]. `Ok(None)` when no
+    /// quarantine listener is configured, so a watch would steer nothing.
+    fn watch(
+        &self,
+        _prefix: &IpNet,
+        _ttl: Duration,
+        _source: &str,
+        _reason: &str,
+    ) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
 }
 
 /// The `result` label of `sentinel_kernel_push_total`.
@@ -52,7 +66,7 @@ pub enum PushResult {
     RefusedAllowlisted,
     /// An operator's entry for the same prefix exists.
     RefusedExisting,
-    /// `watch` needs connection steering, not configured.
+    /// `watch` needs a quarantine listener, and none is configured.
     Unsupported,
     Error,
 }
@@ -162,10 +176,10 @@ pub async fn apply(
     client: IpAddr,
     enforce: bool,
 ) -> PushResult {
-    let result = match (push.action, bridge) {
-        (KernelAction::Watch, _) => PushResult::Unsupported,
-        (KernelAction::Deny, None) => PushResult::Error,
-        (KernelAction::Deny, Some(bridge)) => match check(push, limits, client) {
+    let action = push.action;
+    let result = match bridge {
+        None => PushResult::Error,
+        Some(bridge) => match check(push, limits, client) {
             Err(refused) => refused,
             Ok(checked) => {
                 let source = format!("agent:{agent}");
@@ -177,15 +191,20 @@ pub async fn apply(
                     if !enforced {
                         return (PushResult::WouldApply, checked);
                     }
-                    let r =
-                        match bridge.deny(&checked.prefix, checked.ttl, &source, &checked.reason) {
-                            Ok(true) => PushResult::Applied,
-                            Ok(false) => PushResult::RefusedExisting,
-                            Err(e) => {
-                                warn!(%e, prefix = %checked.prefix, "kernel push failed");
-                                PushResult::Error
-                            }
-                        };
+                    let (prefix, ttl, reason) = (&checked.prefix, checked.ttl, &checked.reason);
+                    let outcome = match action {
+                        KernelAction::Deny => bridge.deny(prefix, ttl, &source, reason).map(Some),
+                        KernelAction::Watch => bridge.watch(prefix, ttl, &source, reason),
+                    };
+                    let r = match outcome {
+                        Ok(Some(true)) => PushResult::Applied,
+                        Ok(Some(false)) => PushResult::RefusedExisting,
+                        Ok(None) => PushResult::Unsupported,
+                        Err(e) => {
+                            warn!(%e, prefix = %checked.prefix, "kernel push failed");
+                            PushResult::Error
+                        }
+                    };
                     (r, checked)
                 })
                 .await;
@@ -198,7 +217,11 @@ pub async fn apply(
                                 ttl_secs = checked.ttl.as_secs(),
                                 reason = %checked.reason,
                                 result = r.label(),
-                                "kernel deny pushed by an agent"
+                                action = match action {
+                                    KernelAction::Deny => "deny",
+                                    KernelAction::Watch => "watch",
+                                },
+                                "kernel push by an agent"
                             );
                         }
                         r

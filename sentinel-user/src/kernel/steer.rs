@@ -7,14 +7,15 @@
 //! kernel's own socket lookup is back exactly as before.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
-    net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
 use aya::{
     Ebpf,
-    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, SockMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, SockMap, lpm_trie::Key},
     programs::{ProgramError, SkLookup, sk_lookup::SkLookupLinkId},
 };
 use ipnet::IpNet;
@@ -183,6 +184,41 @@ pub struct Steering {
     quarantine: u32,
     populated: u32,
     attached: bool,
+    /// Which listener each slot holds, by name (stable across reloads, so
+    /// that a flip never sends a connection to another listener's slot).
+    slots: BTreeMap<String, u32>,
+}
+
+/// A listener as [`Steering::plan`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanListener<'a> {
+    pub name: &'a str,
+    pub bound: SocketAddr,
+    pub quarantine: bool,
+}
+
+/// A configured rule, by listener name.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanRule<'a> {
+    pub listener: &'a str,
+    pub prefix: IpNet,
+    pub ports: (u16, u16),
+    pub protocol: SteerProtocol,
+}
+
+/// What [`Steering::plan`] decided: the kernel rules, the quarantine
+/// listener and whether anything is steered at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// (listener, prefix, ports, protocol), listener by name.
+    pub targets: Vec<(String, IpNet, (u16, u16), SteerProtocol)>,
+    pub quarantine: Option<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> KernelError {
@@ -209,6 +245,7 @@ impl Steering {
             quarantine: NO_SLOT,
             populated: 0,
             attached: false,
+            slots: BTreeMap::new(),
         };
         // The watchlist is pinned and may hold entries from a previous run.
         steering.refresh_populated()?;
@@ -468,6 +505,165 @@ impl Steering {
 
     pub fn is_attached(&self) -> bool {
         self.attached
+    }
+
+    /// Whether a quarantine listener is steered to: only then does a
+    /// watchlist entry change where connections land.
+    pub fn quarantines(&self) -> bool {
+        self.attached && self.quarantine != NO_SLOT
+    }
+
+    /// The kernel rules for `rules` and `listeners`. With a quarantine
+    /// listener, each other listener's own address and port is a rule too,
+    /// so that watchlisted sources are quarantined whether they come
+    /// through a steered address or straight to a listener. Nothing else
+    /// is added: what no rule and no listener names is never steered.
+    pub fn plan(rules: &[PlanRule<'_>], listeners: &[PlanListener<'_>]) -> Plan {
+        let quarantine = listeners
+            .iter()
+            .find(|l| l.quarantine)
+            .map(|l| l.name.to_owned());
+        let mut targets: Vec<_> = rules
+            .iter()
+            .filter(|r| listeners.iter().any(|l| l.name == r.listener))
+            .map(|r| (r.listener.to_owned(), r.prefix, r.ports, r.protocol))
+            .collect();
+        if quarantine.is_some() {
+            for l in listeners.iter().filter(|l| !l.quarantine) {
+                let ip = l.bound.ip();
+                let prefix = if ip.is_unspecified() {
+                    IpNet::new(ip, 0)
+                } else {
+                    IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 })
+                };
+                if let Ok(prefix) = prefix {
+                    let port = l.bound.port();
+                    targets.push((l.name.to_owned(), prefix, (port, port), SteerProtocol::Tcp));
+                }
+            }
+        }
+        if targets.is_empty() {
+            return Plan {
+                targets,
+                quarantine: None,
+            };
+        }
+        Plan {
+            targets,
+            quarantine,
+        }
+    }
+
+    /// Makes the kernel steer as `plan` says, with the listeners' sockets
+    /// `sockets` (by name). Sockets go in first, then the rules flip, then
+    /// slots no longer used are emptied: no connection is ever sent to a
+    /// slot that holds another listener.
+    pub fn apply(
+        &mut self,
+        plan: &Plan,
+        sockets: &[(&str, BorrowedFd<'_>)],
+    ) -> Result<(), KernelError> {
+        let wanted: Vec<&str> = plan
+            .targets
+            .iter()
+            .map(|t| t.0.as_str())
+            .chain(plan.quarantine.as_deref())
+            .collect();
+        let mut assigned = self.slots.clone();
+        assigned.retain(|name, _| wanted.contains(&name.as_str()));
+        for name in &wanted {
+            if assigned.contains_key(*name) {
+                continue;
+            }
+            let free = (0..MAX_SLOTS).find(|s| !assigned.values().any(|v| v == s));
+            let Some(slot) = free else {
+                return Err(KernelError::SteerSlot {
+                    slot: MAX_SLOTS,
+                    max: MAX_SLOTS,
+                });
+            };
+            // A reused slot starts its counters again from zero.
+            self.reset_stats(slot)?;
+            assigned.insert((*name).to_owned(), slot);
+        }
+        for (name, slot) in &assigned {
+            if let Some((_, fd)) = sockets.iter().find(|(n, _)| n == name) {
+                self.set_socket(*slot, fd)?;
+            }
+        }
+        let targets: Vec<SteerTarget> = plan
+            .targets
+            .iter()
+            .filter_map(|(name, prefix, ports, protocol)| {
+                Some(SteerTarget {
+                    prefix: *prefix,
+                    ports: *ports,
+                    protocol: *protocol,
+                    slot: *assigned.get(name)?,
+                })
+            })
+            .collect();
+        let quarantine = plan
+            .quarantine
+            .as_ref()
+            .and_then(|q| assigned.get(q).copied());
+        self.set_rules(&targets, quarantine)?;
+        let freed: Vec<u32> = self
+            .slots
+            .values()
+            .filter(|slot| !assigned.values().any(|v| v == *slot))
+            .copied()
+            .collect();
+        for slot in freed {
+            self.clear_socket(slot)?;
+        }
+        self.slots = assigned;
+        Ok(())
+    }
+
+    fn reset_stats(&mut self, slot: u32) -> Result<(), KernelError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, io_error)| KernelError::OtherMap {
+            name: maps::STEER_STATS,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "nr_cpus",
+                io_error,
+            }),
+        })?;
+        for why in 0..steer::reason::COUNT {
+            let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(|io_error| {
+                KernelError::OtherMap {
+                    name: maps::STEER_STATS,
+                    source: MapError::SyscallError(aya::sys::SyscallError {
+                        call: "per-cpu values",
+                        io_error,
+                    }),
+                }
+            })?;
+            self.stats
+                .set(slot * steer::reason::COUNT + why, zeros, 0)
+                .map_err(map_err(maps::STEER_STATS))?;
+        }
+        Ok(())
+    }
+
+    /// Steering counters by listener name (slots of listeners no longer
+    /// steered to are left out).
+    pub fn listener_stats(&self) -> Vec<(String, SlotStats)> {
+        let stats = self.stats();
+        self.slots
+            .iter()
+            .map(|(name, slot)| {
+                let s = stats
+                    .iter()
+                    .find(|s| s.slot == *slot)
+                    .copied()
+                    .unwrap_or(SlotStats {
+                        slot: *slot,
+                        ..SlotStats::default()
+                    });
+                (name.clone(), s)
+            })
+            .collect()
     }
 }
 
