@@ -338,4 +338,100 @@ mod tests {
         assert!(c.reason.len() <= sentinel_common::REASON_LEN);
         assert!(c.reason.chars().all(|ch| ch == 'é'));
     }
+
+    /// Records what it was asked; `steering` says whether a quarantine
+    /// listener exists.
+    struct Recorder {
+        steering: bool,
+        calls: std::sync::Mutex<Vec<(&'static str, IpNet)>>,
+    }
+
+    impl KernelBridge for Recorder {
+        fn allowlisted(&self, _ip: IpAddr, _prefix: &IpNet) -> bool {
+            false
+        }
+        fn deny(&self, prefix: &IpNet, _: Duration, _: &str, _: &str) -> Result<bool, String> {
+            self.calls.lock().unwrap().push(("deny", *prefix));
+            Ok(true)
+        }
+        fn watch(
+            &self,
+            prefix: &IpNet,
+            _: Duration,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<bool>, String> {
+            if !self.steering {
+                return Ok(None);
+            }
+            self.calls.lock().unwrap().push(("watch", *prefix));
+            Ok(Some(true))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn watch_pushes_go_to_the_watchlist_under_the_same_guards() {
+        let metrics = AgentMetrics::new(&prometheus::Registry::new());
+        let mut watch = push(None, Some(60));
+        watch.action = KernelAction::Watch;
+        for (steering, want) in [
+            (true, PushResult::Applied),
+            (false, PushResult::Unsupported),
+        ] {
+            let bridge = Arc::new(Recorder {
+                steering,
+                calls: Default::default(),
+            });
+            let limits = limits();
+            let got = apply(
+                Some(bridge.clone() as Arc<dyn KernelBridge>),
+                &metrics,
+                "waf",
+                Some(&limits),
+                &watch,
+                client(),
+                true,
+            )
+            .await;
+            assert_eq!(got, want);
+            let calls = bridge.calls.lock().unwrap().clone();
+            if steering {
+                assert_eq!(calls, vec![("watch", IpNet::from(client()))]);
+            } else {
+                assert!(calls.is_empty());
+            }
+        }
+        // The prefix guard applies to watch as to deny.
+        let mut broad = push(Some("0.0.0.0/0"), None);
+        broad.action = KernelAction::Watch;
+        let bridge = Arc::new(Recorder {
+            steering: true,
+            calls: Default::default(),
+        });
+        let limits = limits();
+        let got = apply(
+            Some(bridge.clone() as Arc<dyn KernelBridge>),
+            &metrics,
+            "waf",
+            Some(&limits),
+            &broad,
+            client(),
+            true,
+        )
+        .await;
+        assert_eq!(got, PushResult::RefusedPrefix);
+        assert!(bridge.calls.lock().unwrap().is_empty());
+        // Without kernel-push in the agent's configuration: refused.
+        let got = apply(
+            Some(bridge.clone() as Arc<dyn KernelBridge>),
+            &metrics,
+            "waf",
+            None,
+            &watch,
+            client(),
+            true,
+        )
+        .await;
+        assert_eq!(got, PushResult::RefusedNotAllowed);
+    }
 }

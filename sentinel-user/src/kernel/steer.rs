@@ -787,3 +787,6 @@ pub fn socket_cookie<S: AsRawFd>(socket: &S) -> std::io::Result<u64> {
     }
     Ok(cookie)
 }
+
+#[cfg(test)]
+mod tests;
