@@ -18,6 +18,7 @@ use core::mem::size_of;
 pub const LAYOUT_VERSION: u32 = 3;
 
 pub mod prefix;
+pub mod steer;
 
 /// Names of the maps in the eBPF object. Userspace pins the shared ones under
 /// the configured pin path with these names (kernel map names are at most
@@ -47,12 +48,23 @@ pub mod maps {
     pub const DENY_HOST_V4: &str = "DENY_HOST_V4";
     pub const DENY_HOST_V6: &str = "DENY_HOST_V6";
     pub const PORT_POLICY: &str = "PORT_POLICY";
+    /// Watchlist of suspect sources (LPM tries), read by the `sk_lookup`
+    /// program ([`crate::steer`]).
+    pub const WATCH_V4: &str = "WATCH_V4";
+    pub const WATCH_V6: &str = "WATCH_V6";
+    /// Steering rules, listener sockets, metadata and counters of the
+    /// `sk_lookup` program: owned by one daemon run, never pinned (a pinned
+    /// socket map would keep a stopped daemon's listeners alive).
+    pub const STEER_RULES: &str = "STEER_RULES";
+    pub const STEER_SOCKETS: &str = "STEER_SOCKETS";
+    pub const STEER_META: &str = "STEER_META";
+    pub const STEER_STATS: &str = "STEER_STATS";
     pub const META: &str = "SENTINEL_META";
     /// Per-CPU counters; one instance per attached interface, never pinned.
     pub const STATS: &str = "XDP_STATS";
 
     /// Maps shared by every program instance and kept across restarts.
-    pub const PINNED: [&str; 16] = [
+    pub const PINNED: [&str; 18] = [
         ALLOW_V4_DIRECT,
         ALLOW_V4_RULES,
         ALLOW_V4_LONG,
@@ -69,6 +81,8 @@ pub mod maps {
         DENY_HOST_V6,
         PORT_POLICY,
         META,
+        WATCH_V4,
+        WATCH_V6,
     ];
 }
 
@@ -241,4 +255,6 @@ mod pod {
     unsafe impl aya::Pod for super::prefix::PrefixRule4 {}
     unsafe impl aya::Pod for super::prefix::LongKey4 {}
     unsafe impl aya::Pod for super::prefix::PrefixKey6 {}
+    unsafe impl aya::Pod for super::steer::SteerRule {}
+    unsafe impl aya::Pod for super::steer::SteerMeta {}
 }

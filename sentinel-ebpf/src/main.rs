@@ -22,6 +22,9 @@
 //! nanoseconds (`bpf_ktime_get_coarse_ns`), which userspace reads with
 //! `clock_gettime`.
 //!
+//! The `sk_lookup` program that steers connections to listeners is in
+//! [`steer`].
+//!
 //! This file parses frames; the address verdicts are in [`v4`] and [`v6`]
 //! (host maps, then the prefix indexes of `sentinel_common::prefix`), the
 //! maps in [`maps`], and what the lookups share in [`lookup`].
@@ -41,6 +44,7 @@ use maps::{PORT_POLICY, XDP_STATS};
 
 mod lookup;
 mod maps;
+mod steer;
 mod v4;
 mod v6;
 

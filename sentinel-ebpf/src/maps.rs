@@ -6,13 +6,14 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
 };
 use sentinel_common::{
     Counters, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES,
     DEFAULT_DENY_V6_ENTRIES, Meta, PORT_POLICY_ENTRIES, PortVerdict, RuleValue,
     prefix::{LongKey4, PrefixKey6, PrefixRule4, direct, filter},
     reason,
+    steer::{self, DEFAULT_WATCH_ENTRIES, SteerMeta, SteerRule},
 };
 
 // Host entries (/32, /128) live in hash maps: one lookup, whatever their
@@ -99,3 +100,28 @@ pub(crate) static SENTINEL_META: Array<Meta> = Array::with_max_entries(1, 0);
 #[map(name = "XDP_STATS")]
 pub(crate) static XDP_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+// Steering (`steer.rs`). The watchlist is pinned with the other lists; the
+// rest belongs to one daemon run. LPM tries are never preallocated (aya adds
+// BPF_F_NO_PREALLOC, which the kernel requires for them).
+
+#[map(name = "WATCH_V4")]
+pub(crate) static WATCH_V4: LpmTrie<[u8; 4], RuleValue> =
+    LpmTrie::with_max_entries(DEFAULT_WATCH_ENTRIES, 0);
+
+#[map(name = "WATCH_V6")]
+pub(crate) static WATCH_V6: LpmTrie<[u8; 16], RuleValue> =
+    LpmTrie::with_max_entries(DEFAULT_WATCH_ENTRIES, 0);
+
+#[map(name = "STEER_RULES")]
+pub(crate) static STEER_RULES: Array<SteerRule> = Array::with_max_entries(steer::RULE_ENTRIES, 0);
+
+#[map(name = "STEER_SOCKETS")]
+pub(crate) static STEER_SOCKETS: SockMap = SockMap::with_max_entries(steer::MAX_SLOTS, 0);
+
+#[map(name = "STEER_META")]
+pub(crate) static STEER_META: Array<SteerMeta> = Array::with_max_entries(1, 0);
+
+#[map(name = "STEER_STATS")]
+pub(crate) static STEER_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(steer::STATS_ENTRIES, 0);

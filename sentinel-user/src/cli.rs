@@ -62,6 +62,10 @@ pub enum Command {
     /// Manage the kernel allowlist (checked before the denylist).
     #[command(subcommand)]
     Allow(ListCommand),
+    /// Manage the watchlist: sources whose connections go to the
+    /// quarantine listener.
+    #[command(subcommand)]
+    Watch(WatchCommand),
     /// Show the XDP counters per interface.
     Stats {
         #[arg(long)]
@@ -94,6 +98,22 @@ pub enum ListCommand {
         file: PathBuf,
         #[command(flatten)]
         rule: RuleArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WatchCommand {
+    /// Add a prefix (or replace its entry).
+    Add(AddArgs),
+    /// Remove a prefix.
+    Remove {
+        /// CIDR prefix, e.g. 192.0.2.0/24 or 2001:db8::/32.
+        cidr: String,
+    },
+    /// List entries, with their hits.
+    List {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -138,6 +158,7 @@ pub fn client_command(cli: &Cli, command: &Command) -> anyhow::Result<()> {
         }
         Command::Deny(cmd) => list_command(cli, RuleList::Deny, cmd),
         Command::Allow(cmd) => list_command(cli, RuleList::Allow, cmd),
+        Command::Watch(cmd) => watch_command(cli, cmd),
         Command::Stats { json } => {
             let stats: Stats = connect(cli)?.call(&Request::Stats {})?;
             print_stats(&stats, *json)
@@ -220,6 +241,41 @@ fn list_command(cli: &Cli, list: RuleList, cmd: &ListCommand) -> anyhow::Result<
             print_entries(&entries, *json)
         }
         ListCommand::Import { file, rule } => import(cli, list, file, rule),
+    }
+}
+
+fn watch_command(cli: &Cli, cmd: &WatchCommand) -> anyhow::Result<()> {
+    // Checked as the daemon checks them (see admin/watch.rs).
+    let check = |cidr: &str| validate_prefix(cidr, RuleList::Allow);
+    match cmd {
+        WatchCommand::Add(args) => {
+            let prefix = check(&args.cidr)?;
+            let ttl_ms = args.rule.ttl_ms()?;
+            check_reason(args.rule.reason.as_deref())?;
+            let added: Added = connect(cli)?.call(&Request::WatchAdd {
+                prefix: prefix.to_string(),
+                ttl_ms,
+                reason: args.rule.reason.clone(),
+            })?;
+            let verb = if added.created { "added" } else { "replaced" };
+            match added.ttl_seconds {
+                Some(s) => println!("{verb} {} in the watchlist for {}", added.prefix, human(s)),
+                None => println!("{verb} {} in the watchlist (no expiry)", added.prefix),
+            }
+            Ok(())
+        }
+        WatchCommand::Remove { cidr } => {
+            let prefix = check(cidr)?;
+            let _: serde_json::Value = connect(cli)?.call(&Request::WatchRemove {
+                prefix: prefix.to_string(),
+            })?;
+            println!("removed {prefix} from the watchlist");
+            Ok(())
+        }
+        WatchCommand::List { json } => {
+            let entries: Vec<Entry> = connect(cli)?.call(&Request::WatchList {})?;
+            print_entries(&entries, *json)
+        }
     }
 }
 

@@ -99,6 +99,16 @@ impl State {
 pub const SOURCE_AGENT: &str = "agent";
 
 impl KernelBridge for State {
+    fn watch(
+        &self,
+        prefix: &ipnet::IpNet,
+        ttl: Duration,
+        source: &str,
+        reason: &str,
+    ) -> Result<Option<bool>, String> {
+        self.watch_push(prefix, ttl, source, reason)
+    }
+
     fn allowlisted(&self, ip: std::net::IpAddr, prefix: &ipnet::IpNet) -> bool {
         let kernel = self.lock_kernel();
         let now = clock::now_ns();
@@ -164,6 +174,37 @@ impl KernelBridge for State {
     }
 }
 
+impl State {
+    fn watch_push(
+        &self,
+        prefix: &ipnet::IpNet,
+        ttl: Duration,
+        source: &str,
+        reason: &str,
+    ) -> Result<Option<bool>, String> {
+        let ttl = ttl.min(self.ttl_policy().max);
+        let mut kernel = self.lock_kernel();
+        if !kernel.steering.quarantines() {
+            return Ok(None);
+        }
+        if let Ok(Some(existing)) = kernel.steering.watch_get(prefix)
+            && !crate::kernel::rules::text(&existing.source).starts_with("agent:")
+        {
+            return Ok(Some(false));
+        }
+        let rule = crate::kernel::NewRule {
+            ttl: Some(ttl),
+            source: source.to_owned(),
+            reason: reason.to_owned(),
+        };
+        kernel
+            .steering
+            .watch_upsert(prefix, &rule)
+            .map(|_| Some(true))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Applies the parts of the `kernel` block that can change at run time.
 fn apply_kernel_config(state: &State, cfg: &KernelConfig) -> anyhow::Result<()> {
     *state.ttl.write().unwrap_or_else(|p| p.into_inner()) = TtlPolicy::from_config(cfg);
@@ -211,6 +252,55 @@ fn apply_kernel_config(state: &State, cfg: &KernelConfig) -> anyhow::Result<()> 
         .write()
         .unwrap_or_else(|p| p.into_inner())
         .interfaces = interfaces;
+    Ok(())
+}
+
+/// Steers as `config` says: the rules of `kernel.steering` and the
+/// quarantine listener, with the proxy's listening sockets. Attaches the
+/// sk_lookup program when something is steered, detaches it otherwise.
+fn apply_steering(state: &State, config: &Config, proxy: &Proxy) -> anyhow::Result<()> {
+    use crate::kernel::steer::{PlanListener, PlanRule, Steering};
+    let sockets = proxy.sockets();
+    let listeners: Vec<PlanListener<'_>> = sockets
+        .iter()
+        .map(|s| PlanListener {
+            name: s.name,
+            bound: s.bound,
+            quarantine: config
+                .listeners
+                .iter()
+                .any(|l| l.name == s.name && l.quarantine),
+        })
+        .collect();
+    let rules: Vec<PlanRule<'_>> = config
+        .kernel
+        .steering
+        .iter()
+        .map(|r| PlanRule {
+            listener: &r.listener,
+            prefix: r.prefix,
+            ports: r.ports,
+            protocol: r.protocol,
+        })
+        .collect();
+    let plan = Steering::plan(&rules, &listeners);
+    let fds: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+        sockets.iter().map(|s| (s.name, s.socket)).collect();
+    let mut kernel = state.lock_kernel();
+    kernel
+        .steering
+        .apply(&plan, &fds)
+        .context("cannot apply the steering rules")?;
+    if plan.is_empty() {
+        kernel.detach_steering();
+    } else {
+        kernel.attach_steering()?;
+    }
+    info!(
+        rules = plan.targets.len(),
+        quarantine = plan.quarantine.as_deref().unwrap_or("none"),
+        "steering applied"
+    );
     Ok(())
 }
 
@@ -274,6 +364,7 @@ async fn start(
     };
     let mut proxy = Proxy::start(config, deps).await?;
     state.set_listeners(proxy.bound());
+    tokio::task::block_in_place(|| apply_steering(&state, config, &proxy))?;
 
     let admin_path = config.admin.socket.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -316,6 +407,9 @@ async fn start(
         }
     }
 
+    // Steering goes first: from here on every connection reaches the
+    // socket the kernel would have picked without Sentinel.
+    state.lock_kernel().detach_steering();
     info!(
         deadline_secs = running.system.graceful_shutdown_timeout.as_secs_f64(),
         "shutting down: draining in-flight requests"
@@ -365,7 +459,11 @@ async fn reload(state: &State, proxy: &mut Proxy, path: &Path, running: &Config)
     if config.system.worker_threads != running.system.worker_threads {
         warn!("system.worker-threads takes effect at the next start");
     }
-    match tokio::task::block_in_place(|| apply_kernel_config(state, &config.kernel)) {
+    let applied = tokio::task::block_in_place(|| {
+        apply_kernel_config(state, &config.kernel)?;
+        apply_steering(state, &config, proxy)
+    });
+    match applied {
         Ok(()) => info!("configuration reloaded"),
         Err(e) => error!("configuration reload failed part way: {e:#}"),
     }
@@ -384,9 +482,19 @@ async fn reaper(state: Arc<State>, every: Duration, mut shutdown: watch::Receive
         let state = state.clone();
         let reaped = tokio::task::spawn_blocking(move || {
             let mut kernel = state.lock_kernel();
-            let result = kernel.tables.reap(clock::now_ns());
+            let now = clock::now_ns();
+            let result = kernel.tables.reap(now);
+            let watch = kernel.steering.watch_reap(now);
             state.metrics.set_entries(&kernel.tables);
             drop(kernel);
+            match watch {
+                Ok(reaped) => {
+                    for prefix in &reaped {
+                        info!(list = "watchlist", %prefix, "expired entry removed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "reaping expired watchlist entries failed"),
+            }
             match result {
                 Ok(reaped) => {
                     for (list, prefix) in &reaped {

@@ -102,10 +102,16 @@ impl Metrics {
         }
     }
 
-    /// Registers the scrape-time reader of the XDP counters.
+    /// Registers the scrape-time readers of the XDP and steering counters.
     pub fn register_kernel(&self, kernel: Arc<Mutex<Kernel>>) {
         self.registry
-            .register(Box::new(XdpCollector::new(kernel)))
+            .register(Box::new(XdpCollector::new(kernel.clone())))
+            .expect(STATIC);
+        self.registry
+            .register(Box::new(SteeringCollector {
+                kernel,
+                connections: SteeringCollector::family(),
+            }))
             .expect(STATIC);
     }
 
@@ -290,6 +296,53 @@ impl Collector for XdpCollector {
         let mut families = packets.collect();
         families.extend(bytes.collect());
         families
+    }
+}
+
+/// Reads the sk_lookup program's per-slot counters at scrape time.
+struct SteeringCollector {
+    kernel: Arc<Mutex<Kernel>>,
+    connections: IntCounterVec,
+}
+
+impl SteeringCollector {
+    fn family() -> IntCounterVec {
+        IntCounterVec::new(
+            Opts::new(
+                "sentinel_steering_total",
+                "Connections the sk_lookup program steered, by listener and reason (rule, watchlist, no_socket)",
+            ),
+            &["listener", "reason"],
+        )
+        .expect(STATIC)
+    }
+}
+
+impl Collector for SteeringCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.connections.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let stats = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .steering
+            .listener_stats();
+        let connections = Self::family();
+        for (listener, s) in &stats {
+            for (reason, n) in [
+                ("rule", s.rule),
+                ("watchlist", s.watchlist),
+                ("no_socket", s.no_socket),
+            ] {
+                connections
+                    .with_label_values(&[listener.as_str(), reason])
+                    .inc_by(n);
+            }
+        }
+        connections.collect()
     }
 }
 

@@ -130,6 +130,10 @@ pub struct DaemonConfig {
     /// Top-level blocks appended to the file: `system`, `listeners`,
     /// `routes`, `upstreams`, `limits`.
     pub blocks: String,
+    /// Run the daemon in this network namespace (its file under
+    /// /run/netns) instead of the test's: what it attaches to its own
+    /// namespace (sk_lookup steering) then stays inside the test's.
+    pub netns: Option<PathBuf>,
 }
 
 impl DaemonConfig {
@@ -156,6 +160,12 @@ impl DaemonConfig {
         self
     }
 
+    /// Runs the daemon inside the namespace at `path`.
+    pub fn in_netns(mut self, path: PathBuf) -> Self {
+        self.netns = Some(path);
+        self
+    }
+
     /// With the top-level `blocks` appended to the file.
     pub fn with_blocks(mut self, blocks: &str) -> Self {
         self.blocks.push_str(blocks);
@@ -172,6 +182,7 @@ pub struct Daemon {
     pub pin_path: PathBuf,
     log_path: PathBuf,
     metrics_address: Option<SocketAddr>,
+    netns: Option<PathBuf>,
     // Last: removed after everything inside it is done with.
     dir: TempDir,
 }
@@ -229,6 +240,7 @@ impl Daemon {
             admin_socket,
             pin_path,
             metrics_address: None,
+            netns: config.netns.clone(),
             dir,
         };
         daemon.spawn();
@@ -243,7 +255,23 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", self.log_path.display()));
-        let child = Command::new(bin())
+        let mut command = Command::new(bin());
+        if let Some(path) = &self.netns {
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            let ns =
+                File::open(path).unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+            // SAFETY: setns is async-signal-safe; the closure touches only
+            // the descriptor, which outlives the spawn below.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

@@ -225,6 +225,11 @@ impl NetNs {
         }
     }
 
+    /// The namespace's file (`/run/netns/<name>`), for `setns`.
+    pub fn path(&self) -> PathBuf {
+        netns_path(&self.name)
+    }
+
     /// Runs `f` on a thread that has joined this namespace: sockets it
     /// creates belong to the namespace. A panic in `f` is re-raised here.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

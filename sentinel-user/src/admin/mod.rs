@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod server;
+mod watch;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -45,6 +46,19 @@ pub enum Request {
     List {
         list: RuleList,
     },
+    /// Add or replace a watchlist entry: its connections go to the
+    /// quarantine listener.
+    WatchAdd {
+        prefix: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    WatchRemove {
+        prefix: String,
+    },
+    WatchList {},
     /// Kernel counters per interface.
     Stats {},
     /// What the daemon runs with: version, pin path, metrics address,

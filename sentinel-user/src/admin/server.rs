@@ -147,7 +147,7 @@ async fn write_response(
     write.write_all(&bytes).await
 }
 
-fn failure(error: impl Into<String>) -> Response {
+pub(super) fn failure(error: impl Into<String>) -> Response {
     Response {
         ok: false,
         error: Some(error.into()),
@@ -155,7 +155,7 @@ fn failure(error: impl Into<String>) -> Response {
     }
 }
 
-fn success(result: impl serde::Serialize) -> Response {
+pub(super) fn success(result: impl serde::Serialize) -> Response {
     match serde_json::value::to_raw_value(&result) {
         Ok(value) => Response {
             ok: true,
@@ -168,7 +168,7 @@ fn success(result: impl serde::Serialize) -> Response {
 
 /// The TTL to apply: the requested one checked against the maximum, or the
 /// configured default.
-fn ttl(state: &State, ttl_ms: Option<u64>) -> Result<Option<Duration>, InputError> {
+pub(super) fn ttl(state: &State, ttl_ms: Option<u64>) -> Result<Option<Duration>, InputError> {
     let policy = state.ttl_policy();
     match ttl_ms {
         Some(ms) => {
@@ -198,6 +198,13 @@ pub fn handle(state: &State, request: Request) -> Response {
         } => import(state, list, &prefixes, ttl_ms, reason),
         Request::Remove { list, prefix } => remove(state, list, &prefix),
         Request::List { list } => entries(state, list),
+        Request::WatchAdd {
+            prefix,
+            ttl_ms,
+            reason,
+        } => super::watch::add(state, &prefix, ttl_ms, reason),
+        Request::WatchRemove { prefix } => super::watch::remove(state, &prefix),
+        Request::WatchList {} => super::watch::list(state),
         Request::Status {} => success(
             state
                 .status
@@ -367,24 +374,28 @@ fn entries(state: &State, list: RuleList) -> Response {
             entries
                 .into_iter()
                 .filter(|(_, v)| !v.is_expired(now))
-                .map(|(prefix, v)| Entry {
-                    prefix,
-                    source: rules::text(&v.source),
-                    reason: rules::text(&v.reason),
-                    ttl_remaining_seconds: (v.expires_at_ns != 0)
-                        .then(|| v.expires_at_ns.saturating_sub(now) as f64 / 1e9),
-                    hits: v.hits,
-                    last_hit: (v.last_hit_ns != 0).then(|| {
-                        humantime::format_rfc3339_seconds(clock::to_wall(v.last_hit_ns)).to_string()
-                    }),
-                    created: humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + Duration::from_secs(v.created_at_unix_s),
-                    )
-                    .to_string(),
-                })
+                .map(|(prefix, v)| entry(prefix, &v, now))
                 .collect::<Vec<_>>()
         }),
         Err(error) => failure(error.to_string()),
+    }
+}
+
+/// How `list` shows one entry, live at `now` (`CLOCK_MONOTONIC_COARSE`).
+pub(super) fn entry(prefix: IpNet, v: &sentinel_common::RuleValue, now: u64) -> Entry {
+    Entry {
+        prefix,
+        source: rules::text(&v.source),
+        reason: rules::text(&v.reason),
+        ttl_remaining_seconds: (v.expires_at_ns != 0)
+            .then(|| v.expires_at_ns.saturating_sub(now) as f64 / 1e9),
+        hits: v.hits,
+        last_hit: (v.last_hit_ns != 0)
+            .then(|| humantime::format_rfc3339_seconds(clock::to_wall(v.last_hit_ns)).to_string()),
+        created: humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_secs(v.created_at_unix_s),
+        )
+        .to_string(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! From an agent's verdict to the kernel: an answer's `kernel_push` asks
-//! for the client to be denied in XDP (or, later, watched), and is applied
-//! only within the agent's `kernel-push { ... }` limits.
+//! for the client to be denied in XDP or watched (its connections steered
+//! to the quarantine listener), and is applied only within the agent's
+//! `kernel-push { ... }` limits, the same for both actions.
 //!
 //! The guards, in order: the agent's configuration allows pushes; the
 //! prefix parses, contains the client's address and is no broader than
@@ -39,6 +40,19 @@ pub trait KernelBridge: Send + Sync {
         source: &str,
         reason: &str,
     ) -> Result<bool, String>;
+
+    /// Adds or extends a watchlist entry written by `source`, with the same
+    /// rule about operators' entries as [`Self::deny`]. `Ok(None)` when no
+    /// quarantine listener is configured, so a watch would steer nothing.
+    fn watch(
+        &self,
+        _prefix: &IpNet,
+        _ttl: Duration,
+        _source: &str,
+        _reason: &str,
+    ) -> Result<Option<bool>, String> {
+        Ok(None)
+    }
 }
 
 /// The `result` label of `sentinel_kernel_push_total`.
@@ -52,7 +66,7 @@ pub enum PushResult {
     RefusedAllowlisted,
     /// An operator's entry for the same prefix exists.
     RefusedExisting,
-    /// `watch` needs connection steering, not configured.
+    /// `watch` needs a quarantine listener, and none is configured.
     Unsupported,
     Error,
 }
@@ -162,10 +176,10 @@ pub async fn apply(
     client: IpAddr,
     enforce: bool,
 ) -> PushResult {
-    let result = match (push.action, bridge) {
-        (KernelAction::Watch, _) => PushResult::Unsupported,
-        (KernelAction::Deny, None) => PushResult::Error,
-        (KernelAction::Deny, Some(bridge)) => match check(push, limits, client) {
+    let action = push.action;
+    let result = match bridge {
+        None => PushResult::Error,
+        Some(bridge) => match check(push, limits, client) {
             Err(refused) => refused,
             Ok(checked) => {
                 let source = format!("agent:{agent}");
@@ -177,15 +191,20 @@ pub async fn apply(
                     if !enforced {
                         return (PushResult::WouldApply, checked);
                     }
-                    let r =
-                        match bridge.deny(&checked.prefix, checked.ttl, &source, &checked.reason) {
-                            Ok(true) => PushResult::Applied,
-                            Ok(false) => PushResult::RefusedExisting,
-                            Err(e) => {
-                                warn!(%e, prefix = %checked.prefix, "kernel push failed");
-                                PushResult::Error
-                            }
-                        };
+                    let (prefix, ttl, reason) = (&checked.prefix, checked.ttl, &checked.reason);
+                    let outcome = match action {
+                        KernelAction::Deny => bridge.deny(prefix, ttl, &source, reason).map(Some),
+                        KernelAction::Watch => bridge.watch(prefix, ttl, &source, reason),
+                    };
+                    let r = match outcome {
+                        Ok(Some(true)) => PushResult::Applied,
+                        Ok(Some(false)) => PushResult::RefusedExisting,
+                        Ok(None) => PushResult::Unsupported,
+                        Err(e) => {
+                            warn!(%e, prefix = %checked.prefix, "kernel push failed");
+                            PushResult::Error
+                        }
+                    };
                     (r, checked)
                 })
                 .await;
@@ -198,7 +217,11 @@ pub async fn apply(
                                 ttl_secs = checked.ttl.as_secs(),
                                 reason = %checked.reason,
                                 result = r.label(),
-                                "kernel deny pushed by an agent"
+                                action = match action {
+                                    KernelAction::Deny => "deny",
+                                    KernelAction::Watch => "watch",
+                                },
+                                "kernel push by an agent"
                             );
                         }
                         r
@@ -314,5 +337,101 @@ mod tests {
         let c = check(&p, Some(&limits()), client()).unwrap();
         assert!(c.reason.len() <= sentinel_common::REASON_LEN);
         assert!(c.reason.chars().all(|ch| ch == 'é'));
+    }
+
+    /// Records what it was asked; `steering` says whether a quarantine
+    /// listener exists.
+    struct Recorder {
+        steering: bool,
+        calls: std::sync::Mutex<Vec<(&'static str, IpNet)>>,
+    }
+
+    impl KernelBridge for Recorder {
+        fn allowlisted(&self, _ip: IpAddr, _prefix: &IpNet) -> bool {
+            false
+        }
+        fn deny(&self, prefix: &IpNet, _: Duration, _: &str, _: &str) -> Result<bool, String> {
+            self.calls.lock().unwrap().push(("deny", *prefix));
+            Ok(true)
+        }
+        fn watch(
+            &self,
+            prefix: &IpNet,
+            _: Duration,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<bool>, String> {
+            if !self.steering {
+                return Ok(None);
+            }
+            self.calls.lock().unwrap().push(("watch", *prefix));
+            Ok(Some(true))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn watch_pushes_go_to_the_watchlist_under_the_same_guards() {
+        let metrics = AgentMetrics::new(&prometheus::Registry::new());
+        let mut watch = push(None, Some(60));
+        watch.action = KernelAction::Watch;
+        for (steering, want) in [
+            (true, PushResult::Applied),
+            (false, PushResult::Unsupported),
+        ] {
+            let bridge = Arc::new(Recorder {
+                steering,
+                calls: Default::default(),
+            });
+            let limits = limits();
+            let got = apply(
+                Some(bridge.clone() as Arc<dyn KernelBridge>),
+                &metrics,
+                "waf",
+                Some(&limits),
+                &watch,
+                client(),
+                true,
+            )
+            .await;
+            assert_eq!(got, want);
+            let calls = bridge.calls.lock().unwrap().clone();
+            if steering {
+                assert_eq!(calls, vec![("watch", IpNet::from(client()))]);
+            } else {
+                assert!(calls.is_empty());
+            }
+        }
+        // The prefix guard applies to watch as to deny.
+        let mut broad = push(Some("0.0.0.0/0"), None);
+        broad.action = KernelAction::Watch;
+        let bridge = Arc::new(Recorder {
+            steering: true,
+            calls: Default::default(),
+        });
+        let limits = limits();
+        let got = apply(
+            Some(bridge.clone() as Arc<dyn KernelBridge>),
+            &metrics,
+            "waf",
+            Some(&limits),
+            &broad,
+            client(),
+            true,
+        )
+        .await;
+        assert_eq!(got, PushResult::RefusedPrefix);
+        assert!(bridge.calls.lock().unwrap().is_empty());
+        // Without kernel-push in the agent's configuration: refused.
+        let got = apply(
+            Some(bridge.clone() as Arc<dyn KernelBridge>),
+            &metrics,
+            "waf",
+            None,
+            &watch,
+            client(),
+            true,
+        )
+        .await;
+        assert_eq!(got, PushResult::RefusedNotAllowed);
     }
 }

@@ -13,6 +13,7 @@ mod read_agents;
 mod read_listeners;
 mod read_profile;
 mod read_proxy;
+mod read_steering;
 mod read_upstreams;
 mod refs;
 mod walk;
@@ -126,6 +127,18 @@ pub struct PortPolicy {
     pub deny_udp: Vec<(u16, u16)>,
 }
 
+/// `kernel { steering { rule ... } }`: connections to `prefix`, on ports
+/// `ports.0..=ports.1`, over `protocol`, are handed to `listener`'s socket
+/// by the sk_lookup program, whatever address and port it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SteeringRule {
+    pub listener: String,
+    pub prefix: IpNet,
+    pub ports: (u16, u16),
+    /// Default: TCP (the only protocol listeners accept).
+    pub protocol: crate::kernel::steer::SteerProtocol,
+}
+
 /// The `kernel { ... }` block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelConfig {
@@ -150,6 +163,10 @@ pub struct KernelConfig {
     pub allowlist: Vec<StaticRule>,
     pub denylist: Vec<StaticRule>,
     pub port_policy: PortPolicy,
+    /// Steering rules, most specific first at run time. Default: none (the
+    /// sk_lookup program is not attached unless a listener is the
+    /// quarantine one).
+    pub steering: Vec<SteeringRule>,
 }
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/sentinel";
@@ -170,6 +187,7 @@ impl Default for KernelConfig {
             allowlist: Vec::new(),
             denylist: Vec::new(),
             port_policy: PortPolicy::default(),
+            steering: Vec::new(),
         }
     }
 }
@@ -318,7 +336,7 @@ impl Config {
                 "waf" => read_agents::waf(w, node, &mut config.waf),
                 "limits" => read_proxy::limits(w, node, &mut config.limits),
                 "observability" => observability(w, node, &mut config.observability),
-                "kernel" => kernel(w, node, &mut config.kernel),
+                "kernel" => kernel(w, node, &mut config.kernel, &mut names),
                 "admin" => admin(w, node, &mut config.admin),
                 "profile" => read_profile::profile(w, node, &mut config.profile),
                 _ => w.unknown(node, "block", TOP_LEVEL),
@@ -348,9 +366,10 @@ const KERNEL_OPTIONS: &[&str] = &[
     "allowlist",
     "denylist",
     "port-policy",
+    "steering",
 ];
 
-fn kernel(w: &mut Walker<'_>, node: &KdlNode, out: &mut KernelConfig) {
+fn kernel(w: &mut Walker<'_>, node: &KdlNode, out: &mut KernelConfig, names: &mut refs::Names) {
     let mut default_ttl_at = None;
     w.block(node, KERNEL_OPTIONS, |w, name, child| {
         match name {
@@ -409,6 +428,7 @@ fn kernel(w: &mut Walker<'_>, node: &KdlNode, out: &mut KernelConfig) {
             "allowlist" => out.allowlist = rules(w, child, RuleList::Allow),
             "denylist" => out.denylist = rules(w, child, RuleList::Deny),
             "port-policy" => port_policy(w, child, &mut out.port_policy),
+            "steering" => read_steering::steering(w, child, &mut out.steering, names),
             _ => return false,
         }
         true
@@ -654,3 +674,5 @@ mod tests_agents;
 mod tests_complete;
 #[cfg(test)]
 mod tests_proxy;
+#[cfg(test)]
+mod tests_steering;

@@ -109,6 +109,10 @@ pub struct ListenerConfig {
     /// Connections open at once on this listener; `None` leaves only the
     /// system-wide cap. Default: `None`.
     pub max_connections: Option<usize>,
+    /// Connections from watchlisted sources to any steered or listener
+    /// address land here instead (sk_lookup). At most one listener.
+    /// Default: false.
+    pub quarantine: bool,
 }
 
 /// `routes { route "name" { ... } }`.

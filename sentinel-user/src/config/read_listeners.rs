@@ -20,11 +20,24 @@ pub(super) fn listeners(
     names: &mut Names,
 ) {
     let mut bound: Vec<(SocketAddr, String)> = Vec::new();
+    let mut quarantine: Option<String> = None;
     w.options(node, &["listener"], &["listener"], |w, name, child| {
         if name != "listener" {
             return false;
         }
         if let Some((listener, at)) = listener(w, child, names) {
+            if listener.quarantine {
+                match &quarantine {
+                    Some(first) => w.error(
+                        child,
+                        format!(
+                            "listener '{}' is a second quarantine listener: '{first}' already is one",
+                            listener.name
+                        ),
+                    ),
+                    None => quarantine = Some(listener.name.clone()),
+                }
+            }
             // Port 0 asks for any free port: two of them never clash.
             if listener.address.port() != 0 {
                 let clash = bound.iter().find(|(a, _)| overlaps(*a, listener.address));
@@ -68,6 +81,7 @@ const LISTENER_OPTIONS: &[&str] = &[
     "keepalive-timeout-secs",
     "request-timeout-secs",
     "max-connections",
+    "quarantine",
 ];
 
 /// One listener and the offset of its address.
@@ -90,6 +104,7 @@ fn listener(
     let mut keepalive_timeout = Duration::from_secs(75);
     let mut request_timeout = Duration::from_secs(60);
     let mut max_connections = None;
+    let mut quarantine = false;
     w.children(node, LISTENER_OPTIONS, Some(&[]), |w, name, child| {
         match name {
             "address" => {
@@ -133,6 +148,11 @@ fn listener(
                     max_connections = Some(v as usize);
                 }
             }
+            "quarantine" => {
+                if let Some(v) = w.flag(child) {
+                    quarantine = v;
+                }
+            }
             _ => return false,
         }
         true
@@ -168,6 +188,7 @@ fn listener(
             keepalive_timeout,
             request_timeout,
             max_connections,
+            quarantine,
         },
         at,
     ))

@@ -255,6 +255,7 @@ fn complete_file_reads_every_block() {
             keepalive_timeout: Duration::from_secs(30),
             request_timeout: Duration::ZERO,
             max_connections: Some(5000),
+            quarantine: false,
         }
     );
     let pair = || CertKey {

@@ -15,6 +15,7 @@ mod prefix6;
 mod region;
 mod rule_maps;
 pub mod rules;
+pub mod steer;
 pub mod sys;
 mod table;
 
@@ -26,7 +27,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode as AyaXdpMode,
+        sk_lookup::SkLookupLinkId,
+    },
 };
 use ipnet::IpNet;
 use sentinel_common::{
@@ -46,6 +50,7 @@ use prefix6::Prefix6Index;
 use region::Region;
 use rule_maps::{HostMap, RuleMap, v4_key, v4_prefix, v6_key, v6_prefix};
 pub use rules::{Imported, NewRule, RuleTables, Upsert};
+use steer::{Steering, TestLookup, TestVerdict};
 use table::KernelTable;
 
 /// The eBPF object, compiled by build.rs and carried inside the binary.
@@ -112,6 +117,14 @@ pub enum KernelError {
         #[source]
         source: MapError,
     },
+    #[error("{count} steering rules are configured; the kernel program holds at most {max}")]
+    SteerRules { count: usize, max: u32 },
+    #[error("steering slot {slot} is out of range (at most {max} listeners can be steered to)")]
+    SteerSlot { slot: u32, max: u32 },
+    #[error("the watchlist is full ({capacity} entries per family): remove entries")]
+    WatchFull { capacity: u32 },
+    #[error("cannot attach the sk_lookup steering program: {detail}")]
+    SteerAttach { detail: String },
     #[error("BPF_PROG_TEST_RUN failed: {0}")]
     TestRun(#[source] Box<ProgramError>),
 }
@@ -165,6 +178,9 @@ pub struct Kernel {
     control_stats: PerCpuArray<MapData, Counters>,
     ports: Array<MapData, u8>,
     pub tables: RuleTables,
+    /// Steering rules, listener sockets and the watchlist.
+    pub steering: Steering,
+    steer_link: Option<SkLookupLinkId>,
     attachments: Vec<Attachment>,
 }
 
@@ -417,6 +433,7 @@ impl Kernel {
         let tables = RuleTables::new(rule_maps, take(&mut control, maps::META)?)?;
         let ports = take(&mut control, maps::PORT_POLICY)?;
         let control_stats = take(&mut control, maps::STATS)?;
+        let steering = Steering::open(&mut control)?;
         info!(
             pin_path = %cfg.pin_path.display(),
             reused = !fresh,
@@ -431,6 +448,8 @@ impl Kernel {
             control_stats,
             ports,
             tables,
+            steering,
+            steer_link: None,
             attachments: Vec::new(),
         })
     }
@@ -568,6 +587,28 @@ impl Kernel {
             })
             .map_err(|e| KernelError::TestRun(Box::new(e)))?;
         Ok((result.return_value, result.duration))
+    }
+
+    /// Attaches the steering program to this process's network namespace,
+    /// if it is not already.
+    pub fn attach_steering(&mut self) -> Result<(), KernelError> {
+        if self.steer_link.is_none() {
+            self.steer_link = Some(steer::attach(&mut self.control, &mut self.steering)?);
+        }
+        Ok(())
+    }
+
+    /// Detaches the steering program: every connection goes back to the
+    /// kernel's own socket lookup.
+    pub fn detach_steering(&mut self) {
+        if let Some(id) = self.steer_link.take() {
+            steer::detach(&mut self.control, &mut self.steering, id);
+        }
+    }
+
+    /// Runs the steering program on a crafted lookup (`BPF_PROG_TEST_RUN`).
+    pub fn steer_test_run(&self, lookup: &TestLookup) -> Result<TestVerdict, KernelError> {
+        steer::test_run(&self.control, lookup)
     }
 
     /// Replaces the port policy with `policy`.

@@ -134,7 +134,7 @@ struct Expected {
     mmapable: bool,
 }
 
-fn expected() -> [Expected; 16] {
+fn expected() -> [Expected; 18] {
     use std::mem::size_of;
     let hash = |name, key_size: usize, value_size: usize| Expected {
         name,
@@ -179,6 +179,21 @@ fn expected() -> [Expected; 16] {
             map_type: MapType::Array,
             key_size: 4,
             value_size: size_of::<Meta>() as u32,
+            mmapable: false,
+        },
+        // Watchlist tries: `bpf_lpm_trie_key` (u32 length, address).
+        Expected {
+            name: maps::WATCH_V4,
+            map_type: MapType::LpmTrie,
+            key_size: 8,
+            value_size: rule as u32,
+            mmapable: false,
+        },
+        Expected {
+            name: maps::WATCH_V6,
+            map_type: MapType::LpmTrie,
+            key_size: 20,
+            value_size: rule as u32,
             mmapable: false,
         },
     ]

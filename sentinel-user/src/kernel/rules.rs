@@ -125,7 +125,7 @@ pub struct NewRule {
 }
 
 impl NewRule {
-    fn value(&self, prefix_len: u8, now_ns: u64) -> RuleValue {
+    pub(crate) fn value(&self, prefix_len: u8, now_ns: u64) -> RuleValue {
         let mut value = RuleValue::zeroed();
         value.expires_at_ns = self.ttl.map_or(0, |ttl| {
             now_ns

@@ -1,11 +1,35 @@
 //! The raw `bpf(2)` commands aya does not wrap: batched map updates and
-//! lookups. Layouts follow `union bpf_attr` in include/uapi/linux/bpf.h.
+//! lookups, and `BPF_PROG_TEST_RUN` for program types aya 0.14 gives no
+//! test run (sk_lookup). Layouts follow `union bpf_attr` in include/uapi/linux/bpf.h.
 //! Public so that the benchmarks drive peer programs' maps the same way.
 
 use std::io;
 
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+/// The `test` member of `union bpf_attr`, for `BPF_PROG_TEST_RUN`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct TestRunAttr {
+    pub prog_fd: u32,
+    pub retval: u32,
+    pub data_size_in: u32,
+    pub data_size_out: u32,
+    pub data_in: u64,
+    pub data_out: u64,
+    pub repeat: u32,
+    pub duration: u32,
+    pub ctx_size_in: u32,
+    pub ctx_size_out: u32,
+    pub ctx_in: u64,
+    pub ctx_out: u64,
+    pub flags: u32,
+    pub cpu: u32,
+    pub batch_size: u32,
+    pub _pad: u32,
+}
 
 /// The `batch` member of `union bpf_attr`, for the `BPF_MAP_*_BATCH`
 /// commands.

@@ -23,7 +23,13 @@ mod router;
 pub(crate) mod tls;
 mod upstream;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -218,6 +224,16 @@ struct RunningListener {
     address: SocketAddr,
     bound: SocketAddr,
     stop: watch::Sender<bool>,
+    /// A duplicate of the listening socket's descriptor, for the kernel's
+    /// steering map (the accept loop owns the socket itself).
+    socket: OwnedFd,
+}
+
+/// A running listener's socket, as the steering program needs it.
+pub struct ListenerSocket<'a> {
+    pub name: &'a str,
+    pub bound: SocketAddr,
+    pub socket: BorrowedFd<'a>,
 }
 
 /// The running proxy.
@@ -259,6 +275,10 @@ impl Proxy {
             format!("listener '{}': cannot listen on {}", cfg.name, cfg.address)
         })?;
         let bound = socket.local_addr()?;
+        let dup = socket
+            .as_fd()
+            .try_clone_to_owned()
+            .with_context(|| format!("listener '{}': cannot duplicate its socket", cfg.name))?;
         let (stop, stopped) = watch::channel(false);
         info!(listener = %cfg.name, address = %bound, protocol = ?cfg.protocol, "listening");
         self.tracker.spawn(listener::accept_loop(
@@ -274,6 +294,7 @@ impl Proxy {
                 address: cfg.address,
                 bound,
                 stop,
+                socket: dup,
             },
         );
         Ok(())
@@ -288,6 +309,21 @@ impl Proxy {
             .map(|(name, l)| (name.clone(), l.bound))
             .collect();
         out.sort();
+        out
+    }
+
+    /// Every running listener's socket.
+    pub fn sockets(&self) -> Vec<ListenerSocket<'_>> {
+        let mut out: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(name, l)| ListenerSocket {
+                name,
+                bound: l.bound,
+                socket: l.socket.as_fd(),
+            })
+            .collect();
+        out.sort_by_key(|l| l.name);
         out
     }
 
@@ -351,8 +387,11 @@ impl Proxy {
     /// Stops accepting, lets in-flight requests finish for up to `deadline`,
     /// then returns (the remaining connections are dropped with the
     /// runtime).
-    pub async fn shutdown(self, deadline: Duration) {
-        for l in self.listeners.values() {
+    pub async fn shutdown(mut self, deadline: Duration) {
+        // Dropping each listener closes the descriptor kept for steering:
+        // once the accept loop drops its own, the socket stops listening
+        // and new connections are refused.
+        for (_, l) in self.listeners.drain() {
             let _ = l.stop.send(true);
         }
         let _ = self.drain.send(true);
