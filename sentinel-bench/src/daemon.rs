@@ -76,6 +76,20 @@ impl Daemon {
     /// Like [`Daemon::start`], with `blocks` (more top-level configuration
     /// blocks, e.g. listeners and routes) appended to the file.
     pub fn start_with(bin: &Path, interface: Option<&str>, blocks: &str) -> Result<Self> {
+        Self::start_in(bin, interface, "", blocks, None)
+    }
+
+    /// Like [`Daemon::start_with`], with `kernel` (more lines of the
+    /// `kernel` block, e.g. `steering`) and, if `netns` is given, run
+    /// inside that network namespace (a /run/netns file): whatever it
+    /// attaches there (sk_lookup) stays out of the machine's namespace.
+    pub fn start_in(
+        bin: &Path,
+        interface: Option<&str>,
+        kernel_lines: &str,
+        blocks: &str,
+        netns: Option<&Path>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("sentinel-bench-")
             .tempdir()
@@ -90,6 +104,10 @@ impl Daemon {
             ));
         }
         kernel.push_str(&format!("    pin-path \"{}\"\n", pins.path.display()));
+        if !kernel_lines.is_empty() {
+            kernel.push_str(kernel_lines);
+            kernel.push('\n');
+        }
         let text = format!(
             "kernel {{\n{kernel}}}\n\nadmin {{\n    socket \"{}\"\n}}\n\n\
              observability {{\n    metrics {{\n        address \"127.0.0.1:0\"\n    }}\n{}}}\n{blocks}",
@@ -109,7 +127,22 @@ impl Daemon {
         // lock the tests' daemons take (tests/support/daemon.rs).
         let lock = sentinel_tests::try_machine_lock("sentinel-tests-daemon.lock")
             .context("cannot lock /tmp/sentinel-tests-daemon.lock")?;
-        let child = Command::new(bin)
+        let mut command = Command::new(bin);
+        if let Some(path) = netns {
+            use std::os::{fd::AsRawFd, unix::process::CommandExt};
+            let ns = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: setns is async-signal-safe; the closure touches only
+            // the descriptor, which it owns and which outlives the spawn.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config_path)

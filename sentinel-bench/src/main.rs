@@ -14,7 +14,9 @@
 //!
 //! `sentinel-bench proxy` measures the reverse proxy against nginx
 //! ([`proxy`]); `sentinel-bench agents` what an agent adds to a request
-//! ([`agents`]).
+//! ([`agents`]); `sentinel-bench profile` what each runtime-profile mode
+//! costs ([`profile`]); `sentinel-bench steering` new connections through
+//! sk_lookup steering against a plain bound listener ([`steering`]).
 //!
 //! Everything it creates (namespaces, pin directories, firewall rules,
 //! xdp-filter attachments, daemons) is removed by guards when it ends, also
@@ -35,6 +37,7 @@ mod profile;
 mod proxy;
 mod report;
 mod stale;
+mod steering;
 mod table;
 mod testrun;
 mod xdp_filter;
@@ -75,6 +78,26 @@ enum Bench {
     /// costs a request: wrk throughput and latency, and latency at a fixed
     /// rate, side by side (root).
     Profile(ProfileArgs),
+    /// New TCP connections through sk_lookup steering against a plain
+    /// bound listener: setup rate and connect latency, side by side, in a
+    /// network namespace of its own (root).
+    Steering(SteeringArgs),
+}
+
+#[derive(Args, Debug)]
+struct SteeringArgs {
+    /// The `sentinel` binary (default: next to this program).
+    #[arg(long, value_name = "PATH")]
+    sentinel_bin: Option<PathBuf>,
+    /// Connections per round and path.
+    #[arg(long, default_value_t = 20_000)]
+    connections: usize,
+    /// Rounds, alternating the order (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    rounds: usize,
+    /// Short runs: a smoke test, not a measurement.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Args, Debug)]
@@ -571,9 +594,47 @@ fn bench_profile(mut args: ProfileArgs) -> Result<bool> {
     Ok(true)
 }
 
+fn bench_steering(mut args: SteeringArgs) -> Result<bool> {
+    if args.quick {
+        args.connections = 2_000;
+        args.rounds = 1;
+    }
+    if args.rounds == 0 || args.connections == 0 {
+        bail!("--rounds and --connections must not be zero");
+    }
+    let bin = proxy_prelude(args.sentinel_bin.as_deref(), "steering")?;
+    let plan = steering::Plan {
+        connections: args.connections,
+        rounds: args.rounds,
+    };
+    let started = Instant::now();
+    settle("the steering benchmark");
+    let results = steering::run(&bin, &plan)?;
+    for table in steering::report(&results, &plan) {
+        print(&table);
+    }
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(true)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.bench {
+        Bench::Steering(args) => {
+            if !is_root() {
+                println!("SKIPPED: bench steering needs root (BPF, network namespaces)");
+                return ExitCode::SUCCESS;
+            }
+            install_signal_handlers();
+            match bench_steering(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Bench::Agents(args) => {
             if !is_root() {
                 println!("SKIPPED: bench agents needs root (the daemon loads BPF)");

@@ -55,6 +55,16 @@ pub enum Bench {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// New TCP connections through sk_lookup steering against a plain
+    /// bound listener: connections per second and connect p50/p99, side by
+    /// side, the daemon and client in a network namespace of their own.
+    /// Needs root; prints SKIPPED otherwise.
+    Steering {
+        /// Extra arguments for `sentinel-bench steering`, after `--` (e.g.
+        /// `-- --quick`; `-- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 pub fn run(which: Bench) -> Result<()> {
@@ -63,6 +73,7 @@ pub fn run(which: Bench) -> Result<()> {
         Bench::Proxy { args } => bench("proxy", prereq::BENCH_PROXY_PACKAGES, &args),
         Bench::Agents { args } => bench("agents", prereq::BENCH_PROXY_PACKAGES, &args),
         Bench::Profile { args } => bench("profile", prereq::BENCH_PROXY_PACKAGES, &args),
+        Bench::Steering { args } => bench("steering", prereq::BENCH_PROXY_PACKAGES, &args),
     }
 }
 
