@@ -473,6 +473,18 @@ fn xdp(mut args: XdpArgs) -> Result<bool> {
     Ok(!failed)
 }
 
+/// Waits for a quiet machine, runs `bench` and prints its tables and the
+/// time it took.
+fn timed(section: &str, bench: impl FnOnce() -> Result<Vec<Table>>) -> Result<bool> {
+    let started = Instant::now();
+    settle(section);
+    for table in bench()? {
+        print(&table);
+    }
+    println!("Total time: {}.", report::short(started.elapsed()));
+    Ok(true)
+}
+
 /// What the benchmarks through the daemon do first: find the `sentinel`
 /// binary, mount bpffs, clear leftovers of an earlier run, and print the
 /// report's header for `sentinel-bench NAME`.
@@ -522,14 +534,10 @@ fn bench_proxy(mut args: ProxyArgs) -> Result<bool> {
         rounds: args.rounds,
         idle_connections: args.idle_connections,
     };
-    let started = Instant::now();
-    settle("the proxy benchmark");
-    let results = proxy::run(&bin, &plan)?;
-    for table in proxy::report(&results, &plan) {
-        print(&table);
-    }
-    println!("Total time: {}.", report::short(started.elapsed()));
-    Ok(true)
+    timed("the proxy benchmark", || {
+        let results = proxy::run(&bin, &plan)?;
+        Ok(proxy::report(&results, &plan))
+    })
 }
 
 fn bench_agents(mut args: AgentsArgs) -> Result<bool> {
@@ -553,14 +561,10 @@ fn bench_agents(mut args: AgentsArgs) -> Result<bool> {
             idle_connections: 0,
         },
     };
-    let started = Instant::now();
-    settle("the agents benchmark");
-    let results = agents::run(&bin, &plan)?;
-    for table in agents::report(&results, &plan) {
-        print(&table);
-    }
-    println!("Total time: {}.", report::short(started.elapsed()));
-    Ok(true)
+    timed("the agents benchmark", || {
+        let results = agents::run(&bin, &plan)?;
+        Ok(agents::report(&results, &plan))
+    })
 }
 
 fn bench_profile(mut args: ProfileArgs) -> Result<bool> {
@@ -584,14 +588,10 @@ fn bench_profile(mut args: ProfileArgs) -> Result<bool> {
             idle_connections: 0,
         },
     };
-    let started = Instant::now();
-    settle("the profile benchmark");
-    let results = profile::run(&bin, &plan)?;
-    for table in profile::report(&results, &plan) {
-        print(&table);
-    }
-    println!("Total time: {}.", report::short(started.elapsed()));
-    Ok(true)
+    timed("the profile benchmark", || {
+        let results = profile::run(&bin, &plan)?;
+        Ok(profile::report(&results, &plan))
+    })
 }
 
 fn bench_steering(mut args: SteeringArgs) -> Result<bool> {
@@ -607,93 +607,41 @@ fn bench_steering(mut args: SteeringArgs) -> Result<bool> {
         connections: args.connections,
         rounds: args.rounds,
     };
-    let started = Instant::now();
-    settle("the steering benchmark");
-    let results = steering::run(&bin, &plan)?;
-    for table in steering::report(&results, &plan) {
-        print(&table);
+    timed("the steering benchmark", || {
+        let results = steering::run(&bin, &plan)?;
+        Ok(steering::report(&results, &plan))
+    })
+}
+
+/// Runs a benchmark that needs root, or says SKIPPED and why.
+fn privileged(name: &str, why: &str, bench: impl FnOnce() -> Result<bool>) -> ExitCode {
+    if !is_root() {
+        println!("SKIPPED: bench {name} needs root ({why})");
+        return ExitCode::SUCCESS;
     }
-    println!("Total time: {}.", report::short(started.elapsed()));
-    Ok(true)
+    install_signal_handlers();
+    match bench() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    const DAEMON: &str = "the daemon loads BPF";
     match cli.bench {
-        Bench::Steering(args) => {
-            if !is_root() {
-                println!("SKIPPED: bench steering needs root (BPF, network namespaces)");
-                return ExitCode::SUCCESS;
-            }
-            install_signal_handlers();
-            match bench_steering(args) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Bench::Agents(args) => {
-            if !is_root() {
-                println!("SKIPPED: bench agents needs root (the daemon loads BPF)");
-                return ExitCode::SUCCESS;
-            }
-            install_signal_handlers();
-            match bench_agents(args) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Bench::Profile(args) => {
-            if !is_root() {
-                println!("SKIPPED: bench profile needs root (the daemon loads BPF)");
-                return ExitCode::SUCCESS;
-            }
-            install_signal_handlers();
-            match bench_profile(args) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Bench::Proxy(args) => {
-            if !is_root() {
-                println!("SKIPPED: bench proxy needs root (the daemon loads BPF)");
-                return ExitCode::SUCCESS;
-            }
-            install_signal_handlers();
-            match bench_proxy(args) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Bench::Xdp(args) => {
-            if !is_root() {
-                println!("SKIPPED: bench xdp needs root");
-                return ExitCode::SUCCESS;
-            }
-            install_signal_handlers();
-            match xdp(args) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Bench::Steering(args) => privileged("steering", "BPF, network namespaces", || {
+            bench_steering(args)
+        }),
+        Bench::Agents(args) => privileged("agents", DAEMON, || bench_agents(args)),
+        Bench::Profile(args) => privileged("profile", DAEMON, || bench_profile(args)),
+        Bench::Proxy(args) => privileged("proxy", DAEMON, || bench_proxy(args)),
+        Bench::Xdp(args) => privileged("xdp", "XDP, network namespaces, firewall rules", || {
+            xdp(args)
+        }),
     }
 }
