@@ -11,11 +11,13 @@
 //! - [`client`]: device, platform and browser from the User-Agent, and the
 //!   kind of network the client address is on;
 //! - [`host`]: host and process facts, sampled in the background;
+//! - [`json`]: JSON written member by member, for records;
 //! - [`metrics`]: the `sentinel_profile_*` families;
 //! - [`runtime`]: all of the above as the daemon starts and stops them.
 
 pub mod client;
 pub mod host;
+pub mod json;
 pub mod metrics;
 pub mod multipart;
 pub mod runtime;

@@ -8,13 +8,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use serde_json::{Map, Value, json};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{
     client,
-    host::{HostInfo, HostSampler},
+    host::{HostInfo, HostSampler, HostSnapshot},
+    json::JsonObject,
     metrics::ProfileMetrics,
     shipper::{Shipper, ShipperHandle, ShipperOptions, ShipperTls},
     store::{Store, StoreHandle, StoreOptions},
@@ -28,41 +28,63 @@ use crate::{
 const USER_AGENT_CACHE: usize = 4096;
 
 /// Client facts from the User-Agent (parsed once per distinct one) and
-/// the address, host facts from the latest sample.
+/// the address, host facts from the latest sample; both kept serialized,
+/// so a record copies them rather than building them again.
 struct SystemFacts {
     host: HostInfo,
-    /// User-Agent (absent: `None`) to its fields; emptied when full.
-    parsed: Mutex<HashMap<Option<String>, Map<String, Value>>>,
+    /// The latest sample and its JSON, made again when the sample changes.
+    host_json: Mutex<Option<(Arc<HostSnapshot>, Vec<u8>)>>,
+    /// User-Agent (absent: empty) to its members, serialized; emptied
+    /// when full.
+    parsed: Mutex<HashMap<Box<str>, Vec<u8>>>,
 }
 
 impl Facts for SystemFacts {
-    fn client(&self, ip: IpAddr, user_agent: Option<&str>) -> Map<String, Value> {
-        let key = user_agent.map(str::to_owned);
-        let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fields = match parsed.get(&key) {
-            Some(fields) => fields.clone(),
-            None => {
-                let ua = client::parse_user_agent(user_agent.unwrap_or_default());
-                let mut fields = Map::new();
-                fields.insert("device_type".into(), json!(ua.device_type));
-                fields.insert("platform".into(), json!(ua.platform));
-                fields.insert("browser".into(), json!(ua.browser));
-                fields.insert("browser_version".into(), json!(ua.browser_version));
-                if parsed.len() >= USER_AGENT_CACHE {
-                    parsed.clear();
+    fn client(&self, ip: IpAddr, user_agent: Option<&str>, out: &mut JsonObject<'_>) {
+        let user_agent = user_agent.unwrap_or_default();
+        {
+            let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
+            match parsed.get(user_agent) {
+                Some(members) => out.members(members),
+                None => {
+                    let members = user_agent_members(user_agent);
+                    out.members(&members);
+                    if parsed.len() >= USER_AGENT_CACHE {
+                        parsed.clear();
+                    }
+                    parsed.insert(user_agent.into(), members);
                 }
-                parsed.insert(key, fields.clone());
-                fields
             }
-        };
-        drop(parsed);
-        fields.insert("network_type".into(), json!(client::network_type(ip)));
-        fields
+        }
+        out.value("network_type", &client::network_type(ip));
     }
 
-    fn host(&self) -> Value {
-        serde_json::to_value(&*self.host.snapshot()).unwrap_or(Value::Null)
+    fn host(&self, out: &mut Vec<u8>) {
+        let latest = self.host.snapshot();
+        let mut cached = self.host_json.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((sample, json)) if Arc::ptr_eq(sample, &latest) => out.extend_from_slice(json),
+            _ => {
+                let json = serde_json::to_vec(&*latest).unwrap_or_else(|_| b"null".to_vec());
+                out.extend_from_slice(&json);
+                *cached = Some((latest, json));
+            }
+        }
     }
+}
+
+/// The `client` members a User-Agent gives, serialized without braces.
+fn user_agent_members(user_agent: &str) -> Vec<u8> {
+    let ua = client::parse_user_agent(user_agent);
+    let mut out = Vec::new();
+    let mut members = JsonObject::open(&mut out);
+    members.value("device_type", &ua.device_type);
+    members.str("platform", &ua.platform);
+    members.str("browser", &ua.browser);
+    members.str("browser_version", &ua.browser_version);
+    members.close();
+    // Without the braces: the members go into the record's `client`.
+    out[1..out.len() - 1].to_vec()
 }
 
 /// What runs for the profile; [`ProfileRuntime::shutdown`] stops it.
@@ -112,6 +134,7 @@ impl ProfileRuntime {
         Ok(Self {
             facts: Arc::new(SystemFacts {
                 host,
+                host_json: Mutex::new(None),
                 parsed: Mutex::new(HashMap::new()),
             }),
             store,

@@ -22,12 +22,13 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Uri, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::{
     config::{MetadataConfig, ProfileMode},
     form::{pairs as form_pairs, percent_decode},
     profile::{
+        json::JsonObject,
         multipart::{self, MultipartObserver},
         store::{Record, StoreHandle},
     },
@@ -37,13 +38,14 @@ use crate::{
 pub const REDACTED: &str = "[redacted]";
 
 /// Facts the recorder takes from elsewhere: the client's device and
-/// network, and the latest host sample.
+/// network, and the latest host sample, each written as JSON straight
+/// into the record.
 pub trait Facts: Send + Sync {
-    /// `client` fields beside `ip`: device_type, platform, browser,
+    /// The `client` members beside `ip`: device_type, platform, browser,
     /// browser_version, network_type.
-    fn client(&self, ip: IpAddr, user_agent: Option<&str>) -> Map<String, Value>;
-    /// The latest `host` object.
-    fn host(&self) -> Value;
+    fn client(&self, ip: IpAddr, user_agent: Option<&str>, client: &mut JsonObject<'_>);
+    /// Writes the latest `host` object.
+    fn host(&self, out: &mut Vec<u8>);
 }
 
 /// Builds records for one configuration generation.
@@ -131,13 +133,15 @@ impl Recorder {
         }
     }
 
-    /// The `client` and `request` objects of a record.
-    fn request(&self, p: &Pending) -> (Map<String, Value>, Map<String, Value>) {
+    /// Writes the `client` and `request` members of a record.
+    fn request(&self, p: &Pending, record: &mut JsonObject<'_>) {
         let headers = &p.headers;
         let user_agent = header_str(headers, header::USER_AGENT);
-        let mut client = Map::new();
-        client.insert("ip".into(), Value::String(p.client.to_string()));
-        client.extend(self.facts.client(p.client, user_agent));
+        let mut client = record.object("client");
+        client.str("ip", &p.client.to_string());
+        self.facts.client(p.client, user_agent, &mut client);
+        client.close();
+
         let path = p.uri.path();
         let query = p.uri.query();
         let host = p.host.as_deref().unwrap_or("");
@@ -153,49 +157,90 @@ impl Recorder {
             Some(q) => format!("{scheme}://{authority}{path}?{q}"),
             None => format!("{scheme}://{authority}{path}"),
         };
-        let mut request = Map::new();
-        request.insert("method".into(), Value::String(p.method.to_string()));
-        request.insert("url".into(), Value::String(self.redact_url(&url, query)));
-        request.insert("scheme".into(), Value::String(scheme.to_owned()));
-        request.insert("host".into(), Value::String(host.to_owned()));
-        request.insert("endpoint".into(), Value::String(path.to_owned()));
-        request.insert("headers".into(), self.headers(headers));
-        request.insert(
-            "query_parameters".into(),
-            Value::Object(self.query(query.unwrap_or(""))),
-        );
-        (client, request)
+        let mut request = record.object("request");
+        request.str("method", p.method.as_str());
+        request.str("url", &self.redact_url(&url, query));
+        request.str("scheme", scheme);
+        request.str("host", host);
+        request.str("endpoint", path);
+        let mut out = request.object("headers");
+        self.headers(headers, &mut out);
+        out.close();
+        match query {
+            Some(query) if !query.is_empty() => {
+                request.value("query_parameters", &self.query(query))
+            }
+            _ => request.raw("query_parameters", b"{}"),
+        }
+        if let Some(tap) = &p.tap {
+            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
+            let truncated = tap.seen > tap.kept.len() as u64;
+            let content_type = header_str(headers, header::CONTENT_TYPE);
+            request.value("body", &self.body(&tap.kept, truncated, content_type));
+            request.value("body_size", &tap.seen);
+            request.value("body_truncated", &truncated);
+            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
+            request.value("files", &files);
+        }
+        request.close();
     }
 
     /// The request headers, with the configured ones redacted. The seed's
     /// four are always present (`null` when the request had none);
-    /// `referrer` is the `Referer` header.
-    fn headers(&self, headers: &HeaderMap) -> Value {
-        let mut out = Map::new();
-        for key in ["user-agent", "content-type", "content-length", "referrer"] {
-            out.insert(key.into(), Value::Null);
+    /// `referrer` is the `Referer` header. A header given several times is
+    /// one string, its values joined by `, `.
+    fn headers(&self, headers: &HeaderMap, out: &mut JsonObject<'_>) {
+        const SEED: [(&str, &[&str]); 4] = [
+            ("user-agent", &["user-agent"]),
+            ("content-type", &["content-type"]),
+            ("content-length", &["content-length"]),
+            ("referrer", &["referer", "referrer"]),
+        ];
+        for (key, names) in SEED {
+            self.header(out, key, names.iter().flat_map(|n| headers.get_all(*n)));
         }
-        for (name, value) in headers {
-            let key = match name.as_str() {
-                "referer" => "referrer",
-                other => other,
-            };
-            let text = if self.redact_headers.contains(name.as_str()) {
-                REDACTED.to_owned()
-            } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
-            };
-            match out.get_mut(key) {
-                Some(Value::String(existing)) => {
-                    existing.push_str(", ");
-                    existing.push_str(&text);
+        for name in headers.keys() {
+            let name = name.as_str();
+            if SEED
+                .iter()
+                .any(|(key, names)| *key == name || names.contains(&name))
+            {
+                continue;
+            }
+            self.header(out, name, headers.get_all(name).iter());
+        }
+    }
+
+    /// One header's values under `key`: `null` when there are none,
+    /// [`REDACTED`] when its name is redacted.
+    fn header<'h>(
+        &self,
+        out: &mut JsonObject<'_>,
+        key: &str,
+        mut values: impl Iterator<Item = &'h http::HeaderValue>,
+    ) {
+        let Some(first) = values.next() else {
+            out.opt_str(key, None);
+            return;
+        };
+        if self.redact_headers.contains(key)
+            || (key == "referrer" && self.redact_headers.contains("referer"))
+        {
+            out.str(key, REDACTED);
+            return;
+        }
+        let first = String::from_utf8_lossy(first.as_bytes());
+        match values.next() {
+            None => out.str(key, &first),
+            Some(second) => {
+                let mut joined = first.into_owned();
+                for value in std::iter::once(second).chain(values) {
+                    joined.push_str(", ");
+                    joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
                 }
-                _ => {
-                    out.insert(key.to_owned(), Value::String(text));
-                }
+                out.str(key, &joined);
             }
         }
-        Value::Object(out)
     }
 
     fn redacts(&self, field: &str) -> bool {
@@ -373,44 +418,34 @@ impl Pending {
         }
     }
 
-    /// The finished record, redacted.
+    /// Writes the finished record, redacted, as one JSON object.
+    pub fn write(self, ending: Ending, out: &mut Vec<u8>) {
+        let recorder = &*self.recorder;
+        let mut record = JsonObject::open(out);
+        record.str("agent_id", &recorder.agent_id);
+        record.str("agent_name", &recorder.agent_name);
+        record.str("mode", self.mode.as_str());
+        record.opt_str("route", self.route.as_deref());
+        recorder.request(&self, &mut record);
+        let mut response = record.object("response");
+        response.value("status", &ending.status);
+        response.value("duration_ms", &(ending.duration.as_secs_f64() * 1000.0));
+        response.value("body_size", &ending.response_bytes);
+        response.opt_str("error", ending.error.as_deref());
+        response.close();
+        record.value("decisions", &ending.decisions);
+        recorder.facts.host(record.key("host"));
+        let created = humantime::format_rfc3339_millis(self.created);
+        record.str("request_created_at", &created.to_string());
+        record.close();
+    }
+
+    /// The finished record, redacted, as a JSON value.
     pub fn finish(self, ending: Ending) -> Value {
-        let (client, mut request) = self.recorder.request(&self);
-        let content_type = header_str(&self.headers, header::CONTENT_TYPE);
-        if let Some(tap) = &self.tap {
-            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
-            let truncated = tap.seen > tap.kept.len() as u64;
-            let body = self.recorder.body(&tap.kept, truncated, content_type);
-            request.insert("body".into(), body);
-            request.insert("body_size".into(), json!(tap.seen));
-            request.insert("body_truncated".into(), json!(truncated));
-            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
-            request.insert(
-                "files".into(),
-                serde_json::to_value(files).unwrap_or(Value::Array(Vec::new())),
-            );
-        }
-        let mut record = Map::new();
-        record.insert("agent_id".into(), json!(self.recorder.agent_id));
-        record.insert("agent_name".into(), json!(self.recorder.agent_name));
-        record.insert("mode".into(), json!(self.mode.as_str()));
-        record.insert("route".into(), json!(self.route));
-        record.insert("client".into(), Value::Object(client));
-        record.insert("request".into(), Value::Object(request));
-        record.insert(
-            "response".into(),
-            json!({
-                "status": ending.status,
-                "duration_ms": ending.duration.as_secs_f64() * 1000.0,
-                "body_size": ending.response_bytes,
-                "error": ending.error,
-            }),
-        );
-        record.insert("decisions".into(), ending.decisions);
-        record.insert("host".into(), self.recorder.facts.host());
-        let created = humantime::format_rfc3339_millis(self.created).to_string();
-        record.insert("request_created_at".into(), json!(created));
-        Value::Object(record)
+        let mut out = Vec::with_capacity(RECORD_BYTES);
+        self.write(ending, &mut out);
+        // What `write` makes is JSON by construction.
+        serde_json::from_slice(&out).unwrap_or(Value::Null)
     }
 
     /// Finishes the record and hands it to the store. With `wanted` (a log
@@ -421,18 +456,25 @@ impl Pending {
     pub fn store(self, ending: Ending, wanted: bool) -> Option<Value> {
         let store = self.recorder.store.clone();
         if wanted {
-            let record = self.finish(ending);
+            let mut out = Vec::with_capacity(RECORD_BYTES);
+            self.write(ending, &mut out);
+            let record = serde_json::from_slice(&out).unwrap_or(Value::Null);
             if let Some(store) = store {
-                store.push(record.clone());
+                store.push(Record::Object(out));
             }
             return Some(record);
         }
         if let Some(store) = store {
-            store.push(Record::Deferred(Box::new(move || self.finish(ending))));
+            store.push(Record::Deferred(Box::new(move |out| {
+                self.write(ending, out)
+            })));
         }
         None
     }
 }
+
+/// What a record usually takes, serialized.
+const RECORD_BYTES: usize = 2048;
 
 pin_project! {
     /// A request body whose bytes feed a record's [`Tap`].
@@ -473,15 +515,14 @@ impl<B: Body<Data = Bytes>> Body for TapBody<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     struct NoFacts;
 
     impl Facts for NoFacts {
-        fn client(&self, _: IpAddr, _: Option<&str>) -> Map<String, Value> {
-            Map::new()
-        }
-        fn host(&self) -> Value {
-            json!({"pid": 1})
+        fn client(&self, _: IpAddr, _: Option<&str>, _: &mut JsonObject<'_>) {}
+        fn host(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(br#"{"pid":1}"#);
         }
     }
 
