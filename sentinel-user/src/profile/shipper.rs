@@ -33,7 +33,7 @@
 
 use std::{
     fs::File,
-    io::{self, BufRead, BufReader, Seek, SeekFrom, Write},
+    io::{self, Read as _, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -636,6 +636,9 @@ fn random() -> u64 {
 /// A batch from `at`. Lines before `trusted` (left by an earlier run,
 /// perhaps by a power loss) are checked to be JSON objects; the store's
 /// writer made those after it, so they are not parsed again.
+/// Bytes read from a segment at a time.
+const READ_CHUNK: usize = 256 * 1024;
+
 fn read_batch(
     dir: &Path,
     at: Position,
@@ -672,45 +675,58 @@ fn read_batch(
         );
         return Ok(next.map_or(Read::Idle, Read::Moved));
     }
-    let mut reader = BufReader::new(file);
-    reader.seek(SeekFrom::Start(at.offset))?;
+    let mut file = file;
+    file.seek(SeekFrom::Start(at.offset))?;
+    // The segment is read in large chunks and cut into lines here: one
+    // read(2) per chunk, not one per line or per 8 KiB.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut start = 0;
+    let mut eof = false;
     let mut body = Vec::new();
     let mut records = 0u64;
     let mut corrupt = 0u64;
     let mut offset = at.offset;
     while records < max_records as u64 && body.len() < max_bytes {
-        let start = body.len();
-        let n = reader.read_until(b'\n', &mut body)?;
-        if n == 0 {
-            break;
-        }
-        if body.last() != Some(&b'\n') {
-            // A line being written: it is sent once it is complete.
-            body.truncate(start);
-            if next.is_some() {
-                warn!(path = %path.display(), "partial line at the end of a closed profile segment skipped");
-                offset += n as u64;
+        let Some(end) = memchr::memchr(b'\n', &buf[start..]).map(|i| start + i + 1) else {
+            if eof {
+                if start < buf.len() && next.is_some() {
+                    warn!(path = %path.display(), "partial line at the end of a closed profile segment skipped");
+                    offset += (buf.len() - start) as u64;
+                }
+                // Otherwise a line being written: it is sent once whole.
+                break;
             }
-            break;
-        }
-        offset += n as u64;
-        let line = &body[start..];
+            buf.drain(..start);
+            start = 0;
+            let filled = buf.len();
+            buf.resize(filled + READ_CHUNK, 0);
+            let n = file.read(&mut buf[filled..])?;
+            buf.truncate(filled + n);
+            eof = n == 0;
+            continue;
+        };
+        let line = &buf[start..end];
         let line_at = Position {
             segment: at.segment,
-            offset: offset - n as u64,
+            offset,
         };
+        offset += line.len() as u64;
+        start = end;
         if line.first() != Some(&b'{')
             || (line_at < trusted && serde_json::from_slice::<serde::de::IgnoredAny>(line).is_err())
         {
             warn!(
                 path = %path.display(),
-                offset = offset - n as u64,
+                offset = line_at.offset,
                 "profile segment line is not a JSON object; skipped"
             );
-            body.truncate(start);
             corrupt += 1;
             continue;
         }
+        if body.is_empty() {
+            body.reserve(max_bytes.min(len.saturating_sub(line_at.offset) as usize));
+        }
+        body.extend_from_slice(line);
         records += 1;
     }
     if records > 0 || corrupt > 0 {

@@ -643,29 +643,33 @@ impl SegmentWriter {
         true
     }
 
-    /// Encodes an object this process serialized without `record_id` and
-    /// `seq`: they are appended before its closing brace, with no parse.
+    /// Encodes an object this process serialized without `seq` and
+    /// `record_id`: they are written first, and the object's members
+    /// after them, with no parse.
     fn encode_trusted(&mut self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-        write(out);
-        if out.len() < 2 || out[0] != b'{' || out.last() != Some(&b'}') {
-            out.clear();
-            return false;
-        }
-        out.pop();
-        if out.len() > 1 {
-            out.push(b',');
-        }
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
-        out.extend_from_slice(b"\"");
-        out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
-        out.extend_from_slice(b"\":\"");
-        out.extend_from_slice(id.as_bytes());
-        out.extend_from_slice(b"\",\"");
+        out.extend_from_slice(b"{\"");
         out.extend_from_slice(SEQ_FIELD.as_bytes());
         out.extend_from_slice(b"\":");
         out.extend_from_slice(self.next_seq.to_string().as_bytes());
-        out.extend_from_slice(b"}\n");
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
+        out.extend_from_slice(b"\":\"");
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'"');
+        let at = out.len();
+        write(out);
+        if out.len() < at + 2 || out[at] != b'{' || out.last() != Some(&b'}') {
+            out.clear();
+            return false;
+        }
+        if out.len() == at + 2 {
+            out.remove(at);
+        } else {
+            out[at] = b',';
+        }
+        out.push(b'\n');
         self.next_seq += 1;
         true
     }

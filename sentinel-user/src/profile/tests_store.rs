@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use super::{
     metrics::ProfileMetrics,
     store::{
-        Position, Store, StoreError, StoreHandle, StoreOptions, list_segments, parse_segment_name,
-        segment_name,
+        Position, Record, Store, StoreError, StoreHandle, StoreOptions, list_segments,
+        parse_segment_name, segment_name,
     },
 };
 
@@ -145,6 +145,42 @@ async fn records_get_a_seq_and_an_id_and_numbering_goes_on_after_reopen() {
     assert_eq!(seqs(&read_all(dir.path())), [1, 2, 3, 4, 5]);
     assert!(!store.push(json!({"late": true})));
     assert_eq!(store.metrics().dropped("closed"), 1);
+}
+
+#[tokio::test]
+async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(options(dir.path(), 1 << 20, 4, 64));
+    assert!(store.push(Record::Object(br#"{"method":"GET","n":[1]}"#.to_vec())));
+    assert!(store.push(Record::Object(b"{}".to_vec())));
+    assert!(store.push(Record::Deferred(Box::new(|out: &mut Vec<u8>| {
+        out.extend_from_slice(br#"{"method":"POST"}"#)
+    }))));
+    // What is not one object is dropped as invalid, and takes no number.
+    assert!(store.push(Record::Object(b"[1]".to_vec())));
+    assert!(store.push(Record::Deferred(Box::new(|_: &mut Vec<u8>| {}))));
+    store.shutdown().await;
+    assert_eq!(store.metrics().stored.get(), 3);
+    assert_eq!(store.metrics().dropped("invalid"), 2);
+
+    let text = std::fs::read_to_string(&list_segments(dir.path()).expect("list")[0].1)
+        .expect("read segment");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for (line, seq) in lines.iter().zip(1..) {
+        assert!(
+            line.starts_with(&format!("{{\"seq\":{seq},\"record_id\":\"")),
+            "{line}"
+        );
+    }
+    let records = read_all(dir.path());
+    assert_eq!(records[0]["n"], json!([1]));
+    assert_eq!(records[1].as_object().expect("object").len(), 2);
+    assert_eq!(records[2]["method"], "POST");
+    for r in &records {
+        let id = r["record_id"].as_str().expect("record_id");
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+    }
 }
 
 fn padded(i: usize) -> Value {

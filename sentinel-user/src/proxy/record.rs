@@ -19,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Uri, header, request::Parts};
+use http::{HeaderMap, HeaderName, Method, Uri, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -190,24 +190,30 @@ impl Recorder {
     /// `referrer` is the `Referer` header. A header given several times is
     /// one string, its values joined by `, `.
     fn headers(&self, headers: &HeaderMap, out: &mut JsonObject<'_>) {
-        const SEED: [(&str, &[&str]); 4] = [
-            ("user-agent", &["user-agent"]),
-            ("content-type", &["content-type"]),
-            ("content-length", &["content-length"]),
-            ("referrer", &["referer", "referrer"]),
-        ];
-        for (key, names) in SEED {
-            self.header(out, key, names.iter().flat_map(|n| headers.get_all(*n)));
+        use header::{CONTENT_LENGTH, CONTENT_TYPE, REFERER, USER_AGENT};
+        for name in [&USER_AGENT, &CONTENT_TYPE, &CONTENT_LENGTH] {
+            self.header(out, name.as_str(), headers.get_all(name).iter());
         }
+        let referrer = HeaderName::from_static("referrer");
+        let referrers = headers.get_all(&REFERER).iter();
+        self.header(
+            out,
+            "referrer",
+            referrers.chain(&headers.get_all(&referrer)),
+        );
         for name in headers.keys() {
-            let name = name.as_str();
-            if SEED
-                .iter()
-                .any(|(key, names)| *key == name || names.contains(&name))
+            if [
+                &USER_AGENT,
+                &CONTENT_TYPE,
+                &CONTENT_LENGTH,
+                &REFERER,
+                &referrer,
+            ]
+            .contains(&name)
             {
                 continue;
             }
-            self.header(out, name, headers.get_all(name).iter());
+            self.header(out, name.as_str(), headers.get_all(name).iter());
         }
     }
 
@@ -552,6 +558,8 @@ mod tests {
                 ("cookie", "sid=1"),
                 ("referer", "https://example.test/"),
                 ("content-type", "application/json"),
+                ("x-multi", "a"),
+                ("x-multi", "b"),
             ],
         );
         let pending = r.begin(
@@ -584,6 +592,8 @@ mod tests {
         assert_eq!(req["headers"]["authorization"], REDACTED);
         assert_eq!(req["headers"]["referrer"], "https://example.test/");
         assert_eq!(req["headers"]["user-agent"], Value::Null);
+        assert_eq!(req["headers"]["x-multi"], "a, b");
+        assert_eq!(req["headers"]["content-type"], "application/json");
         assert_eq!(req["query_parameters"]["token"], REDACTED);
         assert_eq!(req["query_parameters"]["x"], json!(["1", "2"]));
         assert_eq!(
