@@ -195,6 +195,9 @@ pub struct PlanListener<'a> {
     pub name: &'a str,
     pub bound: SocketAddr,
     pub quarantine: bool,
+    /// Bound to `[::]` without `IPV6_V6ONLY`: the kernel gives it IPv4
+    /// connections too ([`dual_stack`]).
+    pub dual_stack: bool,
 }
 
 /// A configured rule, by listener name.
@@ -531,13 +534,18 @@ impl Steering {
         if quarantine.is_some() {
             for l in listeners.iter().filter(|l| !l.quarantine) {
                 let ip = l.bound.ip();
-                let prefix = if ip.is_unspecified() {
+                let port = l.bound.port();
+                let mut own = vec![if ip.is_unspecified() {
                     IpNet::new(ip, 0)
                 } else {
                     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 })
-                };
-                if let Ok(prefix) = prefix {
-                    let port = l.bound.port();
+                }];
+                // The sk_lookup program sees an IPv4 connection to a
+                // dual-stack socket as AF_INET: only an IPv4 rule matches it.
+                if l.dual_stack {
+                    own.push(IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0));
+                }
+                for prefix in own.into_iter().flatten() {
                     targets.push((l.name.to_owned(), prefix, (port, port), SteerProtocol::Tcp));
                 }
             }
@@ -765,6 +773,29 @@ pub(crate) fn test_run(control: &Ebpf, lookup: &TestLookup) -> Result<TestVerdic
         action: attr.retval,
         cookie: (cookie != 0).then_some(cookie),
     })
+}
+
+/// Whether a listener bound to `bound` takes IPv4 connections as well:
+/// bound to `[::]` and without `IPV6_V6ONLY` (whose default is the
+/// `net.ipv6.bindv6only` sysctl). An unreadable option counts as IPv6 only,
+/// which at worst leaves an IPv4 connection to the kernel's own lookup.
+pub fn dual_stack<S: AsRawFd>(bound: SocketAddr, socket: &S) -> bool {
+    if !(bound.is_ipv6() && bound.ip().is_unspecified()) {
+        return false;
+    }
+    let mut v6only: libc::c_int = 1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v6only`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw mut v6only).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && v6only == 0
 }
 
 /// `SO_COOKIE` of a socket: what a test run reports for the socket it
