@@ -1,10 +1,13 @@
 //! Connection steering from userspace: the `sk_lookup` program's rules,
 //! listener sockets and watchlist (`sentinel_common::steer`).
 //!
-//! The program is loaded in the control instance, whose maps these are, and
-//! attached to the daemon's network namespace only while steering is
-//! configured; dropping the link (or the daemon) detaches it, and the
-//! kernel's own socket lookup is back exactly as before.
+//! The program belongs to the control instance, whose maps these are. It
+//! is loaded (verified) the first time steering is configured, at start or
+//! at a reload, and attached to the daemon's network namespace only while
+//! steering is configured; dropping the link (or the daemon) detaches it,
+//! and the kernel's own socket lookup is back exactly as before. A daemon
+//! that never steers never loads it, so the XDP path alone runs on kernels
+//! without sk_lookup (before 5.9).
 
 use std::{
     collections::BTreeMap,
@@ -229,14 +232,10 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> KernelError {
 }
 
 impl Steering {
-    /// Takes the maps out of the control instance and verifies the program
-    /// (without attaching it), so that a kernel without `sk_lookup` fails
-    /// at start, not at the first reload that configures steering.
+    /// Takes the maps out of the control instance. The program is only
+    /// looked up here; [`load`] verifies it when steering is first wanted.
     pub(crate) fn open(control: &mut Ebpf) -> Result<Self, KernelError> {
-        let program = steer_program(control)?;
-        program
-            .load()
-            .map_err(|e| KernelError::Verify(Box::new(e)))?;
+        steer_program(control)?;
         let mut steering = Self {
             rules: take(control, maps::STEER_RULES)?,
             sockets: take(control, maps::STEER_SOCKETS)?,
@@ -697,9 +696,23 @@ pub(crate) fn steer_program(control: &mut Ebpf) -> Result<&mut SkLookup, KernelE
         .map_err(|e| KernelError::Verify(Box::new(e)))
 }
 
-/// Attaches the program to the network namespace of this process. The
-/// link belongs to the program, so dropping the control instance (the
-/// daemon stopping, or crashing) detaches it as well.
+/// Loads (verifies) the program unless it already is: a kernel without
+/// `sk_lookup` answers here.
+pub(crate) fn load(control: &mut Ebpf) -> Result<(), KernelError> {
+    let program = steer_program(control)?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|e| KernelError::Verify(Box::new(e)))?;
+        info!("sk_lookup steering program loaded");
+    }
+    Ok(())
+}
+
+/// Attaches the program (loading it first if needed) to the network
+/// namespace of this process. The link belongs to the program, so dropping
+/// the control instance (the daemon stopping, or crashing) detaches it as
+/// well.
 pub(crate) fn attach(
     control: &mut Ebpf,
     steering: &mut Steering,
@@ -707,6 +720,7 @@ pub(crate) fn attach(
     let netns = File::open("/proc/self/ns/net").map_err(|e| KernelError::SteerAttach {
         detail: format!("cannot open /proc/self/ns/net: {e}"),
     })?;
+    load(control)?;
     let program = steer_program(control)?;
     let id = program
         .attach(netns.as_fd())
@@ -726,7 +740,8 @@ pub(crate) fn detach(control: &mut Ebpf, steering: &mut Steering, id: SkLookupLi
     }
 }
 
-/// Runs the program on `lookup` with `BPF_PROG_TEST_RUN`.
+/// Runs the program on `lookup` with `BPF_PROG_TEST_RUN`; it must be
+/// loaded ([`load`]).
 pub(crate) fn test_run(control: &Ebpf, lookup: &TestLookup) -> Result<TestVerdict, KernelError> {
     let ctx = lookup.encode().ok_or_else(|| {
         KernelError::TestRun(Box::new(ProgramError::SyscallError(
