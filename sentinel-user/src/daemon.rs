@@ -270,6 +270,7 @@ fn apply_steering(state: &State, config: &Config, proxy: &Proxy) -> anyhow::Resu
                 .listeners
                 .iter()
                 .any(|l| l.name == s.name && l.quarantine),
+            dual_stack: crate::kernel::steer::dual_stack(s.bound, &s.socket),
         })
         .collect();
     let rules: Vec<PlanRule<'_>> = config

@@ -47,7 +47,9 @@ impl Harness {
             ..KernelConfig::default()
         };
         adjust(&mut cfg);
-        let kernel = match Kernel::open(&cfg) {
+        // The steering program too (a daemon loads it only when steering is
+        // configured), so that every program can be test-run.
+        let kernel = match Kernel::open(&cfg).and_then(|mut k| k.load_steering().map(|()| k)) {
             Ok(k) => k,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&cfg.pin_path);

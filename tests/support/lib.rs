@@ -3,9 +3,11 @@
 //! [`daemon`] (the real `sentinel` binary with a generated configuration),
 //! `harness` and `packet` (the fast path in-process, crafted frames),
 //! [`http`] (test upstreams and clients for the proxy), [`tls`] (a
-//! throwaway CA) and [`agent`] (scriptable agents on every transport).
+//! throwaway CA), [`agent`] (scriptable agents on every transport) and
+//! [`client`] (HTTP clients from a chosen source address).
 
 pub mod agent;
+pub mod client;
 pub mod daemon;
 pub mod harness;
 pub mod http;

@@ -225,6 +225,15 @@ impl NetNs {
         }
     }
 
+    /// Runs `ip -n <namespace> <args>`, panicking with its stderr when it
+    /// fails: addresses and routes a test adds inside its own namespace,
+    /// gone with it.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
     /// The namespace's file (`/run/netns/<name>`), for `setns`.
     pub fn path(&self) -> PathBuf {
         netns_path(&self.name)

@@ -343,6 +343,7 @@ impl Config {
             }
         }
         names.check(&mut walker);
+        read_steering::check_families(&mut walker, &config, &names);
         // In file order, whichever check found them.
         walker.problems.sort_by_key(|p| (p.line, p.column));
         if walker.problems.is_empty() {

@@ -35,7 +35,10 @@ pub(super) fn listeners(
                             listener.name
                         ),
                     ),
-                    None => quarantine = Some(listener.name.clone()),
+                    None => {
+                        quarantine = Some(listener.name.clone());
+                        names.quarantine_at = Some(at);
+                    }
                 }
             }
             // Port 0 asks for any free port: two of them never clash.

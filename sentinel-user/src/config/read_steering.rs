@@ -1,11 +1,13 @@
 //! Reading `kernel { steering { rule ... } }`: which destinations the
 //! sk_lookup program sends to which listener.
 
+use std::net::SocketAddr;
+
 use ipnet::IpNet;
 use kdl::{KdlNode, KdlValue};
 
 use super::{
-    SteeringRule,
+    Config, SteeringRule,
     refs::{Kind, Names},
     walk::{self, Walker, span::Span},
 };
@@ -49,6 +51,7 @@ pub(super) fn steering(
                 );
             } else {
                 out.push(rule);
+                names.steering_rules.push(child.offset());
             }
         }
         true
@@ -154,4 +157,69 @@ fn has_property(node: &KdlNode, name: &str) -> bool {
     node.entries()
         .iter()
         .any(|e| e.name().is_some_and(|n| n.value() == name))
+}
+
+/// Reports steering the kernel could never carry out. `bpf_sk_assign`
+/// hands a connection only to a socket of its own family or to a
+/// dual-stack IPv6 socket; for an IPv4 socket and an IPv6 connection it
+/// answers EAFNOSUPPORT, and the connection would silently go to the
+/// kernel's own lookup instead (counted as `no_socket`).
+pub(super) fn check_families(w: &mut Walker<'_>, config: &Config, names: &Names) {
+    let address = |name: &str| {
+        config
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.address)
+    };
+    for (rule, at) in config.kernel.steering.iter().zip(&names.steering_rules) {
+        if let (IpNet::V6(_), Some(bound @ SocketAddr::V4(_))) =
+            (rule.prefix, address(&rule.listener))
+        {
+            w.at_offset(
+                *at,
+                format!(
+                    "steering rule for {}: listener '{}' is bound to the IPv4 address {bound}, \
+                     which cannot take IPv6 connections; bind it to an IPv6 address \
+                     (\"[::]:{}\" takes both families)",
+                    rule.prefix,
+                    rule.listener,
+                    bound.port()
+                ),
+            );
+        }
+    }
+    let Some(quarantine) = config.listeners.iter().find(|l| l.quarantine) else {
+        return;
+    };
+    let (SocketAddr::V4(bound), Some(at)) = (quarantine.address, names.quarantine_at) else {
+        return;
+    };
+    // With a quarantine listener every other listener's own address is
+    // steered as well, so an IPv6 listener steers IPv6 connections too.
+    let v6 = config
+        .kernel
+        .steering
+        .iter()
+        .find(|r| matches!(r.prefix, IpNet::V6(_)))
+        .map(|r| format!("the steering rule for {}", r.prefix))
+        .or_else(|| {
+            config
+                .listeners
+                .iter()
+                .find(|l| !l.quarantine && l.address.is_ipv6())
+                .map(|l| format!("listener '{}' ({})", l.name, l.address))
+        });
+    if let Some(v6) = v6 {
+        w.at_offset(
+            at,
+            format!(
+                "quarantine listener '{}' is bound to the IPv4 address {bound}, which cannot \
+                 take the IPv6 connections of watchlisted sources that {v6} steers; bind it \
+                 to \"[::]:{}\" to quarantine both families",
+                quarantine.name,
+                bound.port()
+            ),
+        );
+    }
 }

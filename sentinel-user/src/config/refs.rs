@@ -56,6 +56,12 @@ struct Reference {
 pub(super) struct Names {
     definitions: Vec<Definition>,
     references: Vec<Reference>,
+    /// Where each rule of `KernelConfig::steering` is written, in its
+    /// order: whether its listener can take what it steers depends on the
+    /// listener's address (`read_steering::check_families`).
+    pub steering_rules: Vec<usize>,
+    /// Where the quarantine listener's address is written.
+    pub quarantine_at: Option<usize>,
 }
 
 impl Names {

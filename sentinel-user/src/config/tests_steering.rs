@@ -5,8 +5,8 @@ use crate::kernel::steer::SteerProtocol;
 
 const LISTENERS: &str = r#"
 listeners {
-    listener "http" { address "127.0.0.1:8080"; }
-    listener "suspect" { address "127.0.0.1:8081"; quarantine; }
+    listener "http" { address "[::]:8080"; }
+    listener "suspect" { address "[::]:8081"; quarantine; }
 }
 "#;
 
@@ -108,4 +108,70 @@ kernel {
         ],
         "{errors:#?}"
     );
+}
+
+#[test]
+fn steering_a_family_to_a_socket_that_cannot_take_it_is_refused() {
+    let errors = parse(
+        r#"
+listeners {
+    listener "v4" { address "127.0.0.1:8080"; }
+    listener "v6" { address "[::1]:8080"; }
+    listener "q" { address "127.0.0.1:8081"; quarantine; }
+}
+kernel {
+    steering {
+        rule listener="v4" prefix="198.51.100.0/24" ports=80
+        rule listener="v4" prefix="2001:db8::/48" ports=80
+        rule listener="v6" prefix="2001:db8:1::/48" ports=80
+    }
+}
+"#,
+    )
+    .unwrap_err();
+    assert_eq!(
+        errors,
+        [
+            "test.kdl:5:28: quarantine listener 'q' is bound to the IPv4 address 127.0.0.1:8081, \
+             which cannot take the IPv6 connections of watchlisted sources that the steering \
+             rule for 2001:db8::/48 steers; bind it to \"[::]:8081\" to quarantine both families",
+            "test.kdl:10:9: steering rule for 2001:db8::/48: listener 'v4' is bound to the IPv4 \
+             address 127.0.0.1:8080, which cannot take IPv6 connections; bind it to an IPv6 \
+             address (\"[::]:8080\" takes both families)",
+        ],
+        "{errors:#?}"
+    );
+    // An IPv6 listener alone is steered too once a quarantine listener
+    // exists (its own address, for watchlisted sources).
+    let errors = parse(
+        r#"
+listeners {
+    listener "v6" { address "[::1]:8080"; }
+    listener "q" { address "127.0.0.1:8081"; quarantine; }
+}
+"#,
+    )
+    .unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("that listener 'v6' ([::1]:8080) steers"),
+        "{errors:#?}"
+    );
+    // A dual-stack quarantine listener takes both; IPv4 rules may steer to
+    // an IPv6 listener (dual-stack unless IPV6_V6ONLY).
+    parse(
+        r#"
+listeners {
+    listener "v6" { address "[::1]:8080"; }
+    listener "q" { address "[::]:8081"; quarantine; }
+}
+kernel {
+    steering {
+        rule listener="v6" prefix="198.51.100.0/24" ports=80
+        rule listener="v6" prefix="2001:db8::/48" ports=80
+    }
+}
+"#,
+    )
+    .unwrap();
 }

@@ -606,7 +606,14 @@ impl Kernel {
         }
     }
 
-    /// Runs the steering program on a crafted lookup (`BPF_PROG_TEST_RUN`).
+    /// Loads (verifies) the steering program without attaching it; done by
+    /// [`Self::attach_steering`] when needed, and by whoever test-runs it.
+    pub fn load_steering(&mut self) -> Result<(), KernelError> {
+        steer::load(&mut self.control)
+    }
+
+    /// Runs the steering program on a crafted lookup (`BPF_PROG_TEST_RUN`);
+    /// it must be loaded ([`Self::load_steering`]).
     pub fn steer_test_run(&self, lookup: &TestLookup) -> Result<TestVerdict, KernelError> {
         steer::test_run(&self.control, lookup)
     }

@@ -1,10 +1,13 @@
 //! Connection steering from userspace: the `sk_lookup` program's rules,
 //! listener sockets and watchlist (`sentinel_common::steer`).
 //!
-//! The program is loaded in the control instance, whose maps these are, and
-//! attached to the daemon's network namespace only while steering is
-//! configured; dropping the link (or the daemon) detaches it, and the
-//! kernel's own socket lookup is back exactly as before.
+//! The program belongs to the control instance, whose maps these are. It
+//! is loaded (verified) the first time steering is configured, at start or
+//! at a reload, and attached to the daemon's network namespace only while
+//! steering is configured; dropping the link (or the daemon) detaches it,
+//! and the kernel's own socket lookup is back exactly as before. A daemon
+//! that never steers never loads it, so the XDP path alone runs on kernels
+//! without sk_lookup (before 5.9).
 
 use std::{
     collections::BTreeMap,
@@ -195,6 +198,9 @@ pub struct PlanListener<'a> {
     pub name: &'a str,
     pub bound: SocketAddr,
     pub quarantine: bool,
+    /// Bound to `[::]` without `IPV6_V6ONLY`: the kernel gives it IPv4
+    /// connections too ([`dual_stack`]).
+    pub dual_stack: bool,
 }
 
 /// A configured rule, by listener name.
@@ -226,14 +232,10 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> KernelError {
 }
 
 impl Steering {
-    /// Takes the maps out of the control instance and verifies the program
-    /// (without attaching it), so that a kernel without `sk_lookup` fails
-    /// at start, not at the first reload that configures steering.
+    /// Takes the maps out of the control instance. The program is only
+    /// looked up here; [`load`] verifies it when steering is first wanted.
     pub(crate) fn open(control: &mut Ebpf) -> Result<Self, KernelError> {
-        let program = steer_program(control)?;
-        program
-            .load()
-            .map_err(|e| KernelError::Verify(Box::new(e)))?;
+        steer_program(control)?;
         let mut steering = Self {
             rules: take(control, maps::STEER_RULES)?,
             sockets: take(control, maps::STEER_SOCKETS)?,
@@ -531,13 +533,18 @@ impl Steering {
         if quarantine.is_some() {
             for l in listeners.iter().filter(|l| !l.quarantine) {
                 let ip = l.bound.ip();
-                let prefix = if ip.is_unspecified() {
+                let port = l.bound.port();
+                let mut own = vec![if ip.is_unspecified() {
                     IpNet::new(ip, 0)
                 } else {
                     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 })
-                };
-                if let Ok(prefix) = prefix {
-                    let port = l.bound.port();
+                }];
+                // The sk_lookup program sees an IPv4 connection to a
+                // dual-stack socket as AF_INET: only an IPv4 rule matches it.
+                if l.dual_stack {
+                    own.push(IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0));
+                }
+                for prefix in own.into_iter().flatten() {
                     targets.push((l.name.to_owned(), prefix, (port, port), SteerProtocol::Tcp));
                 }
             }
@@ -689,9 +696,23 @@ pub(crate) fn steer_program(control: &mut Ebpf) -> Result<&mut SkLookup, KernelE
         .map_err(|e| KernelError::Verify(Box::new(e)))
 }
 
-/// Attaches the program to the network namespace of this process. The
-/// link belongs to the program, so dropping the control instance (the
-/// daemon stopping, or crashing) detaches it as well.
+/// Loads (verifies) the program unless it already is: a kernel without
+/// `sk_lookup` answers here.
+pub(crate) fn load(control: &mut Ebpf) -> Result<(), KernelError> {
+    let program = steer_program(control)?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|e| KernelError::Verify(Box::new(e)))?;
+        info!("sk_lookup steering program loaded");
+    }
+    Ok(())
+}
+
+/// Attaches the program (loading it first if needed) to the network
+/// namespace of this process. The link belongs to the program, so dropping
+/// the control instance (the daemon stopping, or crashing) detaches it as
+/// well.
 pub(crate) fn attach(
     control: &mut Ebpf,
     steering: &mut Steering,
@@ -699,6 +720,7 @@ pub(crate) fn attach(
     let netns = File::open("/proc/self/ns/net").map_err(|e| KernelError::SteerAttach {
         detail: format!("cannot open /proc/self/ns/net: {e}"),
     })?;
+    load(control)?;
     let program = steer_program(control)?;
     let id = program
         .attach(netns.as_fd())
@@ -718,7 +740,8 @@ pub(crate) fn detach(control: &mut Ebpf, steering: &mut Steering, id: SkLookupLi
     }
 }
 
-/// Runs the program on `lookup` with `BPF_PROG_TEST_RUN`.
+/// Runs the program on `lookup` with `BPF_PROG_TEST_RUN`; it must be
+/// loaded ([`load`]).
 pub(crate) fn test_run(control: &Ebpf, lookup: &TestLookup) -> Result<TestVerdict, KernelError> {
     let ctx = lookup.encode().ok_or_else(|| {
         KernelError::TestRun(Box::new(ProgramError::SyscallError(
@@ -765,6 +788,29 @@ pub(crate) fn test_run(control: &Ebpf, lookup: &TestLookup) -> Result<TestVerdic
         action: attr.retval,
         cookie: (cookie != 0).then_some(cookie),
     })
+}
+
+/// Whether a listener bound to `bound` takes IPv4 connections as well:
+/// bound to `[::]` and without `IPV6_V6ONLY` (whose default is the
+/// `net.ipv6.bindv6only` sysctl). An unreadable option counts as IPv6 only,
+/// which at worst leaves an IPv4 connection to the kernel's own lookup.
+pub fn dual_stack<S: AsRawFd>(bound: SocketAddr, socket: &S) -> bool {
+    if !(bound.is_ipv6() && bound.ip().is_unspecified()) {
+        return false;
+    }
+    let mut v6only: libc::c_int = 1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v6only`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw mut v6only).cast(),
+            &mut len,
+        )
+    };
+    rc == 0 && v6only == 0
 }
 
 /// `SO_COOKIE` of a socket: what a test run reports for the socket it

@@ -7,6 +7,7 @@ fn listener(name: &'static str, bound: &str, quarantine: bool) -> PlanListener<'
         name,
         bound: bound.parse().unwrap(),
         quarantine,
+        dual_stack: false,
     }
 }
 
@@ -58,6 +59,43 @@ fn quarantine_adds_the_other_listeners_own_addresses_only() {
             ),
         ]
     );
+}
+
+#[test]
+fn a_dual_stack_listener_is_steered_for_both_families() {
+    let mut any = listener("http", "[::]:8080", false);
+    any.dual_stack = true;
+    let listeners = [any, listener("q", "[::]:9000", true)];
+    let plan = Steering::plan(&[], &listeners);
+    let tcp = SteerProtocol::Tcp;
+    assert_eq!(
+        plan.targets,
+        vec![
+            ("http".into(), "::/0".parse().unwrap(), (8080, 8080), tcp),
+            (
+                "http".into(),
+                "0.0.0.0/0".parse().unwrap(),
+                (8080, 8080),
+                tcp
+            ),
+        ]
+    );
+    // IPV6_V6ONLY: IPv6 only.
+    let only = [listener("http", "[::]:8080", false), listeners[1]];
+    assert_eq!(Steering::plan(&[], &only).targets.len(), 1);
+}
+
+#[test]
+fn dual_stack_reads_the_socket() {
+    let any = std::net::TcpListener::bind("[::]:0").unwrap();
+    let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bound = any.local_addr().unwrap();
+    // std leaves IPV6_V6ONLY at the sysctl's default.
+    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(true);
+    assert_eq!(dual_stack(bound, &any), sysctl);
+    assert!(!dual_stack(v4.local_addr().unwrap(), &v4));
 }
 
 #[test]
