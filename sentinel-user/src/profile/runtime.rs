@@ -8,7 +8,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::task::JoinHandle;
+use anyhow::Context as _;
+use tokio::{sync::oneshot, task::JoinHandle};
 use tracing::{info, warn};
 
 use super::{
@@ -93,6 +94,7 @@ pub struct ProfileRuntime {
     store: Option<StoreHandle>,
     shipper: Option<ShipperHandle>,
     tasks: Vec<JoinHandle<()>>,
+    background: Background,
     /// What the store and the collector were started with: they are not
     /// restarted by a reload.
     started_with: (Option<StoreConfig>, Option<CollectorConfig>),
@@ -103,6 +105,9 @@ impl ProfileRuntime {
     /// store takes its directory's lock, so a second daemon on the same
     /// directory fails here with a clear message.
     pub fn start(config: &ProfileConfig, metrics: &ProfileMetrics) -> anyhow::Result<Self> {
+        let background = Background::start()?;
+        // Everything below spawns onto the profile's own thread.
+        let _context = background.handle.enter();
         let host = HostSampler::start(config.metadata.host_sample_interval);
         let mut tasks = Vec::new();
         let store = match &config.store {
@@ -115,7 +120,7 @@ impl ProfileRuntime {
                     fsync_interval: store.fsync_interval,
                     metrics: metrics.clone(),
                 })?;
-                tasks.push(tokio::spawn(task.run()));
+                tasks.push(background.handle.spawn(task.run()));
                 info!(path = %store.path.display(), "profile records stored");
                 Some(handle)
             }
@@ -124,7 +129,7 @@ impl ProfileRuntime {
         let shipper = match (&config.collector, &store) {
             (Some(collector), Some(store)) => {
                 let (handle, task) = Shipper::start(store, shipper_options(collector))?;
-                tasks.push(tokio::spawn(task.run()));
+                tasks.push(background.handle.spawn(task.run()));
                 info!(url = %collector.url, "profile records shipped");
                 Some(handle)
             }
@@ -140,6 +145,7 @@ impl ProfileRuntime {
             store,
             shipper,
             tasks,
+            background,
             started_with: (config.store.clone(), config.collector.clone()),
         })
     }
@@ -173,6 +179,42 @@ impl ProfileRuntime {
         for task in self.tasks {
             let _ = task.await;
         }
+        // The thread ends, and its runtime with it.
+        drop(self.background);
+    }
+}
+
+/// The profile's background work (the store's writer, the shipper, the
+/// host sampler) runs on a thread and a runtime of its own, never on the
+/// proxy's workers: a batch of records written or a 700 KB upload to the
+/// collector never holds up a request waiting for its turn there.
+struct Background {
+    handle: tokio::runtime::Handle,
+    /// Dropped (or sent), the thread's runtime stops.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Background {
+    fn start() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("sentinel-profile")
+            .build()
+            .context("cannot start the profile's runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("sentinel-profile".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                })
+            })
+            .context("cannot start the profile's thread")?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
     }
 }
 
