@@ -150,8 +150,11 @@ async fn a_hanging_agent_times_out_on_time() {
         let r = get(addr, "/").await;
         let took = started.elapsed();
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        // Never before the timeout; and the timeout, not a hang or some
+        // longer default, ends it. The upper bound leaves room for a
+        // loaded machine: it tells 300 ms from seconds, not from 350 ms.
         assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_millis(350),
+            took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
             "a 300 ms timeout held for {took:?}"
         );
     }
