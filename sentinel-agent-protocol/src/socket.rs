@@ -72,7 +72,10 @@ impl AsyncRead for ReadHalf {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let wanted = unfilled.len();
-            match guard.try_io(|fd| (&*fd.get_ref()).read(unfilled)) {
+            match guard.try_io(|fd| {
+                let mut stream: &StdStream = fd.get_ref();
+                stream.read(unfilled)
+            }) {
                 Ok(Ok(n)) => {
                     // A short read drained the socket: the next one would
                     // only say EAGAIN. Readiness that arrived since is
