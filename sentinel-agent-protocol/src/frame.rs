@@ -69,6 +69,23 @@ pub fn encode(json: &[u8]) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// The frame of `value` as JSON, serialized straight into the buffer that
+/// goes on the socket, behind a length prefix filled in afterwards.
+pub fn encode_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::with_capacity(1024);
+    out.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut out, value).map_err(|e| FrameError::Io(e.into()))?;
+    let len = out.len() - 4;
+    if len > MAX_MESSAGE_SIZE {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_MESSAGE_SIZE,
+        });
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
 /// Writes one frame and flushes it.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     writer: &mut W,
@@ -272,6 +289,19 @@ mod tests {
         assert!(cut.is_err(), "the write could not finish");
         assert!(writer.is_broken());
         assert!(writer.send(b"\0\0\0\0").await.is_err());
+    }
+
+    #[test]
+    fn encode_json_frames_what_to_json_writes() {
+        let request =
+            crate::AgentRequest::new(crate::Event::RequestHeaders(crate::RequestHeadersEvent {
+                uri: "/a?b=\"c\"".into(),
+                ..Default::default()
+            }));
+        assert_eq!(
+            encode_json(&request).unwrap(),
+            encode(&request.to_json()).unwrap()
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! travel three ways:
 //!
 //! - **Unix socket**: a 4-byte big-endian length, then that many bytes of
-//!   JSON ([`frame`]); at most [`MAX_MESSAGE_SIZE`] bytes.
+//!   JSON ([`frame`]); at most [`MAX_MESSAGE_SIZE`] bytes. Both sides wrap
+//!   the stream in [`socket`], which the reactor wakes only to read.
 //! - **gRPC**: Protocol Buffers over HTTP/2, the `sentinel.agent.v1`
 //!   service in `proto/sentinel/agent/v1/agent.proto` ([`grpc`]).
 //! - **HTTP**: the JSON envelope as a POST body, with
@@ -20,6 +21,7 @@
 
 pub mod frame;
 pub mod grpc;
+pub mod socket;
 mod types;
 
 pub use types::*;

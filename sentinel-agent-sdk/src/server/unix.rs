@@ -8,7 +8,9 @@
 //! `max_in_flight` at once) and are answered with their `id` as each
 //! finishes. A hook that finishes at once is answered from the reading
 //! task itself, and answers are written by whichever task has one ready
-//! (frame::SharedWriter), so an answer takes no hop between tasks.
+//! (frame::SharedWriter), so an answer takes no hop between tasks. The
+//! stream is registered for reading only ([`sentinel_agent_protocol::socket`]),
+//! so the proxy reading an answer does not wake this side.
 //!
 //! Anything the connection cannot make sense of — a frame that is not
 //! JSON, a length over the limit, another protocol version, the peer
@@ -29,10 +31,11 @@ use std::{
 use sentinel_agent_protocol::{
     AgentRequest, Event, MAX_MESSAGE_SIZE,
     frame::{self, SharedWriter},
+    socket::{self, WriteHalf},
 };
 use tokio::{
     io::BufReader,
-    net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
+    net::{UnixListener, UnixStream},
     sync::{Semaphore, mpsc},
     task::JoinSet,
 };
@@ -153,7 +156,13 @@ async fn connection<A: Agent>(
     abort: CancellationToken,
 ) {
     debug!("connection opened");
-    let (read, write) = stream.into_split();
+    let (read, write) = match socket::split(stream) {
+        Ok(halves) => halves,
+        Err(error) => {
+            warn!(%error, "cannot register the connection; closing it");
+            return;
+        }
+    };
     let mut reader = BufReader::new(read);
     let answers = Arc::new(SharedWriter::new(write));
     // The first failure of a concurrent request closes the connection.
@@ -272,7 +281,7 @@ async fn connection<A: Agent>(
 async fn answer<A: Agent>(
     agent: &A,
     request: AgentRequest,
-    answers: &SharedWriter<OwnedWriteHalf>,
+    answers: &SharedWriter<WriteHalf>,
 ) -> Result<Answered, String> {
     let event = request.event.event_type();
     let dispatched = dispatch(agent, &request, Transport::Unix)
@@ -285,7 +294,7 @@ async fn answer<A: Agent>(
         })?;
     let mut response = dispatched.response;
     response.id = request.id;
-    let bytes = frame::encode(&response.to_json())
+    let bytes = frame::encode_json(&response)
         .map_err(|e| format!("the answer to {event} cannot be sent: {e}"))?;
     answers
         .send(&bytes)

@@ -13,7 +13,9 @@ struct Cli {
     server: ServerArgs,
 }
 
-#[tokio::main]
+// One thread: the hooks answer at once, so a second worker only adds
+// hand-overs and wake-ups between threads to every call.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli.server.init_tracing();

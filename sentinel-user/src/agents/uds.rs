@@ -8,6 +8,10 @@
 //! time per connection, from a pool of connections that grows with the
 //! concurrent calls (bounded by the agent's `max-concurrent-calls`).
 //!
+//! Connections are registered with the reactor for reading only
+//! ([`sentinel_agent_protocol::socket`]): the agent reading a request does
+//! not wake the proxy's worker.
+//!
 //! A connection whose stream can no longer be trusted (a garbage or
 //! oversized frame, a call abandoned half way by its timeout, the agent
 //! gone) is closed; the next call opens a fresh one.
@@ -24,13 +28,11 @@ use std::{
 use sentinel_agent_protocol::{
     AgentRequest, AgentResponse, ConfigureEvent, Decision, Event, MAX_MESSAGE_SIZE, extensions,
     frame::{self, FrameError, SharedWriter},
+    socket::{self, ReadHalf, WriteHalf},
 };
 use tokio::{
-    io::BufReader,
-    net::{
-        UnixStream,
-        unix::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncWriteExt as _, BufReader},
+    net::UnixStream,
     sync::oneshot,
 };
 use tokio_util::sync::CancellationToken;
@@ -44,7 +46,7 @@ type Reply = oneshot::Sender<Result<AgentResponse, AgentError>>;
 /// frame, or several at once under contention, with no hand-over to a
 /// writer task), a reader task and the calls waiting for their answers.
 struct Mux {
-    writer: SharedWriter<OwnedWriteHalf>,
+    writer: SharedWriter<WriteHalf>,
     pending: Mutex<HashMap<u64, Reply>>,
     next_id: AtomicU64,
     alive: AtomicBool,
@@ -76,7 +78,7 @@ impl Mux {
     ) -> Result<AgentResponse, AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         request.id = Some(id);
-        let frame = frame::encode(&request.to_json())?;
+        let frame = frame::encode_json(&request)?;
         let (tx, rx) = oneshot::channel();
         self.pending().insert(id, tx);
         // Removes the entry if this call is dropped first (its timeout),
@@ -117,7 +119,7 @@ impl Drop for Forget<'_> {
 
 /// Reads answers and hands each to the call with its id. Buffered: under
 /// load one read brings many answers.
-async fn read_loop(mux: Arc<Mux>, r: OwnedReadHalf, agent: String) {
+async fn read_loop(mux: Arc<Mux>, r: ReadHalf, agent: String) {
     let mut r = BufReader::with_capacity(64 * 1024, r);
     loop {
         let read = tokio::select! {
@@ -206,13 +208,19 @@ impl FrameKind {
 
 /// A connection used for one call at a time.
 struct Sequential {
-    stream: BufReader<UnixStream>,
+    reader: BufReader<ReadHalf>,
+    writer: WriteHalf,
 }
 
 impl Sequential {
     async fn call(&mut self, request: &AgentRequest) -> Result<AgentResponse, AgentError> {
-        frame::write_frame(self.stream.get_mut(), &request.to_json()).await?;
-        match frame::read_frame(&mut self.stream, MAX_MESSAGE_SIZE).await? {
+        let frame = frame::encode_json(request)?;
+        self.writer
+            .write_all(&frame)
+            .await
+            .map_err(FrameError::Io)?;
+        self.writer.flush().await.map_err(FrameError::Io)?;
+        match frame::read_frame(&mut self.reader, MAX_MESSAGE_SIZE).await? {
             Some(answer) => Ok(AgentResponse::from_json(&answer)?),
             None => Err(AgentError::Closed {
                 reason: "the agent closed the connection".to_owned(),
@@ -324,14 +332,15 @@ impl UdsClient {
                 decision: answer.decision.name(),
             });
         }
+        let (r, w) = socket::split(stream).map_err(FrameError::Io)?;
         if !answer.extensions.iter().any(|e| e == extensions::MULTIPLEX) {
             debug!(agent = %self.agent, "agent answers one call at a time per connection");
             return Ok(Opened::Sequential(Sequential {
-                stream: BufReader::new(stream),
+                reader: BufReader::new(r),
+                writer: w,
             }));
         }
         debug!(agent = %self.agent, "agent accepted multiplexing");
-        let (r, w) = stream.into_split();
         let mux = Arc::new(Mux {
             writer: SharedWriter::new(w),
             pending: Mutex::new(HashMap::new()),
