@@ -187,28 +187,11 @@ impl ProfileRuntime {
 /// The profile's background work (the store's writer, the shipper, the
 /// host sampler) runs on a thread and a runtime of its own, never on the
 /// proxy's workers: a batch of records written or a 700 KB upload to the
-/// collector never holds up a request waiting for its turn there. Its
-/// threads run at a lower priority ([`BACKGROUND_NICE`]).
+/// collector never holds up a request waiting for its turn there.
 struct Background {
     handle: tokio::runtime::Handle,
     /// Dropped (or sent), the thread's runtime stops.
     _stop: oneshot::Sender<()>,
-}
-
-/// How much nicer than the proxy's workers the profile's threads are: on a
-/// saturated host requests get the CPU first, and records wait in the
-/// store's queue (bounded; what does not fit is dropped and counted).
-const BACKGROUND_NICE: libc::c_int = 5;
-
-/// Lowers the calling thread's priority (on Linux, nice is per thread).
-/// Failing to is harmless: the thread runs at the daemon's priority.
-fn yield_to_requests() {
-    // SAFETY: setpriority with `who` 0 changes only the calling thread.
-    let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    // SAFETY: as above.
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, current + BACKGROUND_NICE) } != 0 {
-        warn!("cannot lower the priority of the profile's thread");
-    }
 }
 
 impl Background {
@@ -216,7 +199,6 @@ impl Background {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("sentinel-profile")
-            .on_thread_start(yield_to_requests)
             .build()
             .context("cannot start the profile's runtime")?;
         let handle = runtime.handle().clone();
@@ -224,7 +206,6 @@ impl Background {
         std::thread::Builder::new()
             .name("sentinel-profile".into())
             .spawn(move || {
-                yield_to_requests();
                 runtime.block_on(async {
                     let _ = stopped.await;
                 })
