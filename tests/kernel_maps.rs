@@ -142,6 +142,47 @@ fn full_map_is_an_error_not_silence() {
     );
 }
 
+/// An import large enough to be written on several threads stops at a full
+/// map exactly as one written in order: the first entries fill it, the
+/// rest are refused, and nothing past them is left behind.
+#[test]
+fn full_map_stops_a_large_import_after_its_first_entries() {
+    require_root!();
+    let mut h = Harness::with_config(|c| c.capacity.denylist_v4 = 20_000);
+    let many = hosts(50_000, [10, 2]);
+    let imported = h.kernel.tables.import(RuleList::Deny, &many, &rule(None));
+    assert_eq!(imported.created, 20_000);
+    assert!(matches!(
+        imported.stopped,
+        Some(KernelError::Full {
+            capacity: 20_000,
+            ..
+        })
+    ));
+    assert_eq!(h.kernel.tables.count(RuleList::Deny), 20_000);
+    let mut listed: Vec<IpNet> = h
+        .kernel
+        .tables
+        .entries(RuleList::Deny)
+        .unwrap()
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    listed.sort_unstable();
+    let mut first = many[..20_000].to_vec();
+    first.sort_unstable();
+    assert_eq!(listed, first);
+    let src = |ip: IpNet| match ip.addr() {
+        std::net::IpAddr::V4(a) => Packet::ipv4(a.octets(), [198, 51, 100, 1])
+            .tcp(1, 80)
+            .build(),
+        std::net::IpAddr::V6(_) => unreachable!(),
+    };
+    assert_eq!(h.run(&src(many[19_999])).0, XDP_DROP);
+    assert_eq!(h.run(&src(many[20_000])).0, XDP_PASS);
+    assert_eq!(h.run(&src(many[49_999])).0, XDP_PASS);
+}
+
 #[test]
 fn reaper_removes_only_what_expired() {
     require_root!();

@@ -249,7 +249,7 @@ pub fn load(loads: &[LoadTime], e2e: &[EndToEnd]) -> Table {
     if !loads.is_empty() {
         t.note("Bare LPM trie: the same prefixes written with BPF_MAP_UPDATE_BATCH (8,192 per call) into a fresh, unpinned LPM trie with the key and value sizes Sentinel used before its prefix indexes, keys built beforehand: what the kernel alone needed to fill the old store, whatever the daemon keeps beside it.");
     }
-    t.note("End to end: from starting the CLI to its exit (it reads and checks every line, sends 50,000 prefixes per admin request; the daemon parses them and writes them: hosts and IPv6 prefixes with batched map updates, IPv4 prefixes through mmap); the daemon is then asked how many entries it holds.");
+    t.note("End to end: from starting the CLI to its exit (it reads and checks every line on every core, then sends the list as one `import_packed` request of binary records; the daemon checks every record and writes them: new hosts, IPv6 prefixes and IPv4 long prefixes with batched map updates on several threads, IPv4 rules through mmap); the daemon is then asked how many entries it holds.");
     t
 }
 

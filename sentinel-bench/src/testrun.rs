@@ -257,6 +257,46 @@ pub fn fixed_cost(plan: &Plan) -> Result<Vec<Cell>> {
     Ok(cells)
 }
 
+/// Loads `set` into a fresh copy of our program and of xdp-filter's, and
+/// into a bare LPM trie; both programs stay loaded for measuring.
+fn load_both(set: &EntrySet) -> Result<(Ours, PeerProgram, LoadTime)> {
+    let n = set.prefixes.len();
+    let mut ours = Ours::load(n)?;
+    let ours_load = ours.import(set)?;
+    let bare_load = bare_trie(set)?;
+    let capacity = u32::try_from(n)
+        .context("too many entries")?
+        .max(STOCK_CAPACITY);
+    let peer = PeerProgram::load(capacity)?;
+    let start = Instant::now();
+    peer.fill(&set.addresses)?;
+    let peer_load = start.elapsed();
+    let load = LoadTime {
+        kind: set.kind,
+        entries: n,
+        ours: ours_load,
+        bare_trie: bare_load,
+        peer: peer_load,
+    };
+    Ok((ours, peer, load))
+}
+
+/// The load times alone, `n` entries of each of `kinds` (section 2 when
+/// section 1 did not load that many).
+pub fn load_times(kinds: &[Kind], n: usize) -> Result<Vec<LoadTime>> {
+    let mut loads = Vec::new();
+    for &kind in kinds {
+        crate::interrupted()?;
+        eprintln!("    {} x {n}: generating, loading in-process", kind.label());
+        let set = EntrySet::generate(kind, n);
+        let (ours, peer, load) = load_both(&set)?;
+        // Unloaded before the next kind is loaded.
+        drop((ours, peer));
+        loads.push(load);
+    }
+    Ok(loads)
+}
+
 /// Every cell of the table and the load times, for `plan`. `stock`: an
 /// interface xdp-filter may be attached to, for the cross-check at the
 /// smallest size.
@@ -268,23 +308,8 @@ pub fn run(plan: &Plan, stock: Option<&str>) -> Result<(Vec<Cell>, Vec<LoadTime>
         for &n in &plan.sizes {
             eprintln!("    {} x {n}: generating, loading", kind.label());
             let set = EntrySet::generate(kind, n);
-            let mut ours = Ours::load(n)?;
-            let ours_load = ours.import(&set)?;
-            let bare_load = bare_trie(&set)?;
-            let capacity = u32::try_from(n)
-                .context("too many entries")?
-                .max(STOCK_CAPACITY);
-            let peer = PeerProgram::load(capacity)?;
-            let start = Instant::now();
-            peer.fill(&set.addresses)?;
-            let peer_load = start.elapsed();
-            loads.push(LoadTime {
-                kind,
-                entries: n,
-                ours: ours_load,
-                bare_trie: bare_load,
-                peer: peer_load,
-            });
+            let (ours, peer, load) = load_both(&set)?;
+            loads.push(load);
             let stock_filter = match stock {
                 Some(interface) if n == smallest && n <= STOCK_CAPACITY as usize => {
                     let s = StockXdpFilter::load(interface, "native")?;

@@ -6,17 +6,18 @@
 //! socket has other clients.
 
 use std::{
-    fs,
-    io::{self, BufRead, Write},
+    io::{self, Write},
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 
+mod import;
+
 use crate::{
-    admin::{Added, Entry, ImportResult, Request, Stats, client::Client},
+    admin::{Added, Entry, Request, Stats, client::Client},
     config::{self, Config},
     daemon::Status,
     net::{RuleList, check_reason, check_ttl, parse_ttl, validate_prefix},
@@ -279,48 +280,18 @@ fn watch_command(cli: &Cli, cmd: &WatchCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Prefixes per request: keeps each request line near 1.5 MB.
-const IMPORT_CHUNK: usize = 50_000;
-
 fn import(cli: &Cli, list: RuleList, file: &Path, rule: &RuleArgs) -> anyhow::Result<()> {
     let ttl_ms = rule.ttl_ms()?;
     check_reason(rule.reason.as_deref())?;
-    let reader: Box<dyn BufRead> = if file == Path::new("-") {
-        Box::new(io::stdin().lock())
-    } else {
-        Box::new(io::BufReader::new(
-            fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-        ))
-    };
-    // Check every line before sending any, so a bad file changes nothing.
-    let mut prefixes = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-        let text = line.split('#').next().unwrap_or("").trim();
-        if text.is_empty() {
-            continue;
-        }
-        validate_prefix(text, list).with_context(|| format!("{}:{}", file.display(), n + 1))?;
-        // Sent as written: the daemon checks and normalises it again.
-        prefixes.push(text.to_owned());
-    }
+    // Every line is checked before anything is sent, so a bad file
+    // changes nothing.
+    let prefixes = import::read_prefixes(file, list)?;
     if prefixes.is_empty() {
         bail!("{} holds no prefixes", file.display());
     }
     let mut client = connect(cli)?;
-    let (mut created, mut replaced) = (0, 0);
-    for chunk in prefixes.chunks(IMPORT_CHUNK) {
-        let result: ImportResult = client
-            .call(&Request::Import {
-                list,
-                prefixes: chunk.to_vec(),
-                ttl_ms,
-                reason: rule.reason.clone(),
-            })
-            .with_context(|| format!("after {} entries were written", created + replaced))?;
-        created += result.created;
-        replaced += result.replaced;
-    }
+    let (created, replaced) =
+        import::send(&mut client, list, &prefixes, ttl_ms, rule.reason.as_deref())?;
     println!(
         "imported {} prefixes into the {list}: {created} added, {replaced} replaced",
         prefixes.len()

@@ -74,6 +74,10 @@ pub struct Status {
     /// Proxy listeners and the addresses they are bound to.
     #[serde(default)]
     pub listeners: Vec<(String, SocketAddr)>,
+    /// Admin requests beyond the first protocol that this daemon serves
+    /// (`admin::FEATURE_IMPORT_PACKED`); absent from older daemons.
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 impl State {
@@ -349,6 +353,7 @@ async fn start(
             metrics_address: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
             interfaces: Vec::new(),
             listeners: Vec::new(),
+            features: vec![crate::admin::FEATURE_IMPORT_PACKED.to_owned()],
         }),
     });
     tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;

@@ -66,9 +66,22 @@ pub fn validate_prefix(text: &str, list: RuleList) -> Result<IpNet, InputError> 
     } else {
         IpNet::from(trimmed.parse::<IpAddr>().map_err(|_| not_cidr())?)
     };
+    check_prefix(net, list).map_err(|e| match e {
+        InputError::HostBits { network, .. } => InputError::HostBits {
+            text: trimmed.to_owned(),
+            network,
+        },
+        other => other,
+    })
+}
+
+/// The checks of [`validate_prefix`] on a prefix that is already parsed
+/// (the packed import, whose records carry address and length): host bits
+/// zero, not IPv4-mapped, no /0 on the denylist.
+pub fn check_prefix(net: IpNet, list: RuleList) -> Result<IpNet, InputError> {
     if net.trunc() != net {
         return Err(InputError::HostBits {
-            text: trimmed.to_owned(),
+            text: net.to_string(),
             network: net.trunc(),
         });
     }

@@ -54,6 +54,17 @@ impl Client {
             serde_json::to_vec(request).map_err(|e| ClientError::Malformed(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
+        self.answer()
+    }
+
+    /// Sends the body an `import_packed` request asked for and decodes the
+    /// result as `T`.
+    pub fn send_body<T: DeserializeOwned>(&mut self, body: &[u8]) -> Result<T, ClientError> {
+        self.writer.write_all(body)?;
+        self.answer()
+    }
+
+    fn answer<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
         let mut answer = String::new();
         if self.reader.read_line(&mut answer)? == 0 {
             return Err(ClientError::Malformed(

@@ -4,6 +4,7 @@
 //! speak it (docs/operations.md shows it with `socat`).
 
 pub mod client;
+pub mod packed;
 pub mod server;
 mod watch;
 
@@ -34,6 +35,22 @@ pub enum Request {
     Import {
         list: RuleList,
         prefixes: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ttl_ms: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Add or replace many entries sent as binary records after this line
+    /// ([`packed`]): the daemon checks the line and answers [`Ready`], the
+    /// client then sends exactly `Ready::body_bytes` bytes, and the daemon
+    /// answers as for `import`. Offered when `status` lists
+    /// [`FEATURE_IMPORT_PACKED`].
+    ImportPacked {
+        list: RuleList,
+        /// IPv4 records in the body.
+        v4: u32,
+        /// IPv6 records in the body, after the IPv4 ones.
+        v6: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ttl_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -94,6 +111,17 @@ pub struct Added {
 pub struct ImportResult {
     pub created: usize,
     pub replaced: usize,
+}
+
+/// What `status` lists in `features` when the daemon serves
+/// `import_packed`; older daemons list nothing, and clients fall back to
+/// `import`.
+pub const FEATURE_IMPORT_PACKED: &str = "import_packed";
+
+/// First answer to `import_packed`: send the body now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ready {
+    pub body_bytes: usize,
 }
 
 /// Result of `remove`.
@@ -162,6 +190,16 @@ mod tests {
                 r#"{"op":"list","list":"allow"}"#,
                 Request::List {
                     list: RuleList::Allow,
+                },
+            ),
+            (
+                r#"{"op":"import_packed","list":"deny","v4":2,"v6":1,"reason":"feed"}"#,
+                Request::ImportPacked {
+                    list: RuleList::Deny,
+                    v4: 2,
+                    v6: 1,
+                    ttl_ms: None,
+                    reason: Some("feed".into()),
                 },
             ),
             (r#"{"op":"stats"}"#, Request::Stats {}),

@@ -16,7 +16,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{Added, Entry, ImportResult, MAX_REQUEST_BYTES, Removed, Request, Response, Stats};
+use super::{
+    Added, Entry, ImportResult, MAX_REQUEST_BYTES, Ready, Removed, Request, Response, Stats, packed,
+};
 use crate::{
     daemon::State,
     kernel::{KernelError, NewRule, Upsert, clock, rules},
@@ -123,6 +125,30 @@ async fn connection(stream: UnixStream, state: Arc<State>) {
             return;
         } else {
             match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::ImportPacked {
+                    list,
+                    v4,
+                    v6,
+                    ttl_ms,
+                    reason,
+                }) => {
+                    let header = PackedHeader {
+                        list,
+                        v4,
+                        v6,
+                        ttl_ms,
+                        reason,
+                    };
+                    match import_packed(&state, header, &mut reader, &mut write).await {
+                        Ok(response) => response,
+                        // The body was not read whole: the stream cannot
+                        // be resynchronised.
+                        Err(response) => {
+                            let _ = write_response(&mut write, &response).await;
+                            return;
+                        }
+                    }
+                }
                 Ok(request) => {
                     let state = state.clone();
                     tokio::task::spawn_blocking(move || handle(&state, request))
@@ -136,6 +162,75 @@ async fn connection(stream: UnixStream, state: Arc<State>) {
             return;
         }
     }
+}
+
+/// The request line of an `import_packed`.
+struct PackedHeader {
+    list: RuleList,
+    v4: u32,
+    v6: u32,
+    ttl_ms: Option<u64>,
+    reason: Option<String>,
+}
+
+/// Serves an `import_packed`: checks the request line, asks for the body,
+/// reads it whole, then checks every record and imports them at once.
+/// `Err` when the connection must be closed after the answer (the body was
+/// announced but not read).
+async fn import_packed(
+    state: &Arc<State>,
+    header: PackedHeader,
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Result<Response, Response> {
+    let PackedHeader {
+        list,
+        v4,
+        v6,
+        ttl_ms,
+        reason,
+    } = header;
+    // Refused before the body is sent: nothing to skip, the connection
+    // stays usable.
+    let rule = match packed::body_len(v4, v6)
+        .map_err(|e| e.to_string())
+        .and_then(|len| new_rule(state, ttl_ms, reason).map(|rule| (len, rule)))
+    {
+        Ok(ok) => ok,
+        Err(error) => {
+            state.metrics.update(list, SOURCE_ADMIN, "invalid", 1);
+            return Ok(failure(error));
+        }
+    };
+    let (body_bytes, rule) = rule;
+    if write_response(write, &success(Ready { body_bytes }))
+        .await
+        .is_err()
+    {
+        return Err(failure("cannot answer the request line"));
+    }
+    let mut body = vec![0u8; body_bytes];
+    match tokio::time::timeout(IDLE_TIMEOUT, reader.read_exact(&mut body)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => return Err(failure(format!("cannot read the body: {error}"))),
+        Err(_) => return Err(failure("no complete body within the idle timeout")),
+    }
+    let state = state.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        match packed::decode(v4, v6, &body, list) {
+            Ok(prefixes) => {
+                // The body is no longer needed while the maps are written.
+                drop(body);
+                apply_import(&state, list, &prefixes, &rule)
+            }
+            Err(error) => {
+                state.metrics.update(list, SOURCE_ADMIN, "invalid", 1);
+                failure(error.to_string())
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| failure(format!("internal error: {e}"))))
 }
 
 async fn write_response(
@@ -196,6 +291,10 @@ pub fn handle(state: &State, request: Request) -> Response {
             ttl_ms,
             reason,
         } => import(state, list, &prefixes, ttl_ms, reason),
+        // Its body follows on the connection, which serves it.
+        Request::ImportPacked { .. } => {
+            failure("import_packed is served on a connection, with its body")
+        }
         Request::Remove { list, prefix } => remove(state, list, &prefix),
         Request::List { list } => entries(state, list),
         Request::WatchAdd {
@@ -291,20 +390,32 @@ fn import(
             }
         }
     }
-    let ttl = match ttl(state, ttl_ms).and_then(|t| check_reason(reason.as_deref()).map(|()| t)) {
-        Ok(t) => t,
+    let rule = match new_rule(state, ttl_ms, reason) {
+        Ok(rule) => rule,
         Err(error) => {
             state.metrics.update(list, SOURCE_ADMIN, "invalid", 1);
-            return failure(error.to_string());
+            return failure(error);
         }
     };
-    let rule = NewRule {
+    apply_import(state, list, &parsed, &rule)
+}
+
+/// The rule an import writes: its TTL and reason checked.
+fn new_rule(state: &State, ttl_ms: Option<u64>, reason: Option<String>) -> Result<NewRule, String> {
+    let ttl = ttl(state, ttl_ms)
+        .and_then(|t| check_reason(reason.as_deref()).map(|()| t))
+        .map_err(|e| e.to_string())?;
+    Ok(NewRule {
         ttl,
         source: SOURCE_ADMIN.to_owned(),
         reason: reason.unwrap_or_default(),
-    };
+    })
+}
+
+/// Writes checked prefixes and answers with what happened, counting it.
+fn apply_import(state: &State, list: RuleList, parsed: &[IpNet], rule: &NewRule) -> Response {
     let mut kernel = state.lock_kernel();
-    let imported = kernel.tables.import(list, &parsed, &rule);
+    let imported = kernel.tables.import(list, parsed, rule);
     state.metrics.set_entries(&kernel.tables);
     drop(kernel);
     state

@@ -673,15 +673,27 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
     /// map gets their entries in one batch; then, up to the first that
     /// could not be written, each is linked in input order and each known
     /// one replaced in place. Nothing past that point is left behind.
+    #[cfg(test)]
     pub fn write_many(
         &mut self,
         items: &[(u32, u8)],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>) {
+        self.write_many_as(items, values, false)
+    }
+
+    /// `write_many`; `fresh`: the items are distinct and none is present,
+    /// which spares looking each one up twice.
+    fn write_many_as(
+        &mut self,
+        items: &[(u32, u8)],
+        values: &[RuleValue],
+        fresh: bool,
+    ) -> (usize, Option<io::Error>) {
         if let Err(e) = self.map_all() {
             return (0, Some(io_of(e)));
         }
-        let written = self.write_many_mapped(items, values);
+        let written = self.write_many_mapped(items, values, fresh);
         self.unmap_if_empty();
         written
     }
@@ -690,6 +702,7 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         &mut self,
         items: &[(u32, u8)],
         values: &[RuleValue],
+        fresh: bool,
     ) -> (usize, Option<io::Error>) {
         enum Plan {
             Known(u32),
@@ -700,12 +713,14 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
         let mut error = None;
         let mut plans = Vec::with_capacity(count);
         let mut pending: FastMap<u64, u32> = FastMap::default();
-        pending.reserve(count);
+        if !fresh {
+            pending.reserve(count);
+        }
         self.by_key.reserve(count);
         self.nodes.reserve(count);
         for (position, &(network, len)) in items[..count].iter().enumerate() {
             let k = key(network, len);
-            if let Some(&index) = self.by_key.get(&k).or_else(|| pending.get(&k)) {
+            if !fresh && let Some(&index) = self.by_key.get(&k).or_else(|| pending.get(&k)) {
                 plans.push(Plan::Known(index));
                 continue;
             }
@@ -714,7 +729,9 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
                 error = Some(full());
                 break;
             };
-            pending.insert(k, index);
+            if !fresh {
+                pending.insert(k, index);
+            }
             self.write_rule(index, network, len, &values[position]);
             self.nodes[index as usize] = Node {
                 network,
@@ -740,7 +757,8 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
                 }
             }
         }
-        let (written, long_error) = self.long.insert_batch(&long_keys, &long_values);
+        // New rules have no long entry yet (`repair` made the map exact).
+        let (written, long_error) = self.long.insert_new_batch(&long_keys, &long_values);
         if written < long_keys.len() {
             stop = stop.min(long_positions[written]);
             error = long_error.or_else(|| Some(io::Error::other("long-prefix batch stopped")));
@@ -765,6 +783,27 @@ impl<L: Table<LongKey4, u32>> Prefix4Index<L> {
             }
         }
         (stop, error)
+    }
+
+    /// [`RuleMap::update_batch`] of IPv4 prefixes; a prefix of the other
+    /// family stops it.
+    fn write_prefixes(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+        fresh: bool,
+    ) -> (usize, Option<io::Error>) {
+        let mut items = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            match parts(prefix) {
+                Ok(item) => items.push(item),
+                Err(e) => {
+                    let (written, error) = self.write_many_as(&items, values, fresh);
+                    return (written, error.or(Some(io_of(e))));
+                }
+            }
+        }
+        self.write_many_as(&items, values, fresh)
     }
 
     /// Every rule with its value.
@@ -806,17 +845,15 @@ impl<L: Table<LongKey4, u32>> RuleMap for Prefix4Index<L> {
         prefixes: &[IpNet],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>) {
-        let mut items = Vec::with_capacity(prefixes.len());
-        for prefix in prefixes {
-            match parts(prefix) {
-                Ok(item) => items.push(item),
-                Err(e) => {
-                    let (written, error) = self.write_many(&items, values);
-                    return (written, error.or(Some(io_of(e))));
-                }
-            }
-        }
-        self.write_many(&items, values)
+        self.write_prefixes(prefixes, values, false)
+    }
+
+    fn insert_new_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        self.write_prefixes(prefixes, values, true)
     }
 
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {

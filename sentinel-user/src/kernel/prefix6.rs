@@ -242,10 +242,22 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
     }
 
     /// Adds or replaces many prefixes with batched map updates, in order.
+    #[cfg(test)]
     pub fn write_many(
         &mut self,
         items: &[(u128, u8)],
         values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        self.write_many_as(items, values, false)
+    }
+
+    /// `write_many`; `fresh`: none of `items` is present, so the prefix map
+    /// may write them on several threads.
+    fn write_many_as(
+        &mut self,
+        items: &[(u128, u8)],
+        values: &[RuleValue],
+        fresh: bool,
     ) -> (usize, Option<io::Error>) {
         let count = items.len().min(values.len());
         let keys: Vec<PrefixKey6> = items[..count].iter().map(|(n, l)| key_of(*n, *l)).collect();
@@ -260,7 +272,12 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         if let Err(e) = self.filter.ensure_mapped() {
             return (0, Some(io::Error::other(e.to_string())));
         }
-        let (written, error) = self.prefixes.insert_batch(&keys, &values);
+        let (written, error) = if fresh {
+            self.prefixes.insert_new_batch(&keys, &values)
+        } else {
+            self.prefixes.insert_batch(&keys, &values)
+        };
+        self.present.reserve(written);
         for &(network, len) in &items[..written] {
             if self.present.insert((network, len)) {
                 let change = self.count(network, len, 1);
@@ -269,6 +286,30 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         }
         self.unmap_if_empty();
         (written, error)
+    }
+
+    /// [`RuleMap::update_batch`] of IPv6 prefixes; a prefix of the other
+    /// family stops it.
+    fn write_prefixes(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+        fresh: bool,
+    ) -> (usize, Option<io::Error>) {
+        let mut items = Vec::with_capacity(prefixes.len());
+        for prefix in prefixes {
+            match parts(prefix) {
+                Ok(item) => items.push(item),
+                Err(_) => {
+                    let (written, error) = self.write_many_as(&items, values, fresh);
+                    return (
+                        written,
+                        error.or(Some(io::Error::from_raw_os_error(libc::EAFNOSUPPORT))),
+                    );
+                }
+            }
+        }
+        self.write_many_as(&items, values, fresh)
     }
 
     /// The lengths the program probes, as 128-bit masks: those under /32
@@ -318,20 +359,15 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
         prefixes: &[IpNet],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>) {
-        let mut items = Vec::with_capacity(prefixes.len());
-        for prefix in prefixes {
-            match parts(prefix) {
-                Ok(item) => items.push(item),
-                Err(_) => {
-                    let (written, error) = self.write_many(&items, values);
-                    return (
-                        written,
-                        error.or(Some(io::Error::from_raw_os_error(libc::EAFNOSUPPORT))),
-                    );
-                }
-            }
-        }
-        self.write_many(&items, values)
+        self.write_prefixes(prefixes, values, false)
+    }
+
+    fn insert_new_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        self.write_prefixes(prefixes, values, true)
     }
 
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {

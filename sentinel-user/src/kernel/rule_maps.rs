@@ -13,7 +13,7 @@ use sentinel_common::{Meta, RuleValue};
 
 use super::{
     sys::batch_unsupported,
-    table::{lookup_all, update_batch},
+    table::{insert_new_batch, lookup_all, update_batch},
 };
 
 /// Operations the rule tables need from one store. Keys are prefixes; each
@@ -33,6 +33,16 @@ pub trait RuleMap: Send {
         prefixes: &[IpNet],
         values: &[RuleValue],
     ) -> (usize, Option<io::Error>);
+    /// As [`RuleMap::update_batch`], for prefixes known to be absent from
+    /// the store: hash maps write them on several threads
+    /// ([`super::table::insert_new_batch`]).
+    fn insert_new_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        self.update_batch(prefixes, values)
+    }
     /// Every entry, read in bulk (thousands per syscall, or none at all for
     /// stores the daemon reads through mmap).
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError>;
@@ -122,7 +132,7 @@ impl<K: Pod> HostMap<K> {
     }
 }
 
-impl<K: Pod + Send> RuleMap for HostMap<K> {
+impl<K: Pod + Send + Sync> RuleMap for HostMap<K> {
     fn get(&self, prefix: &IpNet) -> Result<Option<RuleValue>, MapError> {
         match self.map.get(&(self.key)(prefix), 0) {
             Ok(value) => Ok(Some(value)),
@@ -146,6 +156,15 @@ impl<K: Pod + Send> RuleMap for HostMap<K> {
     ) -> (usize, Option<io::Error>) {
         let keys: Vec<K> = prefixes.iter().map(|p| (self.key)(p)).collect();
         update_batch(self.map.map().fd().as_fd(), &keys, values)
+    }
+
+    fn insert_new_batch(
+        &mut self,
+        prefixes: &[IpNet],
+        values: &[RuleValue],
+    ) -> (usize, Option<io::Error>) {
+        let keys: Vec<K> = prefixes.iter().map(|p| (self.key)(p)).collect();
+        insert_new_batch(self.map.map().fd().as_fd(), &keys, values)
     }
 
     fn dump(&self) -> Result<Vec<(IpNet, RuleValue)>, MapError> {

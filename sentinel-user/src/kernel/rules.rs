@@ -175,6 +175,10 @@ pub struct Imported {
 /// Elements per batch syscall: bounds the copy of values in flight.
 const BATCH: usize = 8192;
 
+/// Elements per chunk of new entries: enough for several threads to write
+/// side by side, with 9 MB of values in flight.
+const FRESH_CHUNK: usize = 8 * BATCH;
+
 fn is_errno(error: &MapError, errno: i32) -> bool {
     match error {
         MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(errno),
@@ -437,6 +441,16 @@ impl RuleTables {
         // unmarked again.
         let mut fresh: [Vec<IpNet>; 8] = Default::default();
         let mut existing = Vec::new();
+        // Sized once: growing sets of a million prefixes rehashes them
+        // again and again.
+        let mut per_slot = [0usize; 8];
+        for prefix in prefixes {
+            per_slot[Slot::of(list, prefix) as usize] += 1;
+        }
+        for slot in Slot::ALL {
+            self.present[slot as usize].reserve(per_slot[slot as usize]);
+            fresh[slot as usize].reserve(per_slot[slot as usize]);
+        }
         for prefix in prefixes {
             let slot = Slot::of(list, prefix);
             if self.present[slot as usize].insert(*prefix) {
@@ -450,7 +464,7 @@ impl RuleTables {
             if new.is_empty() {
                 continue;
             }
-            let (written, stop) = write_all(self.maps[slot as usize].as_mut(), new, |p| {
+            let (written, stop) = write_all(self.maps[slot as usize].as_mut(), new, true, |p| {
                 let mut value = template;
                 value.prefix_len = u32::from(p.prefix_len());
                 value
@@ -567,7 +581,7 @@ impl RuleTables {
                 })?
                 .into_iter()
                 .collect();
-        let (written, stop) = write_all(self.maps[slot as usize].as_mut(), prefixes, |p| {
+        let (written, stop) = write_all(self.maps[slot as usize].as_mut(), prefixes, false, |p| {
             let mut value = *template;
             value.prefix_len = u32::from(p.prefix_len());
             if let Some(old) = current.get(p) {
@@ -628,20 +642,27 @@ enum BatchStop {
     Error(MapError),
 }
 
-/// Writes `prefixes`, each with `value(prefix)`, in batches. Returns how
-/// many were written (a prefix of `prefixes`) and why it stopped early, if
-/// it did.
+/// Writes `prefixes`, each with `value(prefix)`, in batches. `fresh`: none
+/// of them is in the map, which may then write them on several threads
+/// ([`RuleMap::insert_new_batch`]), in larger chunks. Returns how many were
+/// written (a prefix of `prefixes`) and why it stopped early, if it did.
 fn write_all(
     map: &mut dyn RuleMap,
     prefixes: &[IpNet],
+    fresh: bool,
     value: impl Fn(&IpNet) -> RuleValue,
 ) -> (usize, Option<BatchStop>) {
     let mut written = 0;
     let mut batch_ok = true;
-    for chunk in prefixes.chunks(BATCH) {
+    let chunk_len = if fresh { FRESH_CHUNK } else { BATCH };
+    for chunk in prefixes.chunks(chunk_len) {
         let values: Vec<RuleValue> = chunk.iter().map(&value).collect();
         if batch_ok {
-            let (done, error) = map.update_batch(chunk, &values);
+            let (done, error) = if fresh {
+                map.insert_new_batch(chunk, &values)
+            } else {
+                map.update_batch(chunk, &values)
+            };
             written += done;
             match error {
                 None => continue,

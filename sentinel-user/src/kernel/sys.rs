@@ -7,6 +7,7 @@ use std::io;
 
 pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 
 /// The `test` member of `union bpf_attr`, for `BPF_PROG_TEST_RUN`.

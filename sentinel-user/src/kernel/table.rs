@@ -25,6 +25,11 @@ pub trait Table<K, V>: Send {
     /// can; returns how many were written (a prefix of `keys`) and the
     /// error that stopped it.
     fn insert_batch(&mut self, keys: &[K], values: &[V]) -> (usize, Option<io::Error>);
+    /// As [`Table::insert_batch`], for keys known to be absent: a kernel
+    /// map writes them on several threads ([`insert_new_batch`]).
+    fn insert_new_batch(&mut self, keys: &[K], values: &[V]) -> (usize, Option<io::Error>) {
+        self.insert_batch(keys, values)
+    }
     /// Every entry.
     fn entries(&self) -> Result<Vec<(K, V)>, MapError>;
     fn capacity(&self) -> u32;
@@ -49,7 +54,7 @@ fn io_of(error: MapError) -> io::Error {
     }
 }
 
-impl<K: Pod + Send, V: Pod + Send> Table<K, V> for KernelTable<K, V> {
+impl<K: Pod + Send + Sync, V: Pod + Send + Sync> Table<K, V> for KernelTable<K, V> {
     fn get(&self, key: &K) -> Result<Option<V>, MapError> {
         match self.map.get(key, 0) {
             Ok(value) => Ok(Some(value)),
@@ -80,6 +85,15 @@ impl<K: Pod + Send, V: Pod + Send> Table<K, V> for KernelTable<K, V> {
                 (count, None)
             }
             other => (done, other),
+        }
+    }
+
+    fn insert_new_batch(&mut self, keys: &[K], values: &[V]) -> (usize, Option<io::Error>) {
+        let count = keys.len().min(values.len());
+        match insert_new_batch(self.map.map().fd().as_fd(), &keys[..count], values) {
+            // One by one, as `insert_batch` falls back.
+            (0, Some(e)) if batch_unsupported(&e) => self.insert_batch(keys, values),
+            other => other,
         }
     }
 
@@ -134,6 +148,121 @@ pub fn update_batch<K: Copy, V: Copy>(
             (written.min(count), Some(error))
         }
     }
+}
+
+/// Elements per `BPF_MAP_UPDATE_BATCH` call of [`insert_new_batch`]: the
+/// kernel copies each element in and out of its own buffer, so larger
+/// calls only delay the check for a signal.
+const CALL_BATCH: usize = 8192;
+
+/// Elements below which [`insert_new_batch`] stays on one thread: a
+/// thread costs tens of microseconds, a batch of this size milliseconds.
+const PARALLEL_FROM: usize = 2 * CALL_BATCH;
+
+/// Writes entries whose keys are absent from the map, with the result of
+/// [`update_batch`], on up to four threads that each write a contiguous
+/// part with `BPF_MAP_UPDATE_BATCH` calls. The kernel's hash maps lock per
+/// bucket (`htab_lock_bucket` in kernel/bpf/hashtab.c) and allocate
+/// elements from per-CPU caches, so the parts are written side by side:
+/// on a million entries, the kernel's work is most of an import.
+///
+/// When a part stops early (a full map, say), the entries that later parts
+/// wrote are deleted again with `BPF_MAP_DELETE_BATCH`, so that what stays
+/// written is a prefix of `keys`, as on one thread; deleting them is right
+/// because they were absent before. If that fails too, its error is the
+/// one returned.
+pub fn insert_new_batch<K: Copy + Sync, V: Copy + Sync>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> (usize, Option<io::Error>) {
+    let count = keys.len().min(values.len());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(count / PARALLEL_FROM)
+        .max(1);
+    let write_part = |range: std::ops::Range<usize>| {
+        let mut done = 0;
+        for start in range.clone().step_by(CALL_BATCH) {
+            let end = (start + CALL_BATCH).min(range.end);
+            let (n, error) = update_batch(fd, &keys[start..end], &values[start..end]);
+            done += n;
+            if error.is_some() {
+                return (done, error);
+            }
+        }
+        (done, None)
+    };
+    if threads == 1 {
+        return write_part(0..count);
+    }
+    let per = count.div_ceil(threads);
+    let ranges: Vec<_> = (0..threads)
+        .map(|i| i * per..((i + 1) * per).min(count))
+        .collect();
+    let results: Vec<(usize, Option<io::Error>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|range| {
+                let range = range.clone();
+                scope.spawn(move || write_part(range))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (0, Some(io::Error::other("a batch thread panicked"))))
+            })
+            .collect()
+    });
+    let mut written = 0;
+    let mut stop = None;
+    let mut taken_out = false;
+    for (range, (done, error)) in ranges.iter().zip(results) {
+        match &stop {
+            None => {
+                written += done;
+                if error.is_some() {
+                    stop = error;
+                }
+            }
+            // Past the stop: take this part's entries out again.
+            Some(_) if done > 0 => {
+                let part = &keys[range.start..range.start + done];
+                if let Err(e) = delete_batch(fd, part) {
+                    tracing::warn!(error = %e, entries = done, "cannot remove entries written past a failed batch");
+                    return (written, Some(e));
+                }
+                taken_out = true;
+            }
+            Some(_) => {}
+        }
+    }
+    if taken_out {
+        // What was taken out made room (a full map is the usual stop):
+        // carry on in order, as one thread would have.
+        let (more, error) = write_part(written..count);
+        return (written + more, error);
+    }
+    (written, stop)
+}
+
+/// `BPF_MAP_DELETE_BATCH` of every key in `keys` (kernel 5.6+).
+pub fn delete_batch<K: Copy>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    for chunk in keys.chunks(CALL_BATCH) {
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: `attr` points at `count` contiguous keys that outlive
+        // the call; the kernel reads them and writes back `count`.
+        unsafe { sys::bpf(sys::BPF_MAP_DELETE_BATCH, &mut attr) }?;
+    }
+    Ok(())
 }
 
 /// Reads every entry with `BPF_MAP_LOOKUP_BATCH`, `LOOKUP_CHUNK` at a time.
