@@ -114,8 +114,14 @@ pub mod filter {
     /// Set in a slot when a host (/128) of the list has a top 32 bits that
     /// hash to it.
     pub const HOST: u32 = 1 << 31;
-    /// Classes of prefix lengths: bits 0 to 30 of a slot.
-    pub const CLASSES: u32 = 31;
+    /// Set in a slot whose prefixes (from /32) all have one length: bits 0
+    /// to 6 are then that length, and the slot names exactly one probe.
+    /// Clear: bits 0 to 29 are classes of lengths.
+    pub const EXACT: u32 = 1 << 30;
+    /// The length of an [`EXACT`] slot.
+    pub const LENGTH: u32 = 0x7f;
+    /// Classes of prefix lengths: bits 0 to 29 of a slot without [`EXACT`].
+    pub const CLASSES: u32 = 30;
     /// The shortest length the filter describes; shorter prefixes are
     /// probed for every address ([`super::Prefix6Meta::always`]).
     pub const FIRST_LEN: u32 = 32;
@@ -123,8 +129,8 @@ pub mod filter {
     pub const MIN_BITS: u32 = 16;
     pub const MAX_BITS: u32 = 24;
 
-    /// The class of a length from 32 to 127: lengths 31 apart share one
-    /// (32, 63, 94 and 125 are class 0; 64, 95 and 126 class 1; ...), so
+    /// The class of a length from 32 to 127: lengths 30 apart share one
+    /// (32, 62, 92 and 122 are class 0; 64, 94 and 124 class 2; ...), so
     /// that the lengths a slot's classes stand for are the slot's bits
     /// shifted to four places ([`spread`]), with no loop.
     pub const fn class_of(len: u32) -> u32 {
@@ -132,11 +138,47 @@ pub mod filter {
     }
 
     /// Every length (as a 128-bit mask, `[0-63, 64-127]`) of the classes
-    /// set in `classes` (bits 0 to 30): the class bits moved to lengths
-    /// 32, 63, 94 and 125 and up.
+    /// set in `classes` (bits 0 to 29): the class bits moved to lengths
+    /// 32, 62, 92 and 122 and up.
     pub const fn spread(classes: u32) -> [u64; 2] {
         let c = (classes & ((1 << CLASSES) - 1)) as u64;
-        [(c << 32) | (c << 63), (c >> 1) | (c << 30) | (c << 61)]
+        [(c << 32) | (c << 62), (c >> 2) | (c << 28) | (c << 58)]
+    }
+
+    /// The lengths (as [`spread`] gives them) that the prefix part of a
+    /// slot names: its one length when [`EXACT`], else its classes'
+    /// lengths. The host bit names none. Branch-free but for the one test
+    /// of [`EXACT`].
+    pub const fn lengths_of(slot: u32) -> [u64; 2] {
+        if slot & EXACT == 0 {
+            return spread(slot);
+        }
+        let len = slot & LENGTH;
+        let bit = 1u64 << (len & 63);
+        let upper = (len >> 6) as u64;
+        [bit & upper.wrapping_sub(1), bit & upper.wrapping_neg()]
+    }
+
+    /// A slot's value once a prefix length `len` (32 to 127) that no
+    /// prefix of the slot had yet is added: a slot without prefixes
+    /// becomes [`EXACT`] for `len`; a second length turns it into classes.
+    /// The host bit is kept. The result depends only on the set of
+    /// lengths added, not their order, so a slot can be rebuilt by folding
+    /// its lengths in any order.
+    pub const fn with_length(slot: u32, len: u32) -> u32 {
+        let part = slot & !HOST;
+        let part = if part == 0 {
+            EXACT | len
+        } else if part & EXACT != 0 {
+            if part & LENGTH == len {
+                part
+            } else {
+                (1 << class_of(part & LENGTH)) | (1 << class_of(len))
+            }
+        } else {
+            part | (1 << class_of(len))
+        };
+        (slot & HOST) | part
     }
 
     /// Index bits of the filter of a list of `capacity` entries: about
@@ -294,7 +336,7 @@ pub struct Prefix6Meta {
     /// under /32, which the filter cannot describe.
     pub always: [u64; 2],
     /// The list's lengths from /32 to /127, same mask: what the lengths of
-    /// a slot's classes ([`filter::spread`]) are narrowed to.
+    /// a slot's lengths ([`filter::lengths_of`]) are narrowed to.
     pub lengths: [u64; 2],
 }
 
@@ -357,13 +399,65 @@ mod tests {
             assert_eq!(mask, want, "class {class}");
         }
         assert_eq!(
-            filter::spread(filter::HOST),
+            filter::spread(filter::HOST | filter::EXACT),
             [0, 0],
-            "the host bit is no class"
+            "the host and exact bits are no classes"
         );
         assert_eq!(filter::class_of(32), 0);
-        assert_eq!(filter::class_of(125), 0);
-        assert_eq!(filter::class_of(127), 2);
+        assert_eq!(filter::class_of(122), 0);
+        assert_eq!(filter::class_of(127), 5);
+    }
+
+    fn wide(m: [u64; 2]) -> u128 {
+        u128::from(m[0]) | (u128::from(m[1]) << 64)
+    }
+
+    #[test]
+    fn a_slot_of_one_length_names_only_that_length() {
+        for len in filter::FIRST_LEN..128 {
+            let slot = filter::with_length(0, len);
+            assert_eq!(slot, filter::EXACT | len);
+            assert_eq!(wide(filter::lengths_of(slot)), 1 << len, "/{len}");
+            let host = filter::with_length(filter::HOST, len);
+            assert_eq!(host, filter::HOST | filter::EXACT | len);
+            assert_eq!(wide(filter::lengths_of(host & !filter::HOST)), 1 << len);
+            assert_eq!(
+                filter::with_length(slot, len),
+                slot,
+                "the same length again"
+            );
+        }
+    }
+
+    #[test]
+    fn slots_of_several_lengths_name_at_least_those_in_any_order() {
+        let sets: [&[u32]; 4] = [
+            &[64, 48],
+            &[32, 62, 92, 122],
+            &[127, 33, 64, 100, 101],
+            &[96, 126],
+        ];
+        for set in sets {
+            let mut want = 0u128;
+            let mut forward = 0;
+            for &len in set {
+                forward = filter::with_length(forward, len);
+                want |= 1 << len;
+            }
+            let backward = set.iter().rev().fold(0, |s, &l| filter::with_length(s, l));
+            assert_eq!(forward, backward, "{set:?}");
+            assert_eq!(forward & filter::EXACT, 0, "{set:?}");
+            let named = wide(filter::lengths_of(forward));
+            assert_eq!(named & want, want, "{set:?}: every length is named");
+            // Only the lengths of the set's classes.
+            let classes = (filter::FIRST_LEN..128)
+                .filter(|l| {
+                    set.iter()
+                        .any(|s| filter::class_of(*s) == filter::class_of(*l))
+                })
+                .fold(0u128, |m, l| m | 1 << l);
+            assert_eq!(named, classes, "{set:?}");
+        }
     }
 
     #[test]

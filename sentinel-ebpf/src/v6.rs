@@ -168,9 +168,10 @@ fn filter_slot(map: &Array<[u32; 256]>, bits: u32, top: u32) -> u32 {
 /// The longest live IPv6 prefix covering the address (`hi`, `lo`); records
 /// the hit on it.
 ///
-/// The candidate lengths, as a 128-bit mask, are the lengths of the slot's
-/// classes that the list has, and the lengths under /32 the list has: a few
-/// shifts and masks. Then one probe per candidate, longest first; an
+/// The candidate lengths, as a 128-bit mask, are the lengths the slot names
+/// that the list has (the slot's one length, or the lengths of its
+/// classes), and the lengths under /32 the list has: a few shifts and
+/// masks. Then one probe per candidate, longest first; an
 /// expired prefix does not stop the search. The first probe (nearly always
 /// the only one) runs inline; any others run under `bpf_loop`: as a plain
 /// loop, the verifier would walk all 128 iterations of it for every state
@@ -186,14 +187,14 @@ fn v6_prefix_match<M: V6Maps>(
     lo: u64,
     now: &mut u64,
 ) -> bool {
-    let [spread_low, spread_high] = filter::spread(slot & !filter::HOST);
+    let [named_low, named_high] = filter::lengths_of(slot & !filter::HOST);
     // SAFETY: `meta` points inside the `SENTINEL_META` value.
     let (lengths, always) = unsafe { ((*meta).lengths, (*meta).always) };
     let mut search = Search {
         hi,
         lo,
-        high: (spread_high & lengths[1]) | always[1],
-        low: (spread_low & lengths[0]) | always[0],
+        high: (named_high & lengths[1]) | always[1],
+        low: (named_low & lengths[0]) | always[0],
         now: *now,
         found: 0,
     };

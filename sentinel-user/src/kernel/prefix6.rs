@@ -2,12 +2,14 @@
 //! keyed by (length, network) (laid out as `sentinel_common::prefix`
 //! describes), and the counts that keep the filter exact.
 //!
-//! A filter bit stays set while at least one entry sets it: the daemon
-//! counts, per slot and bit, the prefixes (one bit per class of lengths)
-//! and the hosts (the host bit) that hash there. The program only ever
-//! probes what a bit names, so a bit set too many is a wasted probe and a
-//! bit missing would hide entries: bits are set after the entry is written
-//! and cleared after it is removed. The prefix map is the truth the filter
+//! A slot names the lengths of the prefixes whose top 32 bits hash there
+//! (the one length exactly when they all have one, else their classes),
+//! and has its host bit set while a host hashes there: the daemon counts,
+//! per slot and length, the prefixes and hosts (length 128) that hash
+//! there. The program only ever probes what a slot names, so a length
+//! named too many is a wasted probe and a length missing would hide
+//! entries: a slot gains a length after the entry is written and loses it
+//! after it is removed. The prefix map is the truth the filter
 //! is rebuilt from at start ([`Prefix6Index::open`] for prefixes,
 //! [`RuleMap::restore_hosts`] for hosts).
 
@@ -30,8 +32,16 @@ use super::{
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-/// Position of the host bit in a slot.
-const HOST_BIT: u32 = 31;
+/// The length counted for hosts.
+const HOST_LEN: u8 = 128;
+
+/// A change of one slot: a length (or the host length) that its first
+/// entry just gained, or that its last entry just lost.
+#[derive(Clone, Copy)]
+enum Change {
+    Gained(u32, u8),
+    Lost(u32, u8),
+}
 
 fn parts(prefix: &IpNet) -> Result<(u128, u8), MapError> {
     match prefix {
@@ -51,6 +61,11 @@ fn mask(len: u8) -> u128 {
     }
 }
 
+/// The key of `counts` for a slot and a length.
+fn count_key(slot: u32, len: u8) -> u64 {
+    (u64::from(slot) << 8) | u64::from(len)
+}
+
 /// The top 32 bits of an address, host byte order.
 fn top(network: u128) -> u32 {
     (network >> 96) as u32
@@ -62,7 +77,8 @@ pub struct Prefix6Index<P> {
     filter: Region<u32>,
     prefixes: P,
     present: FastSet<(u128, u8)>,
-    /// (slot << 5 | bit) -> entries setting that bit of that slot.
+    /// (slot << 8 | length) -> entries of that length (128: hosts) hashing
+    /// to that slot; lengths from /32 only.
     counts: FastMap<u64, u32>,
     /// Prefixes per length (/0 to /127).
     lengths: [u32; 128],
@@ -121,32 +137,19 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         self.present.len()
     }
 
-    /// The slot and bit an entry of `len` bits sets; `None` under /32
-    /// (those are probed for every address).
-    fn bit_of(&self, network: u128, len: u8) -> Option<(u32, u32)> {
-        let len = u32::from(len);
-        if len < filter::FIRST_LEN {
-            return None;
-        }
-        let slot = filter::slot_of(top(network), self.bits);
-        let bit = if len == 128 {
-            HOST_BIT
-        } else {
-            filter::class_of(len)
-        };
-        Some((slot, bit))
-    }
-
     /// Adds `delta` (+1 or -1) to the counts of a prefix (`len` < 128) or
-    /// host (`len` 128); returns the slot whose bit must change, if any:
-    /// `(slot, bit, set)`.
-    fn count(&mut self, network: u128, len: u8, delta: i32) -> Option<(u32, u32, bool)> {
-        if len < 128 {
+    /// host (`len` 128); returns the slot change it makes, if any. Lengths
+    /// under /32 have no slot (they are probed for every address).
+    fn count(&mut self, network: u128, len: u8, delta: i32) -> Option<Change> {
+        if len < HOST_LEN {
             let n = &mut self.lengths[len as usize];
             *n = n.saturating_add_signed(delta);
         }
-        let (slot, bit) = self.bit_of(network, len)?;
-        let key = (u64::from(slot) << 5) | u64::from(bit);
+        if u32::from(len) < filter::FIRST_LEN {
+            return None;
+        }
+        let slot = filter::slot_of(top(network), self.bits);
+        let key = count_key(slot, len);
         let n = self.counts.entry(key).or_insert(0);
         let before = *n;
         *n = n.saturating_add_signed(delta);
@@ -155,23 +158,37 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
             self.counts.remove(&key);
         }
         match (before, after) {
-            (0, 1..) => Some((slot, bit, true)),
-            (1.., 0) => Some((slot, bit, false)),
+            (0, 1..) => Some(Change::Gained(slot, len)),
+            (1.., 0) => Some(Change::Lost(slot, len)),
             _ => None,
         }
     }
 
-    fn flip(&self, change: Option<(u32, u32, bool)>) {
-        if let Some((slot, bit, set)) = change {
-            let slot = slot as usize;
-            let value = self.filter.load(slot);
-            let value = if set {
-                value | (1 << bit)
-            } else {
-                value & !(1 << bit)
-            };
-            self.filter.store(slot, value);
-        }
+    /// Writes a slot change. A lost prefix length rebuilds the slot's
+    /// prefix part from the counts of the lengths the list still has.
+    fn apply(&self, change: Option<Change>) {
+        let Some(change) = change else { return };
+        let (slot, value) = match change {
+            Change::Gained(slot, HOST_LEN) => {
+                (slot, self.filter.load(slot as usize) | filter::HOST)
+            }
+            Change::Lost(slot, HOST_LEN) => (slot, self.filter.load(slot as usize) & !filter::HOST),
+            Change::Gained(slot, len) => (
+                slot,
+                filter::with_length(self.filter.load(slot as usize), u32::from(len)),
+            ),
+            Change::Lost(slot, _) => {
+                let host = self.filter.load(slot as usize) & filter::HOST;
+                let value = (filter::FIRST_LEN as u8..HOST_LEN)
+                    .filter(|&l| {
+                        self.lengths[l as usize] != 0
+                            && self.counts.contains_key(&count_key(slot, l))
+                    })
+                    .fold(host, |value, l| filter::with_length(value, u32::from(l)));
+                (slot, value)
+            }
+        };
+        self.filter.store(slot as usize, value);
     }
 
     /// Rewrites every slot from the counts.
@@ -183,8 +200,11 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         }
         let mut want = vec![0u32; self.filter.len()];
         for key in self.counts.keys() {
-            let (slot, bit) = ((key >> 5) as usize, (key & 31) as u32);
-            want[slot] |= 1 << bit;
+            let (slot, len) = ((key >> 8) as usize, (key & 0xff) as u8);
+            want[slot] = match len {
+                HOST_LEN => want[slot] | filter::HOST,
+                len => filter::with_length(want[slot], u32::from(len)),
+            };
         }
         self.filter.ensure_mapped()?;
         self.filter.sync(Some(&want))?;
@@ -220,7 +240,7 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
             return Ok(false);
         }
         let change = self.count(network, len, 1);
-        self.flip(change);
+        self.apply(change);
         Ok(true)
     }
 
@@ -236,7 +256,7 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         self.present.remove(&(network, len));
         // Mapped already: the index holds an entry.
         let change = self.count(network, len, -1);
-        self.flip(change);
+        self.apply(change);
         self.unmap_if_empty();
         Ok(true)
     }
@@ -281,7 +301,7 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
         for &(network, len) in &items[..written] {
             if self.present.insert((network, len)) {
                 let change = self.count(network, len, 1);
-                self.flip(change);
+                self.apply(change);
             }
         }
         self.unmap_if_empty();
@@ -401,8 +421,9 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
         self.filter.ensure_mapped()?;
         for host in hosts {
             if let IpNet::V6(net) = host {
-                let change = self.count(u128::from(net.addr()), 128, if present { 1 } else { -1 });
-                self.flip(change);
+                let delta = if present { 1 } else { -1 };
+                let change = self.count(u128::from(net.addr()), HOST_LEN, delta);
+                self.apply(change);
             }
         }
         self.unmap_if_empty();
@@ -410,11 +431,12 @@ impl<P: Table<PrefixKey6, RuleValue>> RuleMap for Prefix6Index<P> {
     }
 
     fn restore_hosts(&mut self, hosts: &[IpNet]) -> Result<(), MapError> {
-        self.counts.retain(|key, _| key & 31 != u64::from(HOST_BIT));
+        self.counts
+            .retain(|key, _| key & 0xff != u64::from(HOST_LEN));
         for host in hosts {
             if let IpNet::V6(net) = host {
                 // Counting only: the rewrite below sets the bits.
-                let _ = self.count(u128::from(net.addr()), 128, 1);
+                let _ = self.count(u128::from(net.addr()), HOST_LEN, 1);
             }
         }
         self.rewrite()

@@ -31,8 +31,8 @@ impl<P: Table<PrefixKey6, RuleValue>> Prefix6Index<P> {
             .filter
             .load(filter::slot_of(top(addr), meta.filter_bits) as usize);
         let wide = |m: [u64; 2]| u128::from(m[0]) | (u128::from(m[1]) << 64);
-        let mut candidates =
-            (wide(filter::spread(slot & !filter::HOST)) & wide(meta.lengths)) | wide(meta.always);
+        let mut candidates = (wide(filter::lengths_of(slot & !filter::HOST)) & wide(meta.lengths))
+            | wide(meta.always);
         while candidates != 0 {
             let len = 127 - candidates.leading_zeros();
             candidates &= !(1 << len);
@@ -172,15 +172,23 @@ fn check(ix: &Index, model: &Model, rng: &mut Rng, now: u64) {
         if model.hosts.contains(&a) {
             assert!(gate, "host {} not gated in", Ipv6Addr::from(a));
         }
-        // The slot is exact: a bit is set if and only if something sets it.
+        // The slot is exact: it names the lengths of the prefixes hashing
+        // there, the one length itself when they all have one.
         let slot_no = filter::slot_of(top(a), BITS);
         let slot = ix.filter().load(slot_no as usize);
-        let mut want = 0u32;
-        for &(n, l, _) in &model.prefixes {
-            if u32::from(l) >= filter::FIRST_LEN && filter::slot_of(top(n), BITS) == slot_no {
-                want |= 1 << filter::class_of(l.into());
-            }
-        }
+        let lengths: std::collections::BTreeSet<u32> = model
+            .prefixes
+            .iter()
+            .filter(|&&(n, l, _)| {
+                u32::from(l) >= filter::FIRST_LEN && filter::slot_of(top(n), BITS) == slot_no
+            })
+            .map(|&(_, l, _)| u32::from(l))
+            .collect();
+        let mut want = match lengths.len() {
+            0 => 0,
+            1 => filter::EXACT | lengths.first().copied().unwrap_or_default(),
+            _ => lengths.iter().fold(0, |m, l| m | 1 << filter::class_of(*l)),
+        };
         for &h in &model.hosts {
             if filter::slot_of(top(h), BITS) == slot_no {
                 want |= filter::HOST;
@@ -257,7 +265,7 @@ fn lengths_in_the_metadata_follow_the_entries() {
     for text in [
         "2001:db8::/29",
         "2001:db8::/48",
-        "2001:db8:1::/79",
+        "2001:db8:1::/78",
         "2001:db8::/127",
     ] {
         let (n, l) = net(text);
@@ -268,22 +276,32 @@ fn lengths_in_the_metadata_follow_the_entries() {
     assert_eq!(meta.always, [1 << 29, 0], "/29 is probed for every address");
     assert_eq!(
         meta.lengths,
-        [1 << 48, (1 << (79 - 64)) | (1 << (127 - 64))]
+        [1 << 48, (1 << (78 - 64)) | (1 << (127 - 64))]
     );
-    // /48 and /79 share class 16; /127 is class 2.
+    // /48 and /78 share class 16; /127 is class 5.
     let slot = filter::slot_of(0x2001_0db8, BITS) as usize;
-    assert_eq!(ix.filter().load(slot), (1 << 16) | (1 << 2));
+    assert_eq!(ix.filter().load(slot), (1 << 16) | (1 << 5));
     let (n, l) = net("2001:db8::/48");
     ix.delete(n, l).expect("delete");
     assert_eq!(describe(&ix).lengths[0], 0);
     // A class bit stays while another prefix of that class is in the slot.
-    assert_eq!(ix.filter().load(slot), (1 << 16) | (1 << 2));
+    assert_eq!(ix.filter().load(slot), (1 << 16) | (1 << 5));
     let (gate, found) = ix.lookup(net("2001:db8:1::1/128").0, 1);
     assert!(!gate);
-    assert_eq!(found, Some(79));
-    let (n, l) = net("2001:db8:1::/79");
+    assert_eq!(found, Some(78));
+    let (n, l) = net("2001:db8:1::/78");
     ix.delete(n, l).expect("delete");
-    assert_eq!(ix.filter().load(slot), 1 << 2, "only /127's class is left");
+    assert_eq!(
+        ix.filter().load(slot),
+        filter::EXACT | 127,
+        "one length left: the slot names it alone"
+    );
+    // A host keeps the slot's lengths.
+    let h = net("2001:db8:7::1/128").0;
+    ix.hosts_changed(&[host(h)], true).expect("hosts");
+    assert_eq!(ix.filter().load(slot), filter::HOST | filter::EXACT | 127);
+    ix.hosts_changed(&[host(h)], false).expect("hosts");
+    assert_eq!(ix.filter().load(slot), filter::EXACT | 127);
     // Below /32: found through `always`, whatever the slot.
     let (_, found) = ix.lookup(net("2001:dbf:ffff::1/128").0, 1);
     assert_eq!(found, Some(29));
@@ -333,7 +351,7 @@ fn restart_rebuilds_a_stale_filter() {
     let h = net("2001:db8:6::1/128").0;
     ix.hosts_changed(&[host(h)], true).expect("hosts");
     let slot = filter::slot_of(0x2001_0db8, BITS) as usize;
-    // A crash left the class bit unset and a junk bit elsewhere; an entry
+    // A crash left the length unset and a junk bit elsewhere; an entry
     // that cannot be a prefix sits in the map.
     ix.filter().store(slot, filter::HOST);
     ix.filter().store((slot + 1) % (1 << BITS), 1 << 3);
@@ -343,10 +361,7 @@ fn restart_rebuilds_a_stale_filter() {
     let (filter_region, map) = ix.into_parts();
     let mut ix = Prefix6Index::open(filter_region, map).expect("reopen");
     ix.restore_hosts(&[host(h)]).expect("restore");
-    assert_eq!(
-        ix.filter().load(slot),
-        filter::HOST | (1 << filter::class_of(48))
-    );
+    assert_eq!(ix.filter().load(slot), filter::HOST | filter::EXACT | 48);
     assert_eq!(ix.filter().load((slot + 1) % (1 << BITS)), 0);
     assert_eq!(ix.len(), 1, "the entry that is no prefix was dropped");
     assert!(ix.prefix_map().get(&junk).expect("get").is_none());
