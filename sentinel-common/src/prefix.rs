@@ -122,6 +122,10 @@ pub mod filter {
     pub const LENGTH: u32 = 0x7f;
     /// Classes of prefix lengths: bits 0 to 29 of a slot without [`EXACT`].
     pub const CLASSES: u32 = 30;
+    /// A slot naming every length and the host bit: what a reader that
+    /// cannot trust the filter (not sized yet) must assume. Not all bits
+    /// set, which would read as [`EXACT`].
+    pub const ALL: u32 = HOST | ((1 << CLASSES) - 1);
     /// The shortest length the filter describes; shorter prefixes are
     /// probed for every address ([`super::Prefix6Meta::always`]).
     pub const FIRST_LEN: u32 = 32;
@@ -402,6 +406,11 @@ mod tests {
             filter::spread(filter::HOST | filter::EXACT),
             [0, 0],
             "the host and exact bits are no classes"
+        );
+        assert_eq!(
+            wide(filter::lengths_of(filter::ALL & !filter::HOST)),
+            u128::MAX << filter::FIRST_LEN,
+            "ALL names every length from /32"
         );
         assert_eq!(filter::class_of(32), 0);
         assert_eq!(filter::class_of(122), 0);

@@ -97,6 +97,11 @@ pub(crate) static PORT_POLICY: Array<PortVerdict> = Array::with_max_entries(PORT
 #[map(name = "SENTINEL_META")]
 pub(crate) static SENTINEL_META: Array<Meta> = Array::with_max_entries(1, 0);
 
+/// Per CPU: the jiffies count and the coarse clock read at it
+/// (`lookup::clock`). Per program instance, never pinned.
+#[map(name = "CLOCK_CACHE")]
+pub(crate) static CLOCK_CACHE: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "XDP_STATS")]
 pub(crate) static XDP_STATS: PerCpuArray<Counters> =
     PerCpuArray::with_max_entries(reason::COUNT, 0);

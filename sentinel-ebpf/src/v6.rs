@@ -96,7 +96,7 @@ impl HostKey6 {
 /// halves, host byte order); hosts before prefixes as for IPv4. Each
 /// list's filter slot is read once and gates both. A BPF subprogram, as
 /// `v4_verdict`.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn v6_verdict(hi: u64, lo: u64) -> u32 {
     let Some(m) = meta() else {
         // No metadata: nothing says which lengths exist; only hosts can be
@@ -150,16 +150,16 @@ fn v6_list_match<M: V6Maps>(
     populated & M::PREFIX_BIT != 0 && v6_prefix_match::<M>(meta, slot, hi, lo, now)
 }
 
-/// The filter slot of an address with top 32 bits `top`; all bits set when
-/// the filter's size is not known yet, so that nothing is skipped.
+/// The filter slot of an address with top 32 bits `top`; [`filter::ALL`]
+/// when the filter's size is not known yet, so that nothing is skipped.
 #[inline(always)]
 fn filter_slot(map: &Array<[u32; 256]>, bits: u32, top: u32) -> u32 {
     if !(filter::MIN_BITS..=filter::MAX_BITS).contains(&bits) {
-        return u32::MAX;
+        return filter::ALL;
     }
     let slot = filter::slot_of(top, bits);
     let Some(element) = map.get_ptr(slot >> 8) else {
-        return u32::MAX;
+        return filter::ALL;
     };
     // SAFETY: `element` points at a whole 256-slot value; the index is < 256.
     unsafe { ptr::read_volatile((element as *const u32).add((slot & 0xff) as usize)) }
@@ -187,9 +187,25 @@ fn v6_prefix_match<M: V6Maps>(
     lo: u64,
     now: &mut u64,
 ) -> bool {
-    let [named_low, named_high] = filter::lengths_of(slot & !filter::HOST);
     // SAFETY: `meta` points inside the `SENTINEL_META` value.
     let (lengths, always) = unsafe { ((*meta).lengths, (*meta).always) };
+    let part = slot & !filter::HOST;
+    if part & filter::EXACT != 0 && always == [0, 0] {
+        // The common case, one length and nothing shorter than /32: that
+        // length is the only candidate, probed without the search.
+        let len = part & filter::LENGTH;
+        let [low, high] = filter::lengths_of(part);
+        if (low & lengths[0]) | (high & lengths[1]) == 0 {
+            return false;
+        }
+        let (key_hi, key_lo) = if len >= 64 {
+            marked_low(hi, lo, len - 64)
+        } else {
+            marked_high(hi, len)
+        };
+        return probe6(M::prefixes(), key_hi, key_lo, now);
+    }
+    let [named_low, named_high] = filter::lengths_of(part);
     let mut search = Search {
         hi,
         lo,
@@ -245,11 +261,11 @@ impl Search {
         let (hi, lo) = if self.high != 0 {
             let bit = fls64(self.high);
             self.high &= !(1 << bit);
-            (self.hi, (self.lo & filter::mask64(bit)) | (1 << (63 - bit)))
+            marked_low(self.hi, self.lo, bit)
         } else if self.low != 0 {
             let bit = fls64(self.low);
             self.low &= !(1 << bit);
-            ((self.hi & filter::mask64(bit)) | (1 << (63 - bit)), 0)
+            marked_high(self.hi, bit)
         } else {
             return 1;
         };
@@ -259,6 +275,21 @@ impl Search {
         }
         0
     }
+}
+
+/// The key halves (`PrefixKey6`) of the prefix of length 64 + `bit` of the
+/// address (`hi`, `lo`): the lower half masked to `bit` bits and marked at
+/// bit 63 - `bit` (`bit` < 64).
+#[inline(always)]
+fn marked_low(hi: u64, lo: u64, bit: u32) -> (u64, u64) {
+    (hi, (lo & filter::mask64(bit)) | (1 << (63 - bit)))
+}
+
+/// The key halves of the prefix of length `bit` (< 64) of an address whose
+/// upper half is `hi`: that half masked and marked likewise, no lower half.
+#[inline(always)]
+fn marked_high(hi: u64, bit: u32) -> (u64, u64) {
+    ((hi & filter::mask64(bit)) | (1 << (63 - bit)), 0)
 }
 
 /// `bpf_loop` callback: [`Search::probe_next`]; its 1 stops the loop.
