@@ -33,10 +33,10 @@ struct V4Index {
 /// expired one falls through to the prefixes, which may still cover the
 /// address.
 ///
-/// A BPF subprogram rather than inlined: the verifier then resumes the
-/// caller with only the returned reason, instead of carrying every state
-/// the lookups ended in through the rest of the parse.
-#[inline(never)]
+/// Inlined: the verifier takes it within its budget, and a subprogram's
+/// call and return (through the return thunk of spectre mitigations) cost
+/// a tenth of a miss on the machines measured.
+#[inline(always)]
 pub(crate) fn v4_verdict(octets: [u8; 4]) -> u32 {
     let addr = u32::from_be_bytes(octets);
     let (populated, allow_bits, deny_bits) = match meta() {

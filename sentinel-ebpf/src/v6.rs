@@ -94,9 +94,8 @@ impl HostKey6 {
 
 /// Allowlist, then denylist, for an IPv6 source (`hi`, `lo`: its two
 /// halves, host byte order); hosts before prefixes as for IPv4. Each
-/// list's filter slot is read once and gates both. Inlined, unlike
-/// `v4_verdict`: the verifier takes it inline within its budget, and a
-/// subprogram's call and return cost a few per cent of a hit.
+/// list's filter slot is read once and gates both. Inlined, as
+/// `v4_verdict`.
 #[inline(always)]
 pub(crate) fn v6_verdict(hi: u64, lo: u64) -> u32 {
     let Some(m) = meta() else {
