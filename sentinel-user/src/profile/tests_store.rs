@@ -112,9 +112,9 @@ async fn records_get_a_seq_and_an_id_and_numbering_goes_on_after_reopen() {
     assert!(store.push(json!({"method": "GET"})));
     assert!(store.push(json!({"method": "POST", "record_id": "given-id", "seq": 999})));
     assert!(store.push(r#"{"method":"PUT","record_id":""}"#.to_owned()));
-    // Not objects: dropped as invalid, and they take no sequence number.
-    assert!(store.push(json!([1, 2])));
-    assert!(store.push("{not json".to_owned()));
+    // Not objects: refused as invalid, and they take no sequence number.
+    assert!(!store.push(json!([1, 2])));
+    assert!(!store.push("{not json".to_owned()));
     assert!(store.push(json!({"method": "DELETE"})));
     store.shutdown().await;
     let metrics = store.metrics().clone();
@@ -153,12 +153,10 @@ async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
     let store = start(options(dir.path(), 1 << 20, 4, 64));
     assert!(store.push(Record::Object(br#"{"method":"GET","n":[1]}"#.to_vec())));
     assert!(store.push(Record::Object(b"{}".to_vec())));
-    assert!(store.push(Record::Deferred(Box::new(|out: &mut Vec<u8>| {
-        out.extend_from_slice(br#"{"method":"POST"}"#)
-    }))));
-    // What is not one object is dropped as invalid, and takes no number.
-    assert!(store.push(Record::Object(b"[1]".to_vec())));
-    assert!(store.push(Record::Deferred(Box::new(|_: &mut Vec<u8>| {}))));
+    assert!(store.push_object(br#"{"method":"POST"}"#));
+    // What is not one object is refused as invalid, and takes no number.
+    assert!(!store.push(Record::Object(b"[1]".to_vec())));
+    assert!(!store.push_object(b""));
     store.shutdown().await;
     assert_eq!(store.metrics().stored.get(), 3);
     assert_eq!(store.metrics().dropped("invalid"), 2);

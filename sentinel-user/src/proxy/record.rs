@@ -10,7 +10,10 @@
 //! leaves this module.
 
 use std::{
+    borrow::Cow,
+    cell::RefCell,
     collections::HashSet,
+    io::Write as _,
     net::IpAddr,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -19,7 +22,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, Uri, header, request::Parts};
+use http::{HeaderMap, HeaderName, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -30,7 +33,7 @@ use crate::{
     profile::{
         json::JsonObject,
         multipart::{self, MultipartObserver},
-        store::{Record, StoreHandle},
+        store::StoreHandle,
     },
 };
 
@@ -88,10 +91,12 @@ impl Recorder {
         self.store.as_ref()
     }
 
-    /// Starts the record of a request in `mode` (never `off`). Only what
-    /// the record needs is captured here (cheap clones of the head); the
-    /// record itself is made by [`Pending::finish`], on the store's writer
-    /// when no agent waits for it.
+    /// Starts the record of a request in `mode` (never `off`): everything
+    /// the request's head gives is written here, redacted, into a buffer
+    /// the record is finished in (no copy of the head is kept, and no
+    /// allocation once the thread's buffers exist); the body's members,
+    /// when the mode taps it, and the response's are added by
+    /// [`Pending::store`].
     pub fn begin(
         self: &Arc<Self>,
         mode: ProfileMode,
@@ -101,8 +106,8 @@ impl Recorder {
         scheme: &'static str,
         host: Option<&str>,
     ) -> Pending {
+        let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
         let tap = (mode != ProfileMode::Lite).then(|| {
-            let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
             Arc::new(Mutex::new(Tap {
                 kept: Vec::new(),
                 keep: self.body_bytes,
@@ -116,49 +121,59 @@ impl Recorder {
                         },
                     )
                 }),
+                content_type: content_type.map(str::to_owned),
             }))
         });
+        let created = SystemTime::now();
+        let mut json = buffer();
+        let mut record = JsonObject::open(&mut json);
+        record.str("agent_id", &self.agent_id);
+        record.str("agent_name", &self.agent_name);
+        record.str("mode", mode.as_str());
+        record.opt_str("route", route);
+        self.request(parts, client, scheme, host, &mut record);
         Pending {
             recorder: self.clone(),
-            mode,
-            route: route.map(str::to_owned),
-            created: SystemTime::now(),
-            client,
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-            scheme,
-            host: host.map(str::to_owned),
+            json,
+            created,
             tap,
         }
     }
 
-    /// Writes the `client` and `request` members of a record.
-    fn request(&self, p: &Pending, record: &mut JsonObject<'_>) {
-        let headers = &p.headers;
+    /// Writes the `client` member of a record and the `request` one, left
+    /// open for the body's members.
+    fn request(
+        &self,
+        parts: &Parts,
+        ip: IpAddr,
+        scheme: &'static str,
+        host: Option<&str>,
+        record: &mut JsonObject<'_>,
+    ) {
+        let headers = &parts.headers;
         let user_agent = header_str(headers, header::USER_AGENT);
         let mut client = record.object("client");
-        client.str("ip", &p.client.to_string());
-        self.facts.client(p.client, user_agent, &mut client);
+        // An address needs no escaping, and this takes no allocation.
+        let _ = write!(client.key("ip"), "\"{ip}\"");
+        self.facts.client(ip, user_agent, &mut client);
         client.close();
 
-        let path = p.uri.path();
-        let query = p.uri.query();
-        let host = p.host.as_deref().unwrap_or("");
+        let path = parts.uri.path();
+        let query = parts.uri.query();
+        let host = host.unwrap_or("");
         // The URL as the client addressed it: its port stays.
-        let authority = p
+        let authority = parts
             .uri
             .authority()
             .map(|a| a.as_str())
             .or_else(|| header_str(headers, header::HOST))
             .unwrap_or(host);
-        let scheme = p.scheme;
         let url = match query {
             Some(q) => format!("{scheme}://{authority}{path}?{q}"),
             None => format!("{scheme}://{authority}{path}"),
         };
         let mut request = record.object("request");
-        request.str("method", p.method.as_str());
+        request.str("method", parts.method.as_str());
         request.str("url", &self.redact_url(&url, query));
         request.str("scheme", scheme);
         request.str("host", host);
@@ -172,17 +187,7 @@ impl Recorder {
             }
             _ => request.raw("query_parameters", b"{}"),
         }
-        if let Some(tap) = &p.tap {
-            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
-            let truncated = tap.seen > tap.kept.len() as u64;
-            let content_type = header_str(headers, header::CONTENT_TYPE);
-            request.value("body", &self.body(&tap.kept, truncated, content_type));
-            request.value("body_size", &tap.seen);
-            request.value("body_truncated", &truncated);
-            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
-            request.value("files", &files);
-        }
-        request.close();
+        // Left open: the body's members, if any, come when it has passed.
     }
 
     /// The request headers, with the configured ones redacted. The seed's
@@ -278,12 +283,13 @@ impl Recorder {
     }
 
     /// The URL with redacted query values.
-    fn redact_url(&self, url: &str, query: Option<&str>) -> String {
+    fn redact_url<'u>(&self, url: &'u str, query: Option<&str>) -> Cow<'u, str> {
         let Some(query) = query else {
-            return url.to_owned();
+            return Cow::Borrowed(url);
         };
-        if !form_pairs(query).any(|(name, _)| self.redacts(&name)) {
-            return url.to_owned();
+        if self.redact_fields.is_empty() || !form_pairs(query).any(|(name, _)| self.redacts(&name))
+        {
+            return Cow::Borrowed(url);
         }
         let redacted: Vec<String> = query
             .split('&')
@@ -297,7 +303,7 @@ impl Recorder {
             })
             .collect();
         let base = url.split_once('?').map_or(url, |(b, _)| b);
-        format!("{base}?{}", redacted.join("&"))
+        Cow::Owned(format!("{base}?{}", redacted.join("&")))
     }
 
     /// The kept body as text, redacted: JSON keys and form fields by name.
@@ -376,6 +382,8 @@ pub struct Tap {
     keep: usize,
     seen: u64,
     multipart: Option<MultipartObserver>,
+    /// The request's, for the body's redaction.
+    content_type: Option<String>,
 }
 
 impl Tap {
@@ -389,19 +397,13 @@ impl Tap {
     }
 }
 
-/// A record begun, waiting for its response: the request's head as it
-/// arrived, and the tap its body feeds.
+/// A record begun, waiting for its response: the members its request's
+/// head gave, and the tap its body feeds.
 pub struct Pending {
     recorder: Arc<Recorder>,
-    mode: ProfileMode,
-    route: Option<String>,
+    /// The record's JSON so far, its `request` object open.
+    json: Vec<u8>,
     created: SystemTime,
-    client: IpAddr,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    scheme: &'static str,
-    host: Option<String>,
     tap: Option<Arc<Mutex<Tap>>>,
 }
 
@@ -424,15 +426,22 @@ impl Pending {
         }
     }
 
-    /// Writes the finished record, redacted, as one JSON object.
-    pub fn write(self, ending: Ending, out: &mut Vec<u8>) {
+    /// Finishes the record, redacted, as one JSON object in `self.json`.
+    fn complete(&mut self, ending: Ending) {
         let recorder = &*self.recorder;
-        let mut record = JsonObject::open(out);
-        record.str("agent_id", &recorder.agent_id);
-        record.str("agent_name", &recorder.agent_name);
-        record.str("mode", self.mode.as_str());
-        record.opt_str("route", self.route.as_deref());
-        recorder.request(&self, &mut record);
+        let mut request = JsonObject::resume(&mut self.json);
+        if let Some(tap) = &self.tap {
+            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
+            let truncated = tap.seen > tap.kept.len() as u64;
+            let body = recorder.body(&tap.kept, truncated, tap.content_type.as_deref());
+            request.value("body", &body);
+            request.value("body_size", &tap.seen);
+            request.value("body_truncated", &truncated);
+            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
+            request.value("files", &files);
+        }
+        request.close();
+        let mut record = JsonObject::resume(&mut self.json);
         let mut response = record.object("response");
         response.value("status", &ending.status);
         response.value("duration_ms", &(ending.duration.as_secs_f64() * 1000.0));
@@ -441,46 +450,71 @@ impl Pending {
         response.close();
         record.value("decisions", &ending.decisions);
         recorder.facts.host(record.key("host"));
+        // A timestamp needs no escaping, and this takes no allocation.
         let created = humantime::format_rfc3339_millis(self.created);
-        record.str("request_created_at", &created.to_string());
+        let _ = write!(record.key("request_created_at"), "\"{created}\"");
         record.close();
     }
 
     /// The finished record, redacted, as a JSON value.
-    pub fn finish(self, ending: Ending) -> Value {
-        let mut out = Vec::with_capacity(RECORD_BYTES);
-        self.write(ending, &mut out);
-        // What `write` makes is JSON by construction.
-        serde_json::from_slice(&out).unwrap_or(Value::Null)
+    pub fn finish(mut self, ending: Ending) -> Value {
+        self.complete(ending);
+        // What `complete` makes is JSON by construction.
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
     }
 
-    /// Finishes the record and hands it to the store. With `wanted` (a log
-    /// agent gets it) the record is made here and returned; otherwise the
-    /// store's writer makes it, and the request's task only queues what it
-    /// captured. A full queue drops the record and counts it: the request
-    /// never waits for the store.
-    pub fn store(self, ending: Ending, wanted: bool) -> Option<Value> {
-        let store = self.recorder.store.clone();
-        if wanted {
-            let mut out = Vec::with_capacity(RECORD_BYTES);
-            self.write(ending, &mut out);
-            let record = serde_json::from_slice(&out).unwrap_or(Value::Null);
-            if let Some(store) = store {
-                store.push(Record::Object(out));
-            }
-            return Some(record);
+    /// Finishes the record and hands it to the store (a copy into its
+    /// queue). With `wanted` (a log agent gets it) the record is also
+    /// returned as a value. A full queue drops the record and counts it:
+    /// the request never waits for the store.
+    pub fn store(mut self, ending: Ending, wanted: bool) -> Option<Value> {
+        self.complete(ending);
+        if let Some(store) = self.recorder.store() {
+            store.push_object(&self.json);
         }
-        if let Some(store) = store {
-            store.push(Record::Deferred(Box::new(move |out| {
-                self.write(ending, out)
-            })));
-        }
-        None
+        // What `complete` makes is JSON by construction.
+        wanted.then(|| serde_json::from_slice(&self.json).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.json));
     }
 }
 
 /// What a record usually takes, serialized.
 const RECORD_BYTES: usize = 2048;
+/// Record buffers a thread keeps for its next records.
+const KEPT_BUFFERS: usize = 256;
+
+thread_local! {
+    /// Buffers of finished records, for the next ones begun on this
+    /// thread: a record then costs no allocation.
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn buffer() -> Vec<u8> {
+    BUFFERS
+        .try_with(|b| b.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(RECORD_BYTES))
+}
+
+fn give_back(mut buffer: Vec<u8>) {
+    // A record with a large body would keep its buffer's size.
+    if buffer.capacity() == 0 || buffer.capacity() > 4 * RECORD_BYTES {
+        return;
+    }
+    buffer.clear();
+    let _ = BUFFERS.try_with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() < KEPT_BUFFERS {
+            b.push(buffer);
+        }
+    });
+}
 
 pin_project! {
     /// A request body whose bytes feed a record's [`Tap`].
