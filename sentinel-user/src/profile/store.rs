@@ -14,7 +14,10 @@
 //!   the writer writes the queue in order, so `seq` follows the order of
 //!   the lines in the files whatever the order in which request tasks
 //!   pushed. A record that is not a JSON object is refused (`push` returns
-//!   `false`, counted as `invalid`) and takes no number.
+//!   `false`, counted as `invalid`) and takes no number. A
+//!   [`Record::Deferred`] is made into its line by the writer, in its
+//!   place in the queue; one that makes no JSON object is left out as
+//!   `invalid` and leaves a gap in `seq`.
 //! - Each record is one line, `{...}\n`, in `records-NNNNNNNN.jsonl`
 //!   (numbered from 1, zero-padded to 8 digits so that names sort; numbers
 //!   past 99999999 still sort numerically here). A new segment is started
@@ -113,6 +116,19 @@ pub enum Record {
     /// One JSON object serialized by this process (trusted: it is not
     /// parsed again), without `seq` or `record_id`.
     Object(Vec<u8>),
+    /// Made by the writer, off the request's task: `make` writes `data`
+    /// as one JSON object (trusted, like [`Record::Object`]) when it is
+    /// stored. Queuing it takes no allocation.
+    Deferred {
+        data: Vec<u8>,
+        make: Arc<dyn MakeRecord>,
+    },
+}
+
+/// Makes a [`Record::Deferred`] into one JSON object, without `seq` or
+/// `record_id`.
+pub trait MakeRecord: Send + Sync {
+    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>);
 }
 
 impl std::fmt::Debug for Record {
@@ -124,6 +140,7 @@ impl std::fmt::Debug for Record {
                 .debug_tuple("Object")
                 .field(&String::from_utf8_lossy(o))
                 .finish(),
+            Self::Deferred { .. } => f.write_str("Deferred(..)"),
         }
     }
 }
@@ -216,6 +233,9 @@ struct Queue {
 
 struct QueueState {
     lines: Vec<u8>,
+    /// Records to be made by the writer, each with its `seq` and the
+    /// length of `lines` when it was queued (it goes after those lines).
+    deferred: Vec<(Deferred, u64, usize)>,
     records: usize,
     next_seq: u64,
     /// Set by the writer as it takes the last batch: pushes fail from then
@@ -231,14 +251,81 @@ impl Queue {
     /// Swaps the queued lines into `into` (emptied first); returns how
     /// many records they are and whether the queue is closed. With `close`
     /// it is closed in the same step.
-    fn take(&self, into: &mut Vec<u8>, close: bool) -> (usize, bool) {
-        into.clear();
+    fn take(&self, into: &mut Batch, close: bool) -> (usize, bool) {
+        into.lines.clear();
+        into.deferred.clear();
         let mut state = self.lock();
-        std::mem::swap(&mut state.lines, into);
+        std::mem::swap(&mut state.lines, &mut into.lines);
+        std::mem::swap(&mut state.deferred, &mut into.deferred);
         let records = std::mem::take(&mut state.records);
         state.closed |= close;
         (records, state.closed)
     }
+}
+
+/// A record the writer makes.
+struct Deferred {
+    data: Vec<u8>,
+    make: Arc<dyn MakeRecord>,
+}
+
+/// What the writer took from the queue.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<u8>,
+    deferred: Vec<(Deferred, u64, usize)>,
+    /// The lines as written, deferred records made.
+    out: Vec<u8>,
+}
+
+impl Batch {
+    /// The lines in order, the deferred records made among them, and how
+    /// many of those were not one JSON object (left out).
+    fn lines(&mut self) -> (&[u8], u64) {
+        if self.deferred.is_empty() {
+            return (&self.lines, 0);
+        }
+        let mut invalid = 0;
+        self.out.clear();
+        let mut from = 0;
+        for (record, seq, at) in self.deferred.drain(..) {
+            self.out.extend_from_slice(&self.lines[from..at]);
+            from = at;
+            let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
+            let start = self.out.len();
+            let id = new_id(&mut id);
+            line_head(&mut self.out, seq, id);
+            let at = self.out.len();
+            record.make.make(record.data, &mut self.out);
+            let out = &mut self.out;
+            if out.len() < at + 2 || out[at] != b'{' || out.last() != Some(&b'}') {
+                out.truncate(start);
+                invalid += 1;
+                continue;
+            }
+            if out.len() == at + 2 {
+                out.remove(at);
+            } else {
+                out[at] = b',';
+            }
+            out.push(b'\n');
+        }
+        self.out.extend_from_slice(&self.lines[from..]);
+        (&self.out, invalid)
+    }
+}
+
+/// `{"seq":N,"record_id":ID`
+fn line_head(out: &mut Vec<u8>, seq: u64, id: &[u8]) {
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(SEQ_FIELD.as_bytes());
+    out.extend_from_slice(b"\":");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{seq}");
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(id);
 }
 
 struct Shared {
@@ -302,6 +389,7 @@ fn encode<'a>(
             });
         }
         Record::Value(Value::Object(map)) => map.clone(),
+        Record::Deferred { .. } => return None,
         Record::Value(_) => return None,
         Record::Line(line) => serde_json::from_str(line).ok()?,
     };
@@ -329,6 +417,9 @@ impl StoreHandle {
     /// object (the record is dropped and counted), `true` when queued.
     pub fn push(&self, record: impl Into<Record>) -> bool {
         let record = record.into();
+        if let Record::Deferred { data, make } = record {
+            return self.queue_deferred(Deferred { data, make });
+        }
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
         let Some(encoded) = encode(&record, &mut id) else {
             self.shared.metrics.drop_records("invalid", 1);
@@ -351,6 +442,29 @@ impl StoreHandle {
         })
     }
 
+    fn queue_deferred(&self, record: Deferred) -> bool {
+        let shared = &self.shared;
+        let queue = &*shared.queue;
+        let mut state = queue.lock();
+        if state.closed || state.records >= queue.capacity {
+            let reason = if state.closed { "closed" } else { "queue_full" };
+            drop(state);
+            shared.metrics.drop_records(reason, 1);
+            return false;
+        }
+        let (seq, at) = (state.next_seq, state.lines.len());
+        state.deferred.push((record, seq, at));
+        state.next_seq += 1;
+        state.records += 1;
+        shared.metrics.queued.inc();
+        let first = state.records == 1;
+        drop(state);
+        if first {
+            queue.wake.notify_one();
+        }
+        true
+    }
+
     /// Appends `{"seq":N,"record_id":ID,members}\n` to the queue.
     fn queue(&self, record: &Encoded<'_>) -> bool {
         let shared = &self.shared;
@@ -368,15 +482,7 @@ impl StoreHandle {
         }
         let seq = state.next_seq;
         let lines = &mut state.lines;
-        lines.extend_from_slice(b"{\"");
-        lines.extend_from_slice(SEQ_FIELD.as_bytes());
-        lines.extend_from_slice(b"\":");
-        // Writing into a Vec cannot fail.
-        let _ = write!(lines, "{seq}");
-        lines.extend_from_slice(b",\"");
-        lines.extend_from_slice(RECORD_ID_FIELD.as_bytes());
-        lines.extend_from_slice(b"\":");
-        lines.extend_from_slice(&record.id);
+        line_head(lines, seq, &record.id);
         if !record.members.is_empty() {
             lines.push(b',');
             lines.extend_from_slice(&record.members);
@@ -468,6 +574,7 @@ impl Store {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
                 lines: Vec::new(),
+                deferred: Vec::new(),
                 records: 0,
                 next_seq: writer.next_seq,
                 closed: false,
@@ -525,7 +632,7 @@ impl StoreTask {
             written,
         } = self;
         let mut writer = Some(writer);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         let mut tick = tokio::time::interval(fsync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -553,15 +660,17 @@ impl StoreTask {
             let (records, closed) = queue.take(&mut batch, cancel.is_cancelled());
             if records > 0 {
                 metrics.queued.sub(records as i64);
-                let lines = std::mem::take(&mut batch);
+                let mut taken = std::mem::take(&mut batch);
                 match blocking(&mut writer, move |w| {
-                    w.write_lines(&lines, records as u64);
+                    let (lines, invalid) = taken.lines();
+                    w.metrics.drop_records("invalid", invalid);
+                    w.write_lines(lines, records as u64 - invalid);
                     w.sync_if_due(fsync_interval);
-                    lines
+                    taken
                 })
                 .await
                 {
-                    Some(lines) => batch = lines,
+                    Some(taken) => batch = taken,
                     None => metrics.drop_records("write_error", records as u64),
                 }
                 written.notify_one();

@@ -181,6 +181,46 @@ async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
     }
 }
 
+/// Makes `{"made":<data as text>}`, or nothing from empty data.
+struct Maker;
+
+impl super::store::MakeRecord for Maker {
+    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>) {
+        if !data.is_empty() {
+            out.extend_from_slice(b"{\"made\":");
+            out.extend_from_slice(&data);
+            out.push(b'}');
+        }
+    }
+}
+
+#[tokio::test]
+async fn deferred_records_are_made_by_the_writer_in_queue_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(options(dir.path(), 1 << 20, 4, 64));
+    let maker: std::sync::Arc<dyn super::store::MakeRecord> = std::sync::Arc::new(Maker);
+    let deferred = |data: &[u8]| Record::Deferred {
+        data: data.to_vec(),
+        make: maker.clone(),
+    };
+    assert!(store.push(json!({"n": 1})));
+    assert!(store.push(deferred(b"2")));
+    assert!(store.push(deferred(b"")));
+    assert!(store.push_object(br#"{"n":4}"#));
+    assert!(store.push(deferred(b"5")));
+    store.shutdown().await;
+    // The one made empty is left out as invalid; its number is a gap.
+    assert_eq!(store.metrics().stored.get(), 4);
+    assert_eq!(store.metrics().dropped("invalid"), 1);
+    let records = read_all(dir.path());
+    assert_eq!(seqs(&records), [1, 2, 4, 5]);
+    let got: Vec<&Value> = records
+        .iter()
+        .map(|r| r.get("n").or(r.get("made")).expect("member"))
+        .collect();
+    assert_eq!(got, [&json!(1), &json!(2), &json!(4), &json!(5)]);
+}
+
 fn padded(i: usize) -> Value {
     // About 100 bytes a line once seq and record_id are added.
     json!({"i": i, "pad": "p".repeat(20)})
