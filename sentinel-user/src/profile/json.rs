@@ -21,6 +21,12 @@ impl<'a> JsonObject<'a> {
         Self { out, empty: true }
     }
 
+    /// Goes on with an object left open at the end of `out` (its `}` not
+    /// written yet) that has members already.
+    pub fn resume(out: &'a mut Vec<u8>) -> Self {
+        Self { out, empty: false }
+    }
+
     /// Writes `"key":` (after a comma unless first) and returns the buffer
     /// for the value.
     pub fn key(&mut self, key: &str) -> &mut Vec<u8> {

@@ -2,15 +2,22 @@
 //! files, written by one background task fed through a bounded queue.
 //!
 //! Contract:
-//! - [`StoreHandle::push`] never blocks and never awaits: when the queue is
-//!   full the record is dropped and counted
+//! - [`StoreHandle::push`] never blocks on the writer and never awaits: it
+//!   appends the record's line to the queue under a lock held only for
+//!   that copy (the writer holds it only to swap the queue's buffer), and
+//!   when the queue is full the record is dropped and counted
 //!   (`sentinel_profile_records_dropped_total{reason="queue_full"}`).
-//! - The writer ([`StoreTask::run`]) takes records in queue order and gives
-//!   each a `seq` (a `u64` that grows by one per stored record, carried on
-//!   across restarts from the last line on disk) and, when the record has
-//!   no non-empty string `record_id`, a random UUID v4 one. Both are set
-//!   here, in the writer, so that `seq` follows the order of the lines in
-//!   the files whatever the order in which request tasks pushed.
+//! - Each record gets a `seq` (a `u64` that grows by one per queued
+//!   record, carried on across restarts from the last line on disk) and,
+//!   when the record has no non-empty string `record_id`, a random UUID v4
+//!   one. `seq` is given as the line joins the queue, under its lock, and
+//!   the writer writes the queue in order, so `seq` follows the order of
+//!   the lines in the files whatever the order in which request tasks
+//!   pushed. A record that is not a JSON object is refused (`push` returns
+//!   `false`, counted as `invalid`) and takes no number. A
+//!   [`Record::Deferred`] is made into its line by the writer, in its
+//!   place in the queue; one that makes no JSON object is left out as
+//!   `invalid` and leaves a gap in `seq`.
 //! - Each record is one line, `{...}\n`, in `records-NNNNNNNN.jsonl`
 //!   (numbered from 1, zero-padded to 8 digits so that names sort; numbers
 //!   past 99999999 still sort numerically here). A new segment is started
@@ -34,19 +41,17 @@
 //!   its lines.
 
 use std::{
+    borrow::Cow,
     collections::VecDeque,
     fs::{self, File, OpenOptions},
     io::{self, Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -64,16 +69,13 @@ pub const SEQ_FIELD: &str = "seq";
 /// Field the store sets when a record has none: a UUID v4.
 pub const RECORD_ID_FIELD: &str = "record_id";
 
-/// Records the writer takes from the queue at once (one write(2) each
-/// batch, unless a rotation falls in it).
-const WRITE_BATCH: usize = 256;
-
 /// How long the writer lets records gather after the first of a batch
 /// arrives. Without it a busy proxy hands the writer one record at a
-/// time, and each costs a trip to the blocking pool and back (two thread
-/// wake-ups); with it, a few hundred writes a second at most. Records
-/// are counted as stored only once written, so this delays the count,
-/// never the request.
+/// time, and each costs a wake-up and a trip to the blocking pool and
+/// back; with it, a few hundred writes a second at most, each of
+/// everything queued (one write(2), unless a rotation falls in it).
+/// Records are counted as stored only once written, so this delays the
+/// count, never the request.
 const WRITE_WINDOW: Duration = Duration::from_millis(5);
 
 /// The file name of segment `n`.
@@ -107,21 +109,27 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 /// What can be pushed: a JSON object, or one already serialized (a single
-/// JSON object; the writer parses it to set `seq` and `record_id`).
+/// JSON object; it is parsed to set `seq` and `record_id`).
 pub enum Record {
     Value(Value),
     Line(String),
     /// One JSON object serialized by this process (trusted: it is not
     /// parsed again), without `seq` or `record_id`.
     Object(Vec<u8>),
-    /// Made by the writer, off the request's task: what the request path
-    /// captured, written as one JSON object (trusted, like
-    /// [`Record::Object`]) only when it is stored.
-    Deferred(WriteRecord),
+    /// Made by the writer, off the request's task: `make` writes `data`
+    /// as one JSON object (trusted, like [`Record::Object`]) when it is
+    /// stored. Queuing it takes no allocation.
+    Deferred {
+        data: Vec<u8>,
+        make: Arc<dyn MakeRecord>,
+    },
 }
 
-/// Writes one JSON object into the buffer it is given.
-pub type WriteRecord = Box<dyn FnOnce(&mut Vec<u8>) + Send>;
+/// Makes a [`Record::Deferred`] into one JSON object, without `seq` or
+/// `record_id`.
+pub trait MakeRecord: Send + Sync {
+    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>);
+}
 
 impl std::fmt::Debug for Record {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,7 +140,7 @@ impl std::fmt::Debug for Record {
                 .debug_tuple("Object")
                 .field(&String::from_utf8_lossy(o))
                 .finish(),
-            Self::Deferred(_) => f.write_str("Deferred(..)"),
+            Self::Deferred { .. } => f.write_str("Deferred(..)"),
         }
     }
 }
@@ -211,9 +219,117 @@ impl Progress {
     }
 }
 
+/// Records waiting for the writer, as the lines the writer will write:
+/// [`StoreHandle::push`] appends to `lines`, the writer swaps the whole
+/// buffer for an empty one. One copy per record and no allocation once the
+/// two buffers have grown, and the writer is woken once per batch, not
+/// once per record.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Notified when the queue goes from empty to not, and when it closes.
+    wake: Notify,
+    capacity: usize,
+}
+
+struct QueueState {
+    lines: Vec<u8>,
+    /// Records to be made by the writer, each with its `seq` and the
+    /// length of `lines` when it was queued (it goes after those lines).
+    deferred: Vec<(Deferred, u64, usize)>,
+    records: usize,
+    next_seq: u64,
+    /// Set by the writer as it takes the last batch: pushes fail from then
+    /// on, so nothing can be queued that is never written.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Swaps the queued lines into `into` (emptied first); returns how
+    /// many records they are and whether the queue is closed. With `close`
+    /// it is closed in the same step.
+    fn take(&self, into: &mut Batch, close: bool) -> (usize, bool) {
+        into.lines.clear();
+        into.deferred.clear();
+        let mut state = self.lock();
+        std::mem::swap(&mut state.lines, &mut into.lines);
+        std::mem::swap(&mut state.deferred, &mut into.deferred);
+        let records = std::mem::take(&mut state.records);
+        state.closed |= close;
+        (records, state.closed)
+    }
+}
+
+/// A record the writer makes.
+struct Deferred {
+    data: Vec<u8>,
+    make: Arc<dyn MakeRecord>,
+}
+
+/// What the writer took from the queue.
+#[derive(Default)]
+struct Batch {
+    lines: Vec<u8>,
+    deferred: Vec<(Deferred, u64, usize)>,
+    /// The lines as written, deferred records made.
+    out: Vec<u8>,
+}
+
+impl Batch {
+    /// The lines in order, the deferred records made among them, and how
+    /// many of those were not one JSON object (left out).
+    fn lines(&mut self) -> (&[u8], u64) {
+        if self.deferred.is_empty() {
+            return (&self.lines, 0);
+        }
+        let mut invalid = 0;
+        self.out.clear();
+        let mut from = 0;
+        for (record, seq, at) in self.deferred.drain(..) {
+            self.out.extend_from_slice(&self.lines[from..at]);
+            from = at;
+            let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
+            let start = self.out.len();
+            let id = new_id(&mut id);
+            line_head(&mut self.out, seq, id);
+            let at = self.out.len();
+            record.make.make(record.data, &mut self.out);
+            let out = &mut self.out;
+            if out.len() < at + 2 || out[at] != b'{' || out.last() != Some(&b'}') {
+                out.truncate(start);
+                invalid += 1;
+                continue;
+            }
+            if out.len() == at + 2 {
+                out.remove(at);
+            } else {
+                out[at] = b',';
+            }
+            out.push(b'\n');
+        }
+        self.out.extend_from_slice(&self.lines[from..]);
+        (&self.out, invalid)
+    }
+}
+
+/// `{"seq":N,"record_id":ID`
+fn line_head(out: &mut Vec<u8>, seq: u64, id: &[u8]) {
+    out.extend_from_slice(b"{\"");
+    out.extend_from_slice(SEQ_FIELD.as_bytes());
+    out.extend_from_slice(b"\":");
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{seq}");
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(id);
+}
+
 struct Shared {
-    tx: mpsc::Sender<Record>,
-    closed: AtomicBool,
+    queue: Arc<Queue>,
     cancel: CancellationToken,
     done: watch::Receiver<bool>,
     metrics: ProfileMetrics,
@@ -225,48 +341,176 @@ struct Shared {
     written_from: Position,
 }
 
+impl Drop for Shared {
+    /// The last handle is gone: the writer stores what is queued and ends.
+    fn drop(&mut self) {
+        self.queue.lock().closed = true;
+        self.queue.wake.notify_one();
+    }
+}
+
 /// The producers' side of the store: cheap to clone, safe to share.
 #[derive(Clone)]
 pub struct StoreHandle {
     shared: Arc<Shared>,
 }
 
+/// A record's `record_id` as JSON, and its other members serialized
+/// without braces (`"a":1,"b":2`, or nothing).
+struct Encoded<'a> {
+    id: Cow<'a, [u8]>,
+    members: Cow<'a, [u8]>,
+}
+
+/// A new UUID v4 as a JSON string.
+fn new_id(buf: &mut [u8; uuid::fmt::Hyphenated::LENGTH + 2]) -> &[u8] {
+    buf[0] = b'"';
+    buf[buf.len() - 1] = b'"';
+    let end = buf.len() - 1;
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut buf[1..end]);
+    &buf[..]
+}
+
+/// `None` when `record` is not one JSON object.
+fn encode<'a>(
+    record: &'a Record,
+    id: &'a mut [u8; uuid::fmt::Hyphenated::LENGTH + 2],
+) -> Option<Encoded<'a>> {
+    let mut map: Map<String, Value> = match record {
+        Record::Object(object) => {
+            if object.len() < 2 || object[0] != b'{' || object[object.len() - 1] != b'}' {
+                return None;
+            }
+            return Some(Encoded {
+                id: Cow::Borrowed(new_id(id)),
+                members: Cow::Borrowed(&object[1..object.len() - 1]),
+            });
+        }
+        Record::Value(Value::Object(map)) => map.clone(),
+        Record::Deferred { .. } => return None,
+        Record::Value(_) => return None,
+        Record::Line(line) => serde_json::from_str(line).ok()?,
+    };
+    map.remove(SEQ_FIELD);
+    let id = match map.remove(RECORD_ID_FIELD) {
+        Some(Value::String(given)) if !given.is_empty() => {
+            let mut json = Vec::with_capacity(given.len() + 2);
+            super::json::string(&mut json, &given);
+            Cow::Owned(json)
+        }
+        _ => Cow::Borrowed(new_id(id)),
+    };
+    let mut members = serde_json::to_vec(&map).ok()?;
+    members.pop();
+    members.remove(0);
+    Some(Encoded {
+        id,
+        members: Cow::Owned(members),
+    })
+}
+
 impl StoreHandle {
     /// Queues a record for the writer. Returns at once: `false` when the
-    /// queue is full or the store is shut down (the record is dropped and
-    /// counted), `true` when queued.
+    /// queue is full, the store is shut down or the record is not a JSON
+    /// object (the record is dropped and counted), `true` when queued.
     pub fn push(&self, record: impl Into<Record>) -> bool {
+        let record = record.into();
+        if let Record::Deferred { data, make } = record {
+            return self.queue_deferred(Deferred { data, make });
+        }
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
+        let Some(encoded) = encode(&record, &mut id) else {
+            self.shared.metrics.drop_records("invalid", 1);
+            return false;
+        };
+        self.queue(&encoded)
+    }
+
+    /// Queues one JSON object this process serialized, without `seq` or
+    /// `record_id` (trusted: it is not parsed), copied from `object`.
+    pub fn push_object(&self, object: &[u8]) -> bool {
+        if object.len() < 2 || object[0] != b'{' || object[object.len() - 1] != b'}' {
+            self.shared.metrics.drop_records("invalid", 1);
+            return false;
+        }
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
+        self.queue(&Encoded {
+            id: Cow::Borrowed(new_id(&mut id)),
+            members: Cow::Borrowed(&object[1..object.len() - 1]),
+        })
+    }
+
+    fn queue_deferred(&self, record: Deferred) -> bool {
         let shared = &self.shared;
-        if shared.closed.load(Ordering::Acquire) {
+        let queue = &*shared.queue;
+        let mut state = queue.lock();
+        if state.closed || state.records >= queue.capacity {
+            let reason = if state.closed { "closed" } else { "queue_full" };
+            drop(state);
+            shared.metrics.drop_records(reason, 1);
+            return false;
+        }
+        let (seq, at) = (state.next_seq, state.lines.len());
+        state.deferred.push((record, seq, at));
+        state.next_seq += 1;
+        state.records += 1;
+        shared.metrics.queued.inc();
+        let first = state.records == 1;
+        drop(state);
+        if first {
+            queue.wake.notify_one();
+        }
+        true
+    }
+
+    /// Appends `{"seq":N,"record_id":ID,members}\n` to the queue.
+    fn queue(&self, record: &Encoded<'_>) -> bool {
+        let shared = &self.shared;
+        let queue = &*shared.queue;
+        let mut state = queue.lock();
+        if state.closed {
+            drop(state);
             shared.metrics.drop_records("closed", 1);
             return false;
         }
-        // Raised before the send so that the writer's decrement can never
-        // take the gauge below zero.
-        shared.metrics.queued.inc();
-        match shared.tx.try_send(record.into()) {
-            Ok(()) => true,
-            Err(e) => {
-                shared.metrics.queued.dec();
-                let reason = match e {
-                    mpsc::error::TrySendError::Full(_) => "queue_full",
-                    mpsc::error::TrySendError::Closed(_) => "closed",
-                };
-                shared.metrics.drop_records(reason, 1);
-                false
-            }
+        if state.records >= queue.capacity {
+            drop(state);
+            shared.metrics.drop_records("queue_full", 1);
+            return false;
         }
+        let seq = state.next_seq;
+        let lines = &mut state.lines;
+        line_head(lines, seq, &record.id);
+        if !record.members.is_empty() {
+            lines.push(b',');
+            lines.extend_from_slice(&record.members);
+        }
+        lines.extend_from_slice(b"}\n");
+        state.next_seq += 1;
+        state.records += 1;
+        // Raised under the lock, before the writer can take the record and
+        // lower it: the gauge never goes below zero.
+        shared.metrics.queued.inc();
+        let first = state.records == 1;
+        drop(state);
+        if first {
+            queue.wake.notify_one();
+        }
+        true
     }
 
     /// Stops taking records, has the writer store what is queued and fsync,
     /// and returns once it has (at once if the task is not running any
     /// more). Pushes after this are dropped as `closed`.
     pub async fn shutdown(&self) {
-        self.shared.closed.store(true, Ordering::Release);
         self.shared.cancel.cancel();
         let mut done = self.shared.done.clone();
         // An error means the task is gone: nothing is left to wait for.
-        let _ = done.wait_for(|finished| *finished).await;
+        if done.wait_for(|finished| *finished).await.is_err() {
+            self.shared.queue.lock().closed = true;
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -327,13 +571,22 @@ impl Store {
         let progress = Arc::new(Progress::default());
         let writer = SegmentWriter::open(&options, progress.clone())?;
         let written_from = writer.position();
-        let (tx, rx) = mpsc::channel(options.queue_capacity);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                lines: Vec::new(),
+                deferred: Vec::new(),
+                records: 0,
+                next_seq: writer.next_seq,
+                closed: false,
+            }),
+            wake: Notify::new(),
+            capacity: options.queue_capacity,
+        });
         let (done_tx, done_rx) = watch::channel(false);
         let cancel = CancellationToken::new();
         let written = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
-            tx,
-            closed: AtomicBool::new(false),
+            queue: queue.clone(),
             cancel: cancel.clone(),
             done: done_rx,
             metrics: options.metrics.clone(),
@@ -343,7 +596,7 @@ impl Store {
             written_from,
         });
         let task = StoreTask {
-            rx,
+            queue,
             writer,
             cancel,
             done: done_tx,
@@ -358,7 +611,7 @@ impl Store {
 /// The writer. Spawn [`StoreTask::run`]; it ends after a shutdown, or when
 /// every handle is gone, having stored and fsynced what was queued.
 pub struct StoreTask {
-    rx: mpsc::Receiver<Record>,
+    queue: Arc<Queue>,
     writer: SegmentWriter,
     cancel: CancellationToken,
     done: watch::Sender<bool>,
@@ -370,7 +623,7 @@ pub struct StoreTask {
 impl StoreTask {
     pub async fn run(self) {
         let StoreTask {
-            mut rx,
+            queue,
             writer,
             cancel,
             done,
@@ -379,71 +632,57 @@ impl StoreTask {
             written,
         } = self;
         let mut writer = Some(writer);
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let mut batch = Batch::default();
         let mut tick = tokio::time::interval(fsync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        enum Step {
-            Stop,
-            Records(usize),
-            Tick,
-        }
         loop {
-            let step = tokio::select! {
+            let stop = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => Step::Stop,
-                n = rx.recv_many(&mut batch, WRITE_BATCH) => Step::Records(n),
-                _ = tick.tick() => Step::Tick,
-            };
-            match step {
-                Step::Stop | Step::Records(0) => break,
-                Step::Records(mut n) => {
-                    if n < WRITE_BATCH {
-                        tokio::select! {
-                            biased;
-                            _ = cancel.cancelled() => {}
-                            _ = tokio::time::sleep(WRITE_WINDOW) => {}
-                        }
-                        while n < WRITE_BATCH
-                            && let Ok(record) = rx.try_recv()
-                        {
-                            batch.push(record);
-                            n += 1;
-                        }
-                    }
-                    metrics.queued.sub(n as i64);
-                    batch = blocking(&mut writer, move |w| {
-                        w.write_batch(&mut batch);
-                        w.sync_if_due(fsync_interval);
-                        batch
-                    })
-                    .await
-                    .unwrap_or_default();
-                    written.notify_one();
-                }
-                Step::Tick => {
+                _ = cancel.cancelled() => true,
+                _ = queue.wake.notified() => false,
+                _ = tick.tick() => {
                     blocking(&mut writer, move |w| w.sync_if_due(fsync_interval)).await;
+                    if writer.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if !stop {
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(WRITE_WINDOW) => {}
                 }
             }
-            if writer.is_none() {
+            // Once cancelled, the queue closes as its last batch is taken:
+            // whatever was pushed before is written, a push after fails.
+            let (records, closed) = queue.take(&mut batch, cancel.is_cancelled());
+            if records > 0 {
+                metrics.queued.sub(records as i64);
+                let mut taken = std::mem::take(&mut batch);
+                match blocking(&mut writer, move |w| {
+                    let (lines, invalid) = taken.lines();
+                    w.metrics.drop_records("invalid", invalid);
+                    w.write_lines(lines, records as u64 - invalid);
+                    w.sync_if_due(fsync_interval);
+                    taken
+                })
+                .await
+                {
+                    Some(taken) => batch = taken,
+                    None => metrics.drop_records("write_error", records as u64),
+                }
+                written.notify_one();
+            }
+            if closed || writer.is_none() {
                 break;
             }
         }
-        // Whatever was sent before the close is still in the channel;
-        // a push after it fails at once and is counted as closed.
-        rx.close();
-        loop {
-            let n = rx.recv_many(&mut batch, WRITE_BATCH).await;
-            if n == 0 || writer.is_none() {
-                break;
-            }
-            metrics.queued.sub(n as i64);
-            batch = blocking(&mut writer, move |w| {
-                w.write_batch(&mut batch);
-                batch
-            })
-            .await
-            .unwrap_or_default();
-        }
+        // After a failed writer: nothing more is taken.
+        let (lost, _) = queue.take(&mut batch, true);
+        metrics.queued.sub(lost as i64);
+        metrics.drop_records("write_error", lost as u64);
         blocking(&mut writer, |w| w.sync()).await;
         written.notify_one();
         // Closes the files and releases the lock before anyone waiting for
@@ -496,8 +735,6 @@ struct SegmentWriter {
     last_sync: Instant,
     /// After a write error could not be undone: start a new segment first.
     needs_rotation: bool,
-    buf: Vec<u8>,
-    line: Vec<u8>,
     metrics: ProfileMetrics,
     progress: Arc<Progress>,
 }
@@ -570,8 +807,6 @@ impl SegmentWriter {
             dirty: false,
             last_sync: Instant::now(),
             needs_rotation: false,
-            buf: Vec::new(),
-            line: Vec::new(),
             metrics: options.metrics.clone(),
             progress,
         })
@@ -589,110 +824,49 @@ impl SegmentWriter {
         }
     }
 
-    /// Stores `records` (emptied), one write(2) per segment they fall in.
-    fn write_batch(&mut self, records: &mut Vec<Record>) {
-        self.buf.clear();
-        let mut pending = 0u64;
-        for record in records.drain(..) {
-            let mut line = std::mem::take(&mut self.line);
-            line.clear();
-            if !self.encode(record, &mut line) {
-                self.metrics.drop_records("invalid", 1);
-                self.line = line;
-                continue;
+    /// Stores `lines` (whole lines, `records` of them), one write(2) per
+    /// segment they fall in.
+    fn write_lines(&mut self, mut lines: &[u8], mut records: u64) {
+        while !lines.is_empty() {
+            if self.needs_rotation && !self.rotate() {
+                // A segment too large beats records lost.
+                self.write(lines, records);
+                return;
             }
-            let used = self.size + self.buf.len() as u64;
-            if self.needs_rotation || (used > 0 && used + line.len() as u64 > self.max_file_bytes) {
-                self.flush(&mut pending);
-                self.rotate();
+            let room = self.max_file_bytes.saturating_sub(self.size);
+            let (take, n) = if lines.len() as u64 <= room {
+                (lines.len(), records)
+            } else {
+                fitting(lines, room, self.size == 0)
+            };
+            if take > 0 {
+                self.write(&lines[..take], n);
+                lines = &lines[take..];
+                records -= n;
             }
-            self.buf.extend_from_slice(&line);
-            pending += 1;
-            self.line = line;
+            if !lines.is_empty() && !self.rotate() {
+                self.write(lines, records);
+                return;
+            }
         }
-        self.flush(&mut pending);
     }
 
-    /// Appends `{...,"record_id":...,"seq":N}\n` to `out`; `false` when the
-    /// record is not a JSON object.
-    fn encode(&mut self, record: Record, out: &mut Vec<u8>) -> bool {
-        let mut map: Map<String, Value> = match record {
-            Record::Value(Value::Object(map)) => map,
-            Record::Value(_) => return false,
-            Record::Object(object) => return self.encode_trusted(out, |out| out.extend(object)),
-            Record::Deferred(make) => return self.encode_trusted(out, make),
-            Record::Line(line) => match serde_json::from_str(&line) {
-                Ok(map) => map,
-                Err(_) => return false,
-            },
-        };
-        map.insert(SEQ_FIELD.to_owned(), Value::from(self.next_seq));
-        let has_id = matches!(map.get(RECORD_ID_FIELD), Some(Value::String(id)) if !id.is_empty());
-        if !has_id {
-            map.insert(
-                RECORD_ID_FIELD.to_owned(),
-                Value::String(uuid::Uuid::new_v4().to_string()),
-            );
-        }
-        if serde_json::to_writer(&mut *out, &map).is_err() {
-            out.clear();
-            return false;
-        }
-        out.push(b'\n');
-        self.next_seq += 1;
-        true
-    }
-
-    /// Encodes an object this process serialized without `seq` and
-    /// `record_id`: they are written first, and the object's members
-    /// after them, with no parse.
-    fn encode_trusted(&mut self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id);
-        out.extend_from_slice(b"{\"");
-        out.extend_from_slice(SEQ_FIELD.as_bytes());
-        out.extend_from_slice(b"\":");
-        out.extend_from_slice(self.next_seq.to_string().as_bytes());
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
-        out.extend_from_slice(b"\":\"");
-        out.extend_from_slice(id.as_bytes());
-        out.push(b'"');
-        let at = out.len();
-        write(out);
-        if out.len() < at + 2 || out[at] != b'{' || out.last() != Some(&b'}') {
-            out.clear();
-            return false;
-        }
-        if out.len() == at + 2 {
-            out.remove(at);
-        } else {
-            out[at] = b',';
-        }
-        out.push(b'\n');
-        self.next_seq += 1;
-        true
-    }
-
-    /// Writes the buffered lines to the current segment.
-    fn flush(&mut self, pending: &mut u64) {
-        if self.buf.is_empty() {
-            return;
-        }
-        match self.file.write_all(&self.buf) {
+    /// Writes whole lines to the current segment.
+    fn write(&mut self, lines: &[u8], records: u64) {
+        match self.file.write_all(lines) {
             Ok(()) => {
-                self.size += self.buf.len() as u64;
+                self.size += lines.len() as u64;
                 self.dirty = true;
-                self.metrics.stored.inc_by(*pending);
+                self.metrics.stored.inc_by(records);
             }
             Err(error) => {
                 error!(
                     %error,
                     segment = %segment_name(self.current()),
-                    records = *pending,
+                    records,
                     "cannot write profile records"
                 );
-                self.metrics.drop_records("write_error", *pending);
+                self.metrics.drop_records("write_error", records);
                 // A short write leaves part of a line: cut it, or the next
                 // line would be glued to it.
                 if let Err(error) = self.file.set_len(self.size) {
@@ -701,13 +875,11 @@ impl SegmentWriter {
                 }
             }
         }
-        self.buf.clear();
-        *pending = 0;
     }
 
     /// Closes the current segment and starts the next, then applies
-    /// retention.
-    fn rotate(&mut self) {
+    /// retention; `false` when no new segment could be started.
+    fn rotate(&mut self) -> bool {
         self.sync();
         let next = self.current() + 1;
         let path = self.dir.join(segment_name(next));
@@ -728,7 +900,7 @@ impl SegmentWriter {
                 // Keep appending to the current segment: a segment too
                 // large beats records lost.
                 error!(%error, "cannot start a new profile segment");
-                return;
+                return false;
             }
         }
         while self.segments.len() > self.max_files {
@@ -738,6 +910,7 @@ impl SegmentWriter {
             self.delete(oldest);
         }
         self.metrics.segments.set(self.segments.len() as i64);
+        true
     }
 
     fn delete(&mut self, n: u64) {
@@ -789,6 +962,25 @@ impl SegmentWriter {
             Err(error) => error!(%error, "cannot fsync the profile segment"),
         }
     }
+}
+
+/// The whole lines at the start of `lines` that fit in `room` bytes, and
+/// how many they are; the first line even if it does not fit when `empty`
+/// (a line larger than a segment gets one of its own).
+fn fitting(lines: &[u8], room: u64, empty: bool) -> (usize, u64) {
+    let mut end = 0;
+    let mut n = 0;
+    for at in memchr::memchr_iter(b'\n', lines) {
+        if (at + 1) as u64 > room && !(empty && n == 0) {
+            break;
+        }
+        end = at + 1;
+        n += 1;
+        if end as u64 >= room {
+            break;
+        }
+    }
+    (end, n)
 }
 
 /// Creates segment `n`, empty, and makes its name durable.

@@ -112,9 +112,9 @@ async fn records_get_a_seq_and_an_id_and_numbering_goes_on_after_reopen() {
     assert!(store.push(json!({"method": "GET"})));
     assert!(store.push(json!({"method": "POST", "record_id": "given-id", "seq": 999})));
     assert!(store.push(r#"{"method":"PUT","record_id":""}"#.to_owned()));
-    // Not objects: dropped as invalid, and they take no sequence number.
-    assert!(store.push(json!([1, 2])));
-    assert!(store.push("{not json".to_owned()));
+    // Not objects: refused as invalid, and they take no sequence number.
+    assert!(!store.push(json!([1, 2])));
+    assert!(!store.push("{not json".to_owned()));
     assert!(store.push(json!({"method": "DELETE"})));
     store.shutdown().await;
     let metrics = store.metrics().clone();
@@ -153,12 +153,10 @@ async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
     let store = start(options(dir.path(), 1 << 20, 4, 64));
     assert!(store.push(Record::Object(br#"{"method":"GET","n":[1]}"#.to_vec())));
     assert!(store.push(Record::Object(b"{}".to_vec())));
-    assert!(store.push(Record::Deferred(Box::new(|out: &mut Vec<u8>| {
-        out.extend_from_slice(br#"{"method":"POST"}"#)
-    }))));
-    // What is not one object is dropped as invalid, and takes no number.
-    assert!(store.push(Record::Object(b"[1]".to_vec())));
-    assert!(store.push(Record::Deferred(Box::new(|_: &mut Vec<u8>| {}))));
+    assert!(store.push_object(br#"{"method":"POST"}"#));
+    // What is not one object is refused as invalid, and takes no number.
+    assert!(!store.push(Record::Object(b"[1]".to_vec())));
+    assert!(!store.push_object(b""));
     store.shutdown().await;
     assert_eq!(store.metrics().stored.get(), 3);
     assert_eq!(store.metrics().dropped("invalid"), 2);
@@ -181,6 +179,46 @@ async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
         let id = r["record_id"].as_str().expect("record_id");
         assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
     }
+}
+
+/// Makes `{"made":<data as text>}`, or nothing from empty data.
+struct Maker;
+
+impl super::store::MakeRecord for Maker {
+    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>) {
+        if !data.is_empty() {
+            out.extend_from_slice(b"{\"made\":");
+            out.extend_from_slice(&data);
+            out.push(b'}');
+        }
+    }
+}
+
+#[tokio::test]
+async fn deferred_records_are_made_by_the_writer_in_queue_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = start(options(dir.path(), 1 << 20, 4, 64));
+    let maker: std::sync::Arc<dyn super::store::MakeRecord> = std::sync::Arc::new(Maker);
+    let deferred = |data: &[u8]| Record::Deferred {
+        data: data.to_vec(),
+        make: maker.clone(),
+    };
+    assert!(store.push(json!({"n": 1})));
+    assert!(store.push(deferred(b"2")));
+    assert!(store.push(deferred(b"")));
+    assert!(store.push_object(br#"{"n":4}"#));
+    assert!(store.push(deferred(b"5")));
+    store.shutdown().await;
+    // The one made empty is left out as invalid; its number is a gap.
+    assert_eq!(store.metrics().stored.get(), 4);
+    assert_eq!(store.metrics().dropped("invalid"), 1);
+    let records = read_all(dir.path());
+    assert_eq!(seqs(&records), [1, 2, 4, 5]);
+    let got: Vec<&Value> = records
+        .iter()
+        .map(|r| r.get("n").or(r.get("made")).expect("member"))
+        .collect();
+    assert_eq!(got, [&json!(1), &json!(2), &json!(4), &json!(5)]);
 }
 
 fn padded(i: usize) -> Value {

@@ -10,7 +10,9 @@
 //! leaves this module.
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
+    io::Write as _,
     net::IpAddr,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -19,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, Method, Uri, header, request::Parts};
+use http::{HeaderMap, HeaderName, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -30,7 +32,7 @@ use crate::{
     profile::{
         json::JsonObject,
         multipart::{self, MultipartObserver},
-        store::{Record, StoreHandle},
+        store::{MakeRecord, Record, StoreHandle},
     },
 };
 
@@ -88,10 +90,12 @@ impl Recorder {
         self.store.as_ref()
     }
 
-    /// Starts the record of a request in `mode` (never `off`). Only what
-    /// the record needs is captured here (cheap clones of the head); the
-    /// record itself is made by [`Pending::finish`], on the store's writer
-    /// when no agent waits for it.
+    /// Starts the record of a request in `mode` (never `off`): everything
+    /// the request's head gives is written here, redacted, into a buffer
+    /// the record is finished in (no copy of the head is kept, and no
+    /// allocation once the thread's buffers exist); the body's members,
+    /// when the mode taps it, and the response's are added by
+    /// [`Pending::store`].
     pub fn begin(
         self: &Arc<Self>,
         mode: ProfileMode,
@@ -101,8 +105,8 @@ impl Recorder {
         scheme: &'static str,
         host: Option<&str>,
     ) -> Pending {
+        let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
         let tap = (mode != ProfileMode::Lite).then(|| {
-            let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
             Arc::new(Mutex::new(Tap {
                 kept: Vec::new(),
                 keep: self.body_bytes,
@@ -116,49 +120,166 @@ impl Recorder {
                         },
                     )
                 }),
+                content_type: content_type.map(str::to_owned),
             }))
         });
+        let created = SystemTime::now();
+        let mut json = buffer();
+        if tap.is_none() {
+            capture(&mut json, mode, route, parts, client, scheme, host, created);
+            return Pending {
+                recorder: self.clone(),
+                json,
+                created,
+                tap,
+                captured: true,
+            };
+        }
+        self.open(
+            &mut json,
+            mode.as_str(),
+            route,
+            &Head::of(parts),
+            client,
+            scheme,
+            host,
+        );
         Pending {
             recorder: self.clone(),
-            mode,
-            route: route.map(str::to_owned),
-            created: SystemTime::now(),
-            client,
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            headers: parts.headers.clone(),
-            scheme,
-            host: host.map(str::to_owned),
+            json,
+            created,
             tap,
+            captured: false,
         }
     }
 
-    /// Writes the `client` and `request` members of a record.
-    fn request(&self, p: &Pending, record: &mut JsonObject<'_>) {
-        let headers = &p.headers;
+    /// Writes a record's members up to the `request` object, left open.
+    #[allow(clippy::too_many_arguments)]
+    fn open(
+        &self,
+        json: &mut Vec<u8>,
+        mode: &str,
+        route: Option<&str>,
+        head: &Head<'_>,
+        client: IpAddr,
+        scheme: &str,
+        host: Option<&str>,
+    ) {
+        let mut record = JsonObject::open(json);
+        record.str("agent_id", &self.agent_id);
+        record.str("agent_name", &self.agent_name);
+        record.str("mode", mode);
+        record.opt_str("route", route);
+        self.request(head, client, scheme, host, &mut record);
+    }
+
+    /// Makes a lite record from what [`capture`] and [`Pending::store`]
+    /// put in `data`, on the store's writer.
+    fn make(&self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
+        let mut r = Reader { data, at: 0 };
+        let mode = r.str()?;
+        let route = r.opt_str()?;
+        let scheme = r.str()?;
+        let client: IpAddr = r.str()?.parse().ok()?;
+        let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.u64()?);
+        let method = r.str()?;
+        let authority = r.opt_str()?;
+        let path = r.str()?;
+        let query = r.opt_str()?;
+        let host = r.opt_str()?;
+        let count = r.u64()?;
+        let mut headers = HeaderMap::with_capacity(count as usize);
+        for _ in 0..count {
+            let name = HeaderName::from_bytes(r.bytes()?).ok()?;
+            let value = http::HeaderValue::from_bytes(r.bytes()?).ok()?;
+            headers.append(name, value);
+        }
+        let head = Head {
+            method,
+            authority,
+            path,
+            query,
+            headers: &headers,
+        };
+        self.open(out, mode, route, &head, client, scheme, host);
+        let ending = Ending {
+            status: r.u64()? as u16,
+            duration: Duration::from_nanos(r.u64()?),
+            response_bytes: r.u64()?,
+            decisions: serde_json::from_slice(r.bytes()?).ok()?,
+            error: r.opt_str()?.map(str::to_owned),
+        };
+        self.close(out, None, ending, created);
+        Some(())
+    }
+
+    /// Writes the body's members (with `tap`), closes the `request` object
+    /// and writes the rest of the record.
+    fn close(
+        &self,
+        out: &mut Vec<u8>,
+        tap: Option<&Mutex<Tap>>,
+        ending: Ending,
+        created: SystemTime,
+    ) {
+        let mut request = JsonObject::resume(out);
+        if let Some(tap) = tap {
+            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
+            let truncated = tap.seen > tap.kept.len() as u64;
+            let body = self.body(&tap.kept, truncated, tap.content_type.as_deref());
+            request.value("body", &body);
+            request.value("body_size", &tap.seen);
+            request.value("body_truncated", &truncated);
+            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
+            request.value("files", &files);
+        }
+        request.close();
+        let mut record = JsonObject::resume(out);
+        let mut response = record.object("response");
+        response.value("status", &ending.status);
+        response.value("duration_ms", &(ending.duration.as_secs_f64() * 1000.0));
+        response.value("body_size", &ending.response_bytes);
+        response.opt_str("error", ending.error.as_deref());
+        response.close();
+        record.value("decisions", &ending.decisions);
+        self.facts.host(record.key("host"));
+        // A timestamp needs no escaping, and this takes no allocation.
+        let created = humantime::format_rfc3339_millis(created);
+        let _ = write!(record.key("request_created_at"), "\"{created}\"");
+        record.close();
+    }
+
+    /// Writes the `client` member of a record and the `request` one, left
+    /// open for the body's members.
+    fn request(
+        &self,
+        head: &Head<'_>,
+        ip: IpAddr,
+        scheme: &str,
+        host: Option<&str>,
+        record: &mut JsonObject<'_>,
+    ) {
+        let headers = head.headers;
         let user_agent = header_str(headers, header::USER_AGENT);
         let mut client = record.object("client");
-        client.str("ip", &p.client.to_string());
-        self.facts.client(p.client, user_agent, &mut client);
+        // An address needs no escaping, and this takes no allocation.
+        let _ = write!(client.key("ip"), "\"{ip}\"");
+        self.facts.client(ip, user_agent, &mut client);
         client.close();
 
-        let path = p.uri.path();
-        let query = p.uri.query();
-        let host = p.host.as_deref().unwrap_or("");
+        let (path, query) = (head.path, head.query);
+        let host = host.unwrap_or("");
         // The URL as the client addressed it: its port stays.
-        let authority = p
-            .uri
-            .authority()
-            .map(|a| a.as_str())
+        let authority = head
+            .authority
             .or_else(|| header_str(headers, header::HOST))
             .unwrap_or(host);
-        let scheme = p.scheme;
         let url = match query {
             Some(q) => format!("{scheme}://{authority}{path}?{q}"),
             None => format!("{scheme}://{authority}{path}"),
         };
         let mut request = record.object("request");
-        request.str("method", p.method.as_str());
+        request.str("method", head.method);
         request.str("url", &self.redact_url(&url, query));
         request.str("scheme", scheme);
         request.str("host", host);
@@ -172,17 +293,7 @@ impl Recorder {
             }
             _ => request.raw("query_parameters", b"{}"),
         }
-        if let Some(tap) = &p.tap {
-            let mut tap = tap.lock().unwrap_or_else(|p| p.into_inner());
-            let truncated = tap.seen > tap.kept.len() as u64;
-            let content_type = header_str(headers, header::CONTENT_TYPE);
-            request.value("body", &self.body(&tap.kept, truncated, content_type));
-            request.value("body_size", &tap.seen);
-            request.value("body_truncated", &truncated);
-            let files = tap.multipart.take().map(|m| m.finish()).unwrap_or_default();
-            request.value("files", &files);
-        }
-        request.close();
+        // Left open: the body's members, if any, come when it has passed.
     }
 
     /// The request headers, with the configured ones redacted. The seed's
@@ -278,12 +389,13 @@ impl Recorder {
     }
 
     /// The URL with redacted query values.
-    fn redact_url(&self, url: &str, query: Option<&str>) -> String {
+    fn redact_url<'u>(&self, url: &'u str, query: Option<&str>) -> Cow<'u, str> {
         let Some(query) = query else {
-            return url.to_owned();
+            return Cow::Borrowed(url);
         };
-        if !form_pairs(query).any(|(name, _)| self.redacts(&name)) {
-            return url.to_owned();
+        if self.redact_fields.is_empty() || !form_pairs(query).any(|(name, _)| self.redacts(&name))
+        {
+            return Cow::Borrowed(url);
         }
         let redacted: Vec<String> = query
             .split('&')
@@ -297,7 +409,7 @@ impl Recorder {
             })
             .collect();
         let base = url.split_once('?').map_or(url, |(b, _)| b);
-        format!("{base}?{}", redacted.join("&"))
+        Cow::Owned(format!("{base}?{}", redacted.join("&")))
     }
 
     /// The kept body as text, redacted: JSON keys and form fields by name.
@@ -376,6 +488,8 @@ pub struct Tap {
     keep: usize,
     seen: u64,
     multipart: Option<MultipartObserver>,
+    /// The request's, for the body's redaction.
+    content_type: Option<String>,
 }
 
 impl Tap {
@@ -389,20 +503,16 @@ impl Tap {
     }
 }
 
-/// A record begun, waiting for its response: the request's head as it
-/// arrived, and the tap its body feeds.
+/// A record begun, waiting for its response: the members its request's
+/// head gave, and the tap its body feeds.
 pub struct Pending {
     recorder: Arc<Recorder>,
-    mode: ProfileMode,
-    route: Option<String>,
+    /// The record's JSON so far, its `request` object open.
+    json: Vec<u8>,
     created: SystemTime,
-    client: IpAddr,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    scheme: &'static str,
-    host: Option<String>,
     tap: Option<Arc<Mutex<Tap>>>,
+    /// `json` holds a lite capture (see [`capture`]), not JSON yet.
+    captured: bool,
 }
 
 /// How the request ended, for its record.
@@ -424,63 +534,236 @@ impl Pending {
         }
     }
 
-    /// Writes the finished record, redacted, as one JSON object.
-    pub fn write(self, ending: Ending, out: &mut Vec<u8>) {
-        let recorder = &*self.recorder;
-        let mut record = JsonObject::open(out);
-        record.str("agent_id", &recorder.agent_id);
-        record.str("agent_name", &recorder.agent_name);
-        record.str("mode", self.mode.as_str());
-        record.opt_str("route", self.route.as_deref());
-        recorder.request(&self, &mut record);
-        let mut response = record.object("response");
-        response.value("status", &ending.status);
-        response.value("duration_ms", &(ending.duration.as_secs_f64() * 1000.0));
-        response.value("body_size", &ending.response_bytes);
-        response.opt_str("error", ending.error.as_deref());
-        response.close();
-        record.value("decisions", &ending.decisions);
-        recorder.facts.host(record.key("host"));
-        let created = humantime::format_rfc3339_millis(self.created);
-        record.str("request_created_at", &created.to_string());
-        record.close();
+    /// Finishes the record, redacted, as one JSON object in `self.json`
+    /// (a lite capture is made into one here).
+    fn complete(&mut self, ending: Ending) {
+        let recorder = self.recorder.clone();
+        if self.captured {
+            self.captured = false;
+            let data = std::mem::replace(&mut self.json, buffer());
+            if recorder.make(&data, &mut self.json).is_none() {
+                self.json.clear();
+            }
+            give_back(data);
+            // The capture has no ending: it is the one given now.
+            let _ = ending;
+            return;
+        }
+        let created = self.created;
+        recorder.close(&mut self.json, self.tap.as_deref(), ending, created);
     }
 
     /// The finished record, redacted, as a JSON value.
-    pub fn finish(self, ending: Ending) -> Value {
-        let mut out = Vec::with_capacity(RECORD_BYTES);
-        self.write(ending, &mut out);
-        // What `write` makes is JSON by construction.
-        serde_json::from_slice(&out).unwrap_or(Value::Null)
+    pub fn finish(mut self, ending: Ending) -> Value {
+        if self.captured {
+            end_capture(&mut self.json, &ending);
+        }
+        self.complete(ending);
+        // What `complete` makes is JSON by construction.
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
     }
 
-    /// Finishes the record and hands it to the store. With `wanted` (a log
-    /// agent gets it) the record is made here and returned; otherwise the
-    /// store's writer makes it, and the request's task only queues what it
-    /// captured. A full queue drops the record and counts it: the request
-    /// never waits for the store.
-    pub fn store(self, ending: Ending, wanted: bool) -> Option<Value> {
-        let store = self.recorder.store.clone();
-        if wanted {
-            let mut out = Vec::with_capacity(RECORD_BYTES);
-            self.write(ending, &mut out);
-            let record = serde_json::from_slice(&out).unwrap_or(Value::Null);
-            if let Some(store) = store {
-                store.push(Record::Object(out));
+    /// Finishes the record and hands it to the store. A lite record is
+    /// made by the store's writer from what was captured (a copy of the
+    /// head's bytes in a reused buffer, no allocation on the request's
+    /// task); with `wanted` (a log agent gets it) the record is made here
+    /// and also returned as a value. A full queue drops the record and
+    /// counts it: the request never waits for the store.
+    pub fn store(mut self, ending: Ending, wanted: bool) -> Option<Value> {
+        if self.captured {
+            end_capture(&mut self.json, &ending);
+            if !wanted {
+                if let Some(store) = self.recorder.store() {
+                    let data = std::mem::take(&mut self.json);
+                    store.push(Record::Deferred {
+                        data,
+                        make: self.recorder.clone(),
+                    });
+                }
+                return None;
             }
-            return Some(record);
         }
-        if let Some(store) = store {
-            store.push(Record::Deferred(Box::new(move |out| {
-                self.write(ending, out)
-            })));
+        self.complete(ending);
+        if let Some(store) = self.recorder.store() {
+            store.push_object(&self.json);
         }
-        None
+        // What `complete` makes is JSON by construction.
+        wanted.then(|| serde_json::from_slice(&self.json).unwrap_or(Value::Null))
+    }
+}
+
+impl MakeRecord for Recorder {
+    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>) {
+        if Recorder::make(self, &data, out).is_none() {
+            out.clear();
+        }
+        give_back(data);
+    }
+}
+
+/// The request's head as a record reads it.
+struct Head<'a> {
+    method: &'a str,
+    authority: Option<&'a str>,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> Head<'a> {
+    fn of(parts: &'a Parts) -> Self {
+        Self {
+            method: parts.method.as_str(),
+            authority: parts.uri.authority().map(|a| a.as_str()),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        }
+    }
+}
+
+/// Copies what a lite record needs of the request into `out`, to be made
+/// into the record off the request's task: length-prefixed strings, in the
+/// order [`Recorder::make`] reads them.
+#[allow(clippy::too_many_arguments)]
+fn capture(
+    out: &mut Vec<u8>,
+    mode: ProfileMode,
+    route: Option<&str>,
+    parts: &Parts,
+    client: IpAddr,
+    scheme: &str,
+    host: Option<&str>,
+    created: SystemTime,
+) {
+    put(out, mode.as_str().as_bytes());
+    put_opt(out, route);
+    put(out, scheme.as_bytes());
+    let at = out.len();
+    put(out, &[0; 0]);
+    let _ = write!(out, "{client}");
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    let nanos = created
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    out.extend_from_slice(&nanos.to_le_bytes());
+    put(out, parts.method.as_str().as_bytes());
+    put_opt(out, parts.uri.authority().map(|a| a.as_str()));
+    put(out, parts.uri.path().as_bytes());
+    put_opt(out, parts.uri.query());
+    put_opt(out, host);
+    out.extend_from_slice(&(parts.headers.len() as u64).to_le_bytes());
+    for (name, value) in &parts.headers {
+        put(out, name.as_str().as_bytes());
+        put(out, value.as_bytes());
+    }
+}
+
+/// Adds how the request ended to a capture.
+fn end_capture(out: &mut Vec<u8>, ending: &Ending) {
+    out.extend_from_slice(&u64::from(ending.status).to_le_bytes());
+    out.extend_from_slice(&(ending.duration.as_nanos() as u64).to_le_bytes());
+    out.extend_from_slice(&ending.response_bytes.to_le_bytes());
+    let at = out.len();
+    put(out, &[0; 0]);
+    let _ = serde_json::to_writer(&mut *out, &ending.decisions);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    put_opt(out, ending.error.as_deref());
+}
+
+/// Marks an absent string.
+const NONE: u32 = u32::MAX;
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(value) => put(out, value.as_bytes()),
+        None => out.extend_from_slice(&NONE.to_le_bytes()),
+    }
+}
+
+/// Reads a capture back.
+struct Reader<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let out = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(out)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()?;
+        self.take(n as usize)
+    }
+
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn opt_str(&mut self) -> Option<Option<&'a str>> {
+        let at = self.at;
+        if self.u32()? == NONE {
+            return Some(None);
+        }
+        self.at = at;
+        self.str().map(Some)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.json));
     }
 }
 
 /// What a record usually takes, serialized.
 const RECORD_BYTES: usize = 2048;
+/// Record buffers kept for the next records.
+const KEPT_BUFFERS: usize = 1024;
+
+/// Buffers of finished records and captures, for the next ones: a record
+/// then costs no allocation, and a capture's buffer, given back by the
+/// store's writer, is not freed on another thread than the one that
+/// allocated it (with glibc, a lock shared with that thread's allocations).
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn buffer() -> Vec<u8> {
+    BUFFERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop()
+        .unwrap_or_else(|| Vec::with_capacity(RECORD_BYTES))
+}
+
+fn give_back(mut buffer: Vec<u8>) {
+    // A record with a large body would keep its buffer's size.
+    if buffer.capacity() == 0 || buffer.capacity() > 4 * RECORD_BYTES {
+        return;
+    }
+    buffer.clear();
+    let mut kept = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() < KEPT_BUFFERS {
+        kept.push(buffer);
+    }
+}
 
 pin_project! {
     /// A request body whose bytes feed a record's [`Tap`].
