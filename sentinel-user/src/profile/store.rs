@@ -443,6 +443,29 @@ impl StoreHandle {
     }
 
     fn queue_deferred(&self, record: Deferred) -> bool {
+        self.enqueue(|state, seq| {
+            let at = state.lines.len();
+            state.deferred.push((record, seq, at));
+        })
+    }
+
+    /// Appends `{"seq":N,"record_id":ID,members}\n` to the queue.
+    fn queue(&self, record: &Encoded<'_>) -> bool {
+        self.enqueue(|state, seq| {
+            let lines = &mut state.lines;
+            line_head(lines, seq, &record.id);
+            if !record.members.is_empty() {
+                lines.push(b',');
+                lines.extend_from_slice(&record.members);
+            }
+            lines.extend_from_slice(b"}\n");
+        })
+    }
+
+    /// Admits one record to the queue (or counts why not: closed, full),
+    /// has `add` put it there under the lock with its sequence number, and
+    /// wakes the writer when the queue was empty.
+    fn enqueue(&self, add: impl FnOnce(&mut QueueState, u64)) -> bool {
         let shared = &self.shared;
         let queue = &*shared.queue;
         let mut state = queue.lock();
@@ -452,42 +475,8 @@ impl StoreHandle {
             shared.metrics.drop_records(reason, 1);
             return false;
         }
-        let (seq, at) = (state.next_seq, state.lines.len());
-        state.deferred.push((record, seq, at));
-        state.next_seq += 1;
-        state.records += 1;
-        shared.metrics.queued.inc();
-        let first = state.records == 1;
-        drop(state);
-        if first {
-            queue.wake.notify_one();
-        }
-        true
-    }
-
-    /// Appends `{"seq":N,"record_id":ID,members}\n` to the queue.
-    fn queue(&self, record: &Encoded<'_>) -> bool {
-        let shared = &self.shared;
-        let queue = &*shared.queue;
-        let mut state = queue.lock();
-        if state.closed {
-            drop(state);
-            shared.metrics.drop_records("closed", 1);
-            return false;
-        }
-        if state.records >= queue.capacity {
-            drop(state);
-            shared.metrics.drop_records("queue_full", 1);
-            return false;
-        }
         let seq = state.next_seq;
-        let lines = &mut state.lines;
-        line_head(lines, seq, &record.id);
-        if !record.members.is_empty() {
-            lines.push(b',');
-            lines.extend_from_slice(&record.members);
-        }
-        lines.extend_from_slice(b"}\n");
+        add(&mut state, seq);
         state.next_seq += 1;
         state.records += 1;
         // Raised under the lock, before the writer can take the record and
