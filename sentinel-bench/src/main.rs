@@ -185,7 +185,7 @@ struct XdpArgs {
     #[arg(long, default_value_t = 2_000_000)]
     repeat: u32,
     /// Alternating rounds per measurement (the median is reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
     /// Entries loaded in section 2, in-process and end to end through
     /// `sentinel deny import` [default: 1000000; 100000 with --quick].
