@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, header, request::Parts};
+use http::{HeaderMap, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -174,42 +174,46 @@ impl Recorder {
     }
 
     /// Makes a lite record from what [`capture`] and [`Pending::store`]
-    /// put in `data`, on the store's writer.
+    /// put in `data`, on the store's writer: the head is read where the
+    /// capture holds it, with no header map built again.
     fn make(&self, data: &[u8], out: &mut Vec<u8>) -> Option<()> {
         let mut r = Reader { data, at: 0 };
         let mode = r.str()?;
         let route = r.opt_str()?;
         let scheme = r.str()?;
-        let client: IpAddr = r.str()?.parse().ok()?;
+        let client = r.ip()?;
         let created = SystemTime::UNIX_EPOCH + Duration::from_nanos(r.u64()?);
         let method = r.str()?;
         let authority = r.opt_str()?;
         let path = r.str()?;
         let query = r.opt_str()?;
         let host = r.opt_str()?;
-        let count = r.u64()?;
-        let mut headers = HeaderMap::with_capacity(count as usize);
-        for _ in 0..count {
-            let name = HeaderName::from_bytes(r.bytes()?).ok()?;
-            let value = http::HeaderValue::from_bytes(r.bytes()?).ok()?;
-            headers.append(name, value);
-        }
+        let headers = r.headers()?;
         let head = Head {
             method,
             authority,
             path,
             query,
-            headers: &headers,
+            headers,
         };
         self.open(out, mode, route, &head, client, scheme, host);
-        let ending = Ending {
-            status: r.u64()? as u16,
-            duration: Duration::from_nanos(r.u64()?),
-            response_bytes: r.u64()?,
-            decisions: serde_json::from_slice(r.bytes()?).ok()?,
-            error: r.opt_str()?.map(str::to_owned),
-        };
-        self.close(out, None, ending, created);
+        let status = r.u64()? as u16;
+        let duration = Duration::from_nanos(r.u64()?);
+        let response_bytes = r.u64()?;
+        let decisions = r.bytes()?;
+        let error = r.opt_str()?;
+        self.close(
+            out,
+            None,
+            Closing {
+                status,
+                duration,
+                response_bytes,
+                decisions: Decisions::Json(decisions),
+                error,
+            },
+            created,
+        );
         Some(())
     }
 
@@ -219,7 +223,7 @@ impl Recorder {
         &self,
         out: &mut Vec<u8>,
         tap: Option<&Mutex<Tap>>,
-        ending: Ending,
+        ending: Closing<'_>,
         created: SystemTime,
     ) {
         let mut request = JsonObject::resume(out);
@@ -239,13 +243,14 @@ impl Recorder {
         response.value("status", &ending.status);
         response.value("duration_ms", &(ending.duration.as_secs_f64() * 1000.0));
         response.value("body_size", &ending.response_bytes);
-        response.opt_str("error", ending.error.as_deref());
+        response.opt_str("error", ending.error);
         response.close();
-        record.value("decisions", &ending.decisions);
+        match ending.decisions {
+            Decisions::Value(v) => record.value("decisions", v),
+            Decisions::Json(json) => record.raw("decisions", json),
+        }
         self.facts.host(record.key("host"));
-        // A timestamp needs no escaping, and this takes no allocation.
-        let created = humantime::format_rfc3339_millis(created);
-        let _ = write!(record.key("request_created_at"), "\"{created}\"");
+        timestamp(record.key("request_created_at"), created);
         record.close();
     }
 
@@ -259,8 +264,9 @@ impl Recorder {
         host: Option<&str>,
         record: &mut JsonObject<'_>,
     ) {
-        let headers = head.headers;
-        let user_agent = header_str(headers, header::USER_AGENT);
+        let headers = &head.headers;
+        let known = headers.known();
+        let user_agent = first_str(&known.user_agent);
         let mut client = record.object("client");
         // An address needs no escaping, and this takes no allocation.
         let _ = write!(client.key("ip"), "\"{ip}\"");
@@ -272,7 +278,7 @@ impl Recorder {
         // The URL as the client addressed it: its port stays.
         let authority = head
             .authority
-            .or_else(|| header_str(headers, header::HOST))
+            .or_else(|| first_str(&known.host))
             .unwrap_or(host);
         let url = match query {
             Some(q) => format!("{scheme}://{authority}{path}?{q}"),
@@ -285,7 +291,7 @@ impl Recorder {
         request.str("host", host);
         request.str("endpoint", path);
         let mut out = request.object("headers");
-        self.headers(headers, &mut out);
+        self.headers(headers, known, &mut out);
         out.close();
         match query {
             Some(query) if !query.is_empty() => {
@@ -300,31 +306,16 @@ impl Recorder {
     /// four are always present (`null` when the request had none);
     /// `referrer` is the `Referer` header. A header given several times is
     /// one string, its values joined by `, `.
-    fn headers(&self, headers: &HeaderMap, out: &mut JsonObject<'_>) {
-        use header::{CONTENT_LENGTH, CONTENT_TYPE, REFERER, USER_AGENT};
-        for name in [&USER_AGENT, &CONTENT_TYPE, &CONTENT_LENGTH] {
-            self.header(out, name.as_str(), headers.get_all(name).iter());
-        }
-        let referrer = HeaderName::from_static("referrer");
-        let referrers = headers.get_all(&REFERER).iter();
-        self.header(
-            out,
-            "referrer",
-            referrers.chain(&headers.get_all(&referrer)),
-        );
-        for name in headers.keys() {
-            if [
-                &USER_AGENT,
-                &CONTENT_TYPE,
-                &CONTENT_LENGTH,
-                &REFERER,
-                &referrer,
-            ]
-            .contains(&name)
-            {
+    fn headers<'h>(&self, headers: &Headers<'h>, known: Known<'h>, out: &mut JsonObject<'_>) {
+        self.header(out, "user-agent", known.user_agent);
+        self.header(out, "content-type", known.content_type);
+        self.header(out, "content-length", known.content_length);
+        self.header(out, "referrer", known.referer.chain(known.referrer));
+        for (name, values) in headers.groups() {
+            if Known::NAMES.contains(&name) && name != "host" {
                 continue;
             }
-            self.header(out, name.as_str(), headers.get_all(name).iter());
+            self.header(out, name, values);
         }
     }
 
@@ -334,7 +325,7 @@ impl Recorder {
         &self,
         out: &mut JsonObject<'_>,
         key: &str,
-        mut values: impl Iterator<Item = &'h http::HeaderValue>,
+        mut values: impl Iterator<Item = &'h [u8]>,
     ) {
         let Some(first) = values.next() else {
             out.opt_str(key, None);
@@ -346,14 +337,14 @@ impl Recorder {
             out.str(key, REDACTED);
             return;
         }
-        let first = String::from_utf8_lossy(first.as_bytes());
+        let first = String::from_utf8_lossy(first);
         match values.next() {
             None => out.str(key, &first),
             Some(second) => {
                 let mut joined = first.into_owned();
                 for value in std::iter::once(second).chain(values) {
                     joined.push_str(", ");
-                    joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                    joined.push_str(&String::from_utf8_lossy(value));
                 }
                 out.str(key, &joined);
             }
@@ -474,6 +465,44 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// `created` as a JSON string, RFC 3339 in UTC with milliseconds. The
+/// date and time to the second are formatted once per second per thread.
+fn timestamp(out: &mut Vec<u8>, created: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+    }
+    let since = created
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut text) = SECOND.get();
+    if cached != secs {
+        let full = humantime::format_rfc3339_seconds(created).to_string();
+        // `YYYY-MM-DDTHH:MM:SSZ`; a year past 9999 is left to humantime.
+        match full.as_bytes().get(..19) {
+            Some(head) if full.len() == 20 => {
+                text.copy_from_slice(head);
+                SECOND.set((secs, text));
+            }
+            _ => {
+                let _ = write!(out, "\"{}\"", humantime::format_rfc3339_millis(created));
+                return;
+            }
+        }
+    }
+    let millis = since.subsec_millis();
+    out.push(b'"');
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+        b'Z',
+        b'"',
+    ]);
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -515,6 +544,21 @@ pub struct Pending {
     captured: bool,
 }
 
+/// How the request ended, as [`Recorder::close`] writes it: from an
+/// [`Ending`], or from a capture (decisions already serialized).
+struct Closing<'a> {
+    status: u16,
+    duration: Duration,
+    response_bytes: u64,
+    decisions: Decisions<'a>,
+    error: Option<&'a str>,
+}
+
+enum Decisions<'a> {
+    Value(&'a Value),
+    Json(&'a [u8]),
+}
+
 /// How the request ended, for its record.
 pub struct Ending {
     pub status: u16,
@@ -550,7 +594,14 @@ impl Pending {
             return;
         }
         let created = self.created;
-        recorder.close(&mut self.json, self.tap.as_deref(), ending, created);
+        let closing = Closing {
+            status: ending.status,
+            duration: ending.duration,
+            response_bytes: ending.response_bytes,
+            decisions: Decisions::Value(&ending.decisions),
+            error: ending.error.as_deref(),
+        };
+        recorder.close(&mut self.json, self.tap.as_deref(), closing, created);
     }
 
     /// The finished record, redacted, as a JSON value.
@@ -607,7 +658,7 @@ struct Head<'a> {
     authority: Option<&'a str>,
     path: &'a str,
     query: Option<&'a str>,
-    headers: &'a HeaderMap,
+    headers: Headers<'a>,
 }
 
 impl<'a> Head<'a> {
@@ -617,7 +668,164 @@ impl<'a> Head<'a> {
             authority: parts.uri.authority().map(|a| a.as_str()),
             path: parts.uri.path(),
             query: parts.uri.query(),
-            headers: &parts.headers,
+            headers: Headers::Map(&parts.headers),
+        }
+    }
+}
+
+/// A request's headers: its own map, or the groups a [`capture`] copied
+/// (each name once, lowercase as the map had it, with its values in
+/// order), read where they lie.
+#[derive(Clone, Copy)]
+enum Headers<'a> {
+    Map(&'a HeaderMap),
+    Captured { groups: usize, data: &'a [u8] },
+}
+
+impl<'a> Headers<'a> {
+    /// The values of the headers a record names, found in one pass.
+    fn known(&self) -> Known<'a> {
+        let mut known = Known {
+            user_agent: Values::None,
+            content_type: Values::None,
+            content_length: Values::None,
+            referer: Values::None,
+            referrer: Values::None,
+            host: Values::None,
+        };
+        match *self {
+            Headers::Map(map) => {
+                for name in Known::NAMES {
+                    *known.slot(name) = Values::of(map, name);
+                }
+            }
+            Headers::Captured { .. } => {
+                for (name, values) in self.groups() {
+                    if Known::NAMES.contains(&name) {
+                        *known.slot(name) = values;
+                    }
+                }
+            }
+        }
+        known
+    }
+
+    /// Each name once, in the order the map keeps them, with its values.
+    fn groups(&self) -> impl Iterator<Item = (&'a str, Values<'a>)> + 'a {
+        let (map, captured) = match *self {
+            Headers::Map(map) => (Some(map), None),
+            Headers::Captured { groups, data } => (None, Some((groups, Reader { data, at: 0 }))),
+        };
+        let from_map = map.into_iter().flat_map(|map| {
+            map.keys()
+                .map(move |name| (name.as_str(), Values::of(map, name.as_str())))
+        });
+        let from_capture = captured.into_iter().flat_map(|(groups, mut r)| {
+            // A capture is this process's own: a short one ends the list.
+            std::iter::from_fn(move || {
+                let name = r.str()?;
+                let count = r.u32()? as usize;
+                let values = Values::Captured {
+                    count,
+                    r: Reader {
+                        data: r.data,
+                        at: r.at,
+                    },
+                };
+                for _ in 0..count {
+                    r.bytes()?;
+                }
+                Some((name, values))
+            })
+            .take(groups)
+        });
+        from_map.chain(from_capture)
+    }
+}
+
+/// The headers a record names, each name's values.
+struct Known<'a> {
+    user_agent: Values<'a>,
+    content_type: Values<'a>,
+    content_length: Values<'a>,
+    referer: Values<'a>,
+    /// Not a standard name, but seen: it joins `referer` under `referrer`.
+    referrer: Values<'a>,
+    host: Values<'a>,
+}
+
+impl<'a> Known<'a> {
+    const NAMES: [&'static str; 6] = [
+        "user-agent",
+        "content-type",
+        "content-length",
+        "referer",
+        "referrer",
+        "host",
+    ];
+
+    fn slot(&mut self, name: &str) -> &mut Values<'a> {
+        match name {
+            "user-agent" => &mut self.user_agent,
+            "content-type" => &mut self.content_type,
+            "content-length" => &mut self.content_length,
+            "referer" => &mut self.referer,
+            "referrer" => &mut self.referrer,
+            _ => &mut self.host,
+        }
+    }
+}
+
+/// The first of `values`, when it is text.
+fn first_str<'a>(values: &Values<'a>) -> Option<&'a str> {
+    values.peek().and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// The values of one header name.
+enum Values<'a> {
+    None,
+    Map {
+        first: Option<&'a http::HeaderValue>,
+        rest: http::header::ValueIter<'a, http::HeaderValue>,
+    },
+    Captured {
+        count: usize,
+        r: Reader<'a>,
+    },
+}
+
+impl<'a> Values<'a> {
+    fn of(map: &'a HeaderMap, name: &str) -> Self {
+        let mut rest = map.get_all(name).iter();
+        Values::Map {
+            first: rest.next(),
+            rest,
+        }
+    }
+
+    /// The first value, left in place.
+    fn peek(&self) -> Option<&'a [u8]> {
+        match self {
+            Values::None => None,
+            Values::Map { first, .. } => first.map(|v| v.as_bytes()),
+            Values::Captured { count, r } => (*count > 0).then(|| r.clone().bytes()).flatten(),
+        }
+    }
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self {
+            Values::None => None,
+            Values::Map { first, rest } => {
+                first.take().or_else(|| rest.next()).map(|v| v.as_bytes())
+            }
+            Values::Captured { count, r } => {
+                *count = count.checked_sub(1)?;
+                r.bytes()
+            }
         }
     }
 }
@@ -639,11 +847,10 @@ fn capture(
     put(out, mode.as_str().as_bytes());
     put_opt(out, route);
     put(out, scheme.as_bytes());
-    let at = out.len();
-    put(out, &[0; 0]);
-    let _ = write!(out, "{client}");
-    let len = (out.len() - at - 4) as u32;
-    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    match client {
+        IpAddr::V4(ip) => put(out, &ip.octets()),
+        IpAddr::V6(ip) => put(out, &ip.octets()),
+    }
     let nanos = created
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
@@ -653,11 +860,24 @@ fn capture(
     put(out, parts.uri.path().as_bytes());
     put_opt(out, parts.uri.query());
     put_opt(out, host);
-    out.extend_from_slice(&(parts.headers.len() as u64).to_le_bytes());
-    for (name, value) in &parts.headers {
+    let headers = &parts.headers;
+    out.extend_from_slice(&(headers.keys_len() as u32).to_le_bytes());
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    for name in headers.keys() {
         put(out, name.as_str().as_bytes());
-        put(out, value.as_bytes());
+        let count = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut n = 0u32;
+        for value in headers.get_all(name) {
+            put(out, value.as_bytes());
+            n += 1;
+        }
+        out[count..count + 4].copy_from_slice(&n.to_le_bytes());
     }
+    // The groups' length, so that the reader can step over them at once.
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Adds how the request ended to a capture.
@@ -689,6 +909,7 @@ fn put_opt(out: &mut Vec<u8>, value: Option<&str>) {
 }
 
 /// Reads a capture back.
+#[derive(Clone)]
 struct Reader<'a> {
     data: &'a [u8],
     at: usize,
@@ -716,6 +937,21 @@ impl<'a> Reader<'a> {
 
     fn str(&mut self) -> Option<&'a str> {
         std::str::from_utf8(self.bytes()?).ok()
+    }
+
+    fn ip(&mut self) -> Option<IpAddr> {
+        let bytes = self.bytes()?;
+        if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+            return Some(IpAddr::from(v4));
+        }
+        <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from)
+    }
+
+    /// The header groups of a capture, stepped over.
+    fn headers(&mut self) -> Option<Headers<'a>> {
+        let groups = self.u32()? as usize;
+        let data = self.bytes()?;
+        Some(Headers::Captured { groups, data })
     }
 
     fn opt_str(&mut self) -> Option<Option<&'a str>> {
@@ -934,6 +1170,71 @@ mod tests {
         assert_eq!(record["request"]["body"].as_str().unwrap().len(), 2048);
         assert_eq!(record["request"]["body_size"], 5000);
         assert_eq!(record["request"]["body_truncated"], true);
+    }
+
+    #[test]
+    fn a_lite_record_made_from_its_capture_is_the_record_of_its_head() {
+        let r = recorder();
+        let p = parts(
+            "http://example.test:8080/a%20b/c?q=1&q=2&empty=",
+            &[
+                ("user-agent", "curl/8.0"),
+                ("authorization", "Bearer s3cret"),
+                ("x-multi", "a"),
+                ("referrer", "https://two.test/"),
+                ("accept", "*/*"),
+                ("x-multi", "b \"quoted\""),
+                ("referer", "https://one.test/"),
+                ("x-multi", "c"),
+                ("x-bytes", "caf\u{e9}"),
+            ],
+        );
+        let ending = || Ending {
+            status: 503,
+            duration: Duration::from_micros(1500),
+            response_bytes: 7,
+            decisions: json!([{"agent": "waf", "decision": "block"}]),
+            error: Some("upstream \"down\"".into()),
+        };
+        for client in ["203.0.113.9", "2001:db8::1"] {
+            let client = client.parse().unwrap();
+            let lite = r.begin(ProfileMode::Lite, Some("r"), &p, client, "http", Some("h"));
+            assert!(lite.captured, "lite records are made from a capture");
+            let created = lite.created;
+            let mut lite = lite.finish(ending());
+            let mut full = r.begin(
+                ProfileMode::Monitor,
+                Some("r"),
+                &p,
+                client,
+                "http",
+                Some("h"),
+            );
+            full.created = created;
+            let mut full = full.finish(ending());
+            for key in ["body", "body_size", "body_truncated", "files"] {
+                full["request"].as_object_mut().unwrap().remove(key);
+            }
+            lite["mode"] = json!("monitor");
+            assert_eq!(lite, full);
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_milliseconds() {
+        for (nanos, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_764_633_600_123_456_789, "2025-12-02T00:00:00.123Z"),
+            (1_764_633_600_999_000_000, "2025-12-02T00:00:00.999Z"),
+            (1_764_633_601_005_000_000, "2025-12-02T00:00:01.005Z"),
+        ] {
+            let mut out = Vec::new();
+            timestamp(
+                &mut out,
+                SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+            );
+            assert_eq!(String::from_utf8(out).unwrap(), format!("\"{text}\""));
+        }
     }
 
     #[test]
