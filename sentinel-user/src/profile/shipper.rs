@@ -11,9 +11,12 @@
 //!   in `\n`, with `Content-Type: application/x-ndjson` (unless an extra
 //!   header sets another) and the configured extra headers.
 //! - Only a 2xx answer acknowledges a batch. The cursor then moves past it
-//!   and is saved (`{"segment":N,"offset":M}` in the cursor file, written
-//!   to a temporary file, fsynced and renamed over the old one) before the
-//!   next batch is read. Anything else (no connection, a timeout, another
+//!   and is saved (`{"segment":N,"offset":M}` in the cursor file, padded
+//!   to 64 bytes and written in place, see [`Cursor`]) before the next
+//!   batch is read. The save survives the process being killed at once;
+//!   it is fsynced at most every [`CURSOR_SYNC_INTERVAL`] and when the
+//!   shipper stops, so a power loss can only send again what the last
+//!   interval acknowledged (a repeat, never a loss). Anything else (no connection, a timeout, another
 //!   status) is retried with the same batch after an exponential backoff
 //!   from `backoff_min` to `backoff_max`, with jitter (each wait is drawn
 //!   between half the step and the step), for as long as it takes: records
@@ -63,6 +66,10 @@ use crate::proxy::tls::{ClientTls, TlsError, client_config_for};
 pub const BATCH_CONTENT_TYPE: &str = "application/x-ndjson";
 /// Name of the cursor file in the store's directory, by default.
 pub const CURSOR_FILE: &str = "cursor.json";
+/// How often, at most, a saved cursor is also fsynced. A busy proxy
+/// acknowledges dozens of batches a second; fsyncing the cursor (and its
+/// directory) after each cost more than writing the records themselves.
+pub const CURSOR_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// The most of a collector's answer that is read (and ignored).
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
@@ -238,6 +245,10 @@ impl Shipper {
                 offset: 0,
             },
         };
+        let cursor = Cursor::open(&cursor_file, position).map_err(|e| ShipperError::Cursor {
+            path: cursor_file.clone(),
+            reason: e.to_string(),
+        })?;
         let progress = store.progress();
         progress.set(position);
         let cancel = CancellationToken::new();
@@ -255,8 +266,10 @@ impl Shipper {
             headers,
             options,
             dir,
+            cursor,
             cursor_file,
             position,
+            unsynced_since: None,
             shared_position: shared_position.clone(),
             progress,
             written: store.written(),
@@ -312,7 +325,7 @@ fn plain_config() -> Result<rustls::ClientConfig, TlsError> {
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct CursorFile {
+struct CursorJson {
     segment: u64,
     offset: u64,
 }
@@ -328,7 +341,7 @@ fn load_cursor(path: &Path) -> Result<Option<Position>, ShipperError> {
             });
         }
     };
-    let cursor: CursorFile = serde_json::from_slice(&text).map_err(|e| ShipperError::Cursor {
+    let cursor: CursorJson = serde_json::from_slice(&text).map_err(|e| ShipperError::Cursor {
         path: path.to_owned(),
         reason: format!("not a cursor ({e}); delete it to ship every stored record again"),
     })?;
@@ -338,24 +351,55 @@ fn load_cursor(path: &Path) -> Result<Option<Position>, ShipperError> {
     }))
 }
 
-/// Writes the cursor atomically: a crash leaves the old one or the new one.
-fn save_cursor(path: &Path, position: Position) -> io::Result<()> {
-    let text = serde_json::to_vec(&CursorFile {
-        segment: position.segment,
-        offset: position.offset,
-    })
-    .map_err(io::Error::other)?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = File::create(&tmp)?;
-    file.write_all(&text)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
-        _ => sync_dir(Path::new(".")),
+/// Bytes of the cursor file: its JSON padded with spaces, then `\n`. The
+/// longest cursor (two 20-digit numbers) is 62 bytes.
+const CURSOR_BYTES: usize = 64;
+
+/// The cursor file, open for the shipper's life and rewritten in place:
+/// one 64-byte write at offset 0 per acknowledged batch. A process killed
+/// at any moment leaves the old cursor or the new one (a write of one
+/// page-cache block is never seen in part), and the write lies within one
+/// disk sector, which storage writes whole. Renaming a new file over the
+/// old one instead would, on ext4 without a journal, write the evicted
+/// inode synchronously on every batch.
+struct Cursor {
+    file: Arc<File>,
+}
+
+impl Cursor {
+    /// Opens (or creates) the file at `path` and writes `position` into it,
+    /// durably: from here on, the name is on disk and the size is fixed.
+    fn open(path: &Path, position: Position) -> io::Result<Self> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let cursor = Self {
+            file: Arc::new(file),
+        };
+        cursor.write(position)?;
+        cursor.file.set_len(CURSOR_BYTES as u64)?;
+        cursor.file.sync_all()?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+        Ok(cursor)
+    }
+
+    fn write(&self, position: Position) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let mut text = [b' '; CURSOR_BYTES];
+        let mut json = &mut text[..];
+        write!(
+            json,
+            "{{\"segment\":{},\"offset\":{}}}",
+            position.segment, position.offset
+        )?;
+        text[CURSOR_BYTES - 1] = b'\n';
+        self.file.write_all_at(&text, 0)
     }
 }
 
@@ -392,7 +436,11 @@ pub struct ShipperTask {
     options: ShipperOptions,
     dir: PathBuf,
     cursor_file: PathBuf,
+    cursor: Cursor,
     position: Position,
+    /// When the saved cursor was last fsynced; `None`: it is (or nothing
+    /// was saved since).
+    unsynced_since: Option<std::time::Instant>,
     shared_position: Arc<Mutex<Position>>,
     progress: Arc<Progress>,
     /// Lines from here on were written by the running store.
@@ -453,6 +501,10 @@ impl ShipperTask {
             match read {
                 Read::Idle => {
                     flush_at = None;
+                    // Caught up: a good time to make the cursor durable.
+                    if self.unsynced_since.is_some() {
+                        self.save(self.position, true).await;
+                    }
                     self.wait().await;
                 }
                 Read::Moved(next) => {
@@ -518,6 +570,9 @@ impl ShipperTask {
                 }
             }
         }
+        if self.unsynced_since.is_some() {
+            self.save(self.position, true).await;
+        }
         info!(
             segment = self.position.segment,
             offset = self.position.offset,
@@ -558,14 +613,34 @@ impl ShipperTask {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = to;
         self.progress.set(to);
-        let path = self.cursor_file.clone();
-        let saved = tokio::task::spawn_blocking(move || save_cursor(&path, to)).await;
+        let first = *self
+            .unsynced_since
+            .get_or_insert_with(std::time::Instant::now);
+        let sync = first.elapsed() >= CURSOR_SYNC_INTERVAL;
+        self.save(to, sync).await;
+    }
+
+    /// Saves the cursor (see [`Cursor`]); with `sync`, fsyncs it on the
+    /// blocking pool.
+    async fn save(&mut self, to: Position, sync: bool) {
+        let saved = match self.cursor.write(to) {
+            Ok(()) if sync => {
+                let file = self.cursor.file.clone();
+                tokio::task::spawn_blocking(move || file.sync_data())
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
+            }
+            written => written,
+        };
         match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
+            Ok(()) => {
+                if sync {
+                    self.unsynced_since = None;
+                }
+            }
+            Err(error) => {
                 error!(%error, path = %self.cursor_file.display(), "cannot save the profile cursor; a restart will send some records again")
             }
-            Err(error) => error!(%error, "cannot save the profile cursor"),
         }
     }
 
@@ -744,4 +819,36 @@ fn read_batch(
         Some(next) => Read::Moved(next),
         None => Read::Idle,
     })
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn the_cursor_is_rewritten_in_place_and_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(CURSOR_FILE);
+        // A longer file than the cursor's (written by hand, or by an older
+        // version): what is past 64 bytes must not survive.
+        std::fs::write(
+            &path,
+            format!(
+                "{{\n  \"segment\": 7,\n  \"offset\": 99\n}}\n{}",
+                " ".repeat(80)
+            ),
+        )
+        .expect("write");
+        let start = load_cursor(&path).expect("load").expect("cursor");
+        assert_eq!((start.segment, start.offset), (7, 99));
+        let cursor = Cursor::open(&path, start).expect("open");
+        for (segment, offset) in [(7, 100), (8, 0), (u64::MAX, u64::MAX), (9, 12_345)] {
+            cursor.write(Position { segment, offset }).expect("save");
+            let text = std::fs::read(&path).expect("read");
+            assert_eq!(text.len(), CURSOR_BYTES);
+            assert_eq!(text.last(), Some(&b'\n'));
+            let read = load_cursor(&path).expect("load").expect("cursor");
+            assert_eq!((read.segment, read.offset), (segment, offset));
+        }
+    }
 }
