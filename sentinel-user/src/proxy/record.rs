@@ -56,7 +56,8 @@ pub struct Recorder {
     agent_name: String,
     body_bytes: usize,
     file_content_bytes: usize,
-    redact_headers: HashSet<String>,
+    /// Lowercase; a handful, so a scan beats hashing each header's name.
+    redact_headers: Vec<Box<str>>,
     redact_fields: HashSet<String>,
     facts: Arc<dyn Facts>,
     /// Where finished records go; `None` when only log agents get them.
@@ -71,11 +72,16 @@ impl Recorder {
             agent_name: cfg.agent_name.clone(),
             body_bytes: cfg.body_bytes as usize,
             file_content_bytes: cfg.file_content_bytes as usize,
-            redact_headers: cfg
-                .redact_headers
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            redact_headers: {
+                let mut names: Vec<Box<str>> = cfg
+                    .redact_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase().into())
+                    .collect();
+                names.sort();
+                names.dedup();
+                names
+            },
             redact_fields: cfg
                 .redact_fields
                 .iter()
@@ -336,9 +342,8 @@ impl Recorder {
             out.opt_str(key, None);
             return;
         };
-        if self.redact_headers.contains(key)
-            || (key == "referrer" && self.redact_headers.contains("referer"))
-        {
+        let redacted = |name: &str| self.redact_headers.iter().any(|r| **r == *name);
+        if redacted(key) || (key == "referrer" && redacted("referer")) {
             out.str(key, REDACTED);
             return;
         }
