@@ -26,13 +26,26 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     max: usize,
 ) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut body = Vec::new();
+    Ok(read_frame_into(reader, max, &mut body)
+        .await?
+        .then_some(body))
+}
+
+/// [`read_frame`] into `body`, whose allocation is kept from one frame to
+/// the next. `Ok(false)` is a clean end of stream between frames.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+    body: &mut Vec<u8>,
+) -> Result<bool, FrameError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < len.len() {
         let n = reader.read(&mut len[got..]).await?;
         if n == 0 {
             return if got == 0 {
-                Ok(None)
+                Ok(false)
             } else {
                 Err(FrameError::Truncated)
             };
@@ -43,15 +56,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(|e| {
+    body.clear();
+    body.resize(len, 0);
+    reader.read_exact(body).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             FrameError::Truncated
         } else {
             FrameError::Io(e)
         }
     })?;
-    Ok(Some(body))
+    Ok(true)
 }
 
 /// The frame of `json`: its length prefix and the bytes, in one buffer so
@@ -73,17 +87,32 @@ pub fn encode(json: &[u8]) -> Result<Vec<u8>, FrameError> {
 /// goes on the socket, behind a length prefix filled in afterwards.
 pub fn encode_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::with_capacity(1024);
+    encode_json_into(&mut out, value)?;
+    Ok(out)
+}
+
+/// Appends the frame of `value` to `out`; on an error `out` is left as it
+/// was.
+pub fn encode_json_into<T: serde::Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> Result<(), FrameError> {
+    let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    serde_json::to_writer(&mut out, value).map_err(|e| FrameError::Io(e.into()))?;
-    let len = out.len() - 4;
+    if let Err(e) = serde_json::to_writer(&mut *out, value) {
+        out.truncate(start);
+        return Err(FrameError::Io(e.into()));
+    }
+    let len = out.len() - start - 4;
     if len > MAX_MESSAGE_SIZE {
+        out.truncate(start);
         return Err(FrameError::TooLarge {
             len,
             max: MAX_MESSAGE_SIZE,
         });
     }
-    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-    Ok(out)
+    out[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(())
 }
 
 /// Writes one frame and flushes it.
@@ -110,7 +139,9 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// [`send`]: SharedWriter::send
 pub struct SharedWriter<W> {
     queued: Mutex<Vec<u8>>,
-    out: tokio::sync::Mutex<W>,
+    /// The stream, and the buffer the writing caller swaps with the queue
+    /// (so that neither is allocated again per batch).
+    out: tokio::sync::Mutex<(W, Vec<u8>)>,
     broken: AtomicBool,
 }
 
@@ -127,7 +158,7 @@ impl<W: AsyncWrite + Unpin> SharedWriter<W> {
     pub fn new(out: W) -> Self {
         Self {
             queued: Mutex::new(Vec::new()),
-            out: tokio::sync::Mutex::new(out),
+            out: tokio::sync::Mutex::new((out, Vec::new())),
             broken: AtomicBool::new(false),
         }
     }
@@ -155,21 +186,39 @@ impl<W: AsyncWrite + Unpin> SharedWriter<W> {
             return Err(Self::broken_error());
         }
         self.queued().extend_from_slice(frame);
+        self.write_queued().await
+    }
+
+    /// Serializes `value`'s frame straight into the queue, to be written
+    /// by the next [`write_queued`](SharedWriter::write_queued) (this
+    /// caller's or another's). On an error nothing is queued.
+    pub fn queue_json<T: serde::Serialize + ?Sized>(&self, value: &T) -> Result<(), FrameError> {
+        encode_json_into(&mut self.queued(), value)
+    }
+
+    /// Writes what is queued unless another caller is writing, in which
+    /// case that caller writes it.
+    pub async fn write_queued(&self) -> std::io::Result<()> {
+        if self.is_broken() {
+            return Err(Self::broken_error());
+        }
         loop {
             let Ok(mut out) = self.out.try_lock() else {
                 // The writer holding it looks at the queue again after it
                 // lets go, so this frame is not left behind.
                 return Ok(());
             };
+            let (stream, batch) = &mut *out;
             loop {
-                let batch = std::mem::take(&mut *self.queued());
+                batch.clear();
+                std::mem::swap(&mut *self.queued(), batch);
                 if batch.is_empty() {
                     break;
                 }
                 let armed = Armed(&self.broken);
                 let written = async {
-                    out.write_all(&batch).await?;
-                    out.flush().await
+                    stream.write_all(batch).await?;
+                    stream.flush().await
                 }
                 .await;
                 std::mem::forget(armed);
@@ -194,9 +243,9 @@ impl<W: AsyncWrite + Unpin> SharedWriter<W> {
         let mut out = self.out.lock().await;
         let rest = std::mem::take(&mut *self.queued());
         if !rest.is_empty() && !self.is_broken() {
-            out.write_all(&rest).await?;
+            out.0.write_all(&rest).await?;
         }
-        out.shutdown().await
+        out.0.shutdown().await
     }
 }
 
