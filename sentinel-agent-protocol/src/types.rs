@@ -144,87 +144,122 @@ impl Serialize for AgentRequest {
 /// its type; otherwise it is kept raw and read once the type is known.
 impl<'de> Deserialize<'de> for AgentRequest {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(field_identifier, rename_all = "snake_case")]
-        enum Field {
-            Version,
-            EventType,
-            Payload,
-            Id,
-            #[serde(other)]
-            Other,
-        }
+        deserializer.deserialize_map(Envelope { recycled: None })
+    }
+}
 
-        fn typed<'de, A: MapAccess<'de>>(kind: EventType, map: &mut A) -> Result<Event, A::Error> {
-            Ok(match kind {
-                EventType::Configure => Event::Configure(map.next_value()?),
-                EventType::RequestHeaders => Event::RequestHeaders(map.next_value()?),
-                EventType::RequestBodyChunk => Event::RequestBodyChunk(map.next_value()?),
-                EventType::ResponseHeaders => Event::ResponseHeaders(map.next_value()?),
-                EventType::ResponseBodyChunk => Event::ResponseBodyChunk(map.next_value()?),
-                EventType::RequestComplete => Event::RequestComplete(map.next_value()?),
-                EventType::WebsocketFrame => Event::WebsocketFrame(map.next_value()?),
-                EventType::GuardrailInspect => Event::GuardrailInspect(map.next_value()?),
-            })
-        }
+impl AgentRequest {
+    /// Reads an envelope as [`Deserialize`] does, a `request_headers`
+    /// payload into the allocations of `recycled` (taken; see
+    /// [`AgentRequest::recycle`]).
+    pub(crate) fn deserialize_recycling<'de, D: Deserializer<'de>>(
+        deserializer: D,
+        recycled: &mut Option<RequestHeadersEvent>,
+    ) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(Envelope {
+            recycled: Some(recycled),
+        })
+    }
 
-        fn from_raw<E: de::Error>(kind: EventType, raw: &str) -> Result<Event, E> {
-            fn parse<'a, T: Deserialize<'a>, E: de::Error>(raw: &'a str) -> Result<T, E> {
-                serde_json::from_str(raw).map_err(E::custom)
+    /// Gives this request's `request_headers` event (if it is one) back for
+    /// the next [`AgentRequest::from_json_recycling`].
+    pub fn recycle(self, into: &mut Option<RequestHeadersEvent>) {
+        if let Event::RequestHeaders(event) = self.event {
+            *into = Some(event);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum EnvelopeField {
+    Version,
+    EventType,
+    Payload,
+    Id,
+    #[serde(other)]
+    Other,
+}
+
+fn typed<'de, A: MapAccess<'de>>(
+    kind: EventType,
+    map: &mut A,
+    recycled: Option<&mut Option<RequestHeadersEvent>>,
+) -> Result<Event, A::Error> {
+    Ok(match kind {
+        EventType::Configure => Event::Configure(map.next_value()?),
+        EventType::RequestHeaders => match recycled {
+            Some(spare) => {
+                let mut event = spare.take().unwrap_or_default();
+                map.next_value_seed(crate::recycle::EventInPlace(&mut event))?;
+                Event::RequestHeaders(event)
             }
-            Ok(match kind {
-                EventType::Configure => Event::Configure(parse(raw)?),
-                EventType::RequestHeaders => Event::RequestHeaders(parse(raw)?),
-                EventType::RequestBodyChunk => Event::RequestBodyChunk(parse(raw)?),
-                EventType::ResponseHeaders => Event::ResponseHeaders(parse(raw)?),
-                EventType::ResponseBodyChunk => Event::ResponseBodyChunk(parse(raw)?),
-                EventType::RequestComplete => Event::RequestComplete(parse(raw)?),
-                EventType::WebsocketFrame => Event::WebsocketFrame(parse(raw)?),
-                EventType::GuardrailInspect => Event::GuardrailInspect(parse(raw)?),
-            })
-        }
+            None => Event::RequestHeaders(map.next_value()?),
+        },
+        EventType::RequestBodyChunk => Event::RequestBodyChunk(map.next_value()?),
+        EventType::ResponseHeaders => Event::ResponseHeaders(map.next_value()?),
+        EventType::ResponseBodyChunk => Event::ResponseBodyChunk(map.next_value()?),
+        EventType::RequestComplete => Event::RequestComplete(map.next_value()?),
+        EventType::WebsocketFrame => Event::WebsocketFrame(map.next_value()?),
+        EventType::GuardrailInspect => Event::GuardrailInspect(map.next_value()?),
+    })
+}
 
-        struct Envelope;
+fn from_raw<E: de::Error>(kind: EventType, raw: &str) -> Result<Event, E> {
+    fn parse<'a, T: Deserialize<'a>, E: de::Error>(raw: &'a str) -> Result<T, E> {
+        serde_json::from_str(raw).map_err(E::custom)
+    }
+    Ok(match kind {
+        EventType::Configure => Event::Configure(parse(raw)?),
+        EventType::RequestHeaders => Event::RequestHeaders(parse(raw)?),
+        EventType::RequestBodyChunk => Event::RequestBodyChunk(parse(raw)?),
+        EventType::ResponseHeaders => Event::ResponseHeaders(parse(raw)?),
+        EventType::ResponseBodyChunk => Event::ResponseBodyChunk(parse(raw)?),
+        EventType::RequestComplete => Event::RequestComplete(parse(raw)?),
+        EventType::WebsocketFrame => Event::WebsocketFrame(parse(raw)?),
+        EventType::GuardrailInspect => Event::GuardrailInspect(parse(raw)?),
+    })
+}
 
-        impl<'de> Visitor<'de> for Envelope {
-            type Value = AgentRequest;
+struct Envelope<'r> {
+    recycled: Option<&'r mut Option<RequestHeadersEvent>>,
+}
 
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object with version, event_type and payload")
-            }
+impl<'de> Visitor<'de> for Envelope<'_> {
+    type Value = AgentRequest;
 
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AgentRequest, A::Error> {
-                let mut version = None;
-                let mut kind: Option<EventType> = None;
-                let mut event = None;
-                let mut raw: Option<Box<RawValue>> = None;
-                let mut id = None;
-                while let Some(field) = map.next_key::<Field>()? {
-                    match field {
-                        Field::Version => version = Some(map.next_value::<u32>()?),
-                        Field::EventType => kind = Some(map.next_value()?),
-                        Field::Payload => match kind {
-                            Some(k) => event = Some(typed(k, &mut map)?),
-                            None => raw = Some(map.next_value()?),
-                        },
-                        Field::Id => id = map.next_value()?,
-                        Field::Other => {
-                            map.next_value::<de::IgnoredAny>()?;
-                        }
-                    }
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with version, event_type and payload")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<AgentRequest, A::Error> {
+        let mut version = None;
+        let mut kind: Option<EventType> = None;
+        let mut event = None;
+        let mut raw: Option<Box<RawValue>> = None;
+        let mut id = None;
+        while let Some(field) = map.next_key::<EnvelopeField>()? {
+            match field {
+                EnvelopeField::Version => version = Some(map.next_value::<u32>()?),
+                EnvelopeField::EventType => kind = Some(map.next_value()?),
+                EnvelopeField::Payload => match kind {
+                    Some(k) => event = Some(typed(k, &mut map, self.recycled.as_deref_mut())?),
+                    None => raw = Some(map.next_value()?),
+                },
+                EnvelopeField::Id => id = map.next_value()?,
+                EnvelopeField::Other => {
+                    map.next_value::<de::IgnoredAny>()?;
                 }
-                let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
-                let kind = kind.ok_or_else(|| de::Error::missing_field("event_type"))?;
-                let event = match (event, raw) {
-                    (Some(e), _) => e,
-                    (None, Some(raw)) => from_raw(kind, raw.get())?,
-                    (None, None) => return Err(de::Error::missing_field("payload")),
-                };
-                Ok(AgentRequest { version, id, event })
             }
         }
-
-        deserializer.deserialize_map(Envelope)
+        let version = version.ok_or_else(|| de::Error::missing_field("version"))?;
+        let kind = kind.ok_or_else(|| de::Error::missing_field("event_type"))?;
+        let event = match (event, raw) {
+            (Some(e), _) => e,
+            (None, Some(raw)) => from_raw(kind, raw.get())?,
+            (None, None) => return Err(de::Error::missing_field("payload")),
+        };
+        Ok(AgentRequest { version, id, event })
     }
 }
 
