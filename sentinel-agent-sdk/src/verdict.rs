@@ -407,13 +407,13 @@ fn check_headers<'a>(
     headers: impl Iterator<Item = (&'a str, Option<&'a str>)>,
 ) -> Result<(), VerdictError> {
     for (name, value) in headers {
-        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        if !valid_name(name.as_bytes()) {
             return Err(VerdictError::HeaderName {
                 name: name.to_owned(),
             });
         }
         if let Some(value) = value
-            && http::HeaderValue::from_bytes(value.as_bytes()).is_err()
+            && !valid_value(value.as_bytes())
         {
             return Err(VerdictError::HeaderValue {
                 name: name.to_owned(),
@@ -421,6 +421,23 @@ fn check_headers<'a>(
         }
     }
     Ok(())
+}
+
+/// What `http::HeaderName::from_bytes` accepts (an RFC 9110 token of at
+/// most 65535 bytes), without building one: that allocates for any name
+/// that is not all lowercase.
+fn valid_name(name: &[u8]) -> bool {
+    const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
+    !name.is_empty()
+        && name.len() < 1 << 16
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || SYMBOLS.contains(b))
+}
+
+/// What `http::HeaderValue::from_bytes` accepts, without the copy.
+fn valid_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t')
 }
 
 fn check_confidence(what: &'static str, value: f64) -> Result<(), VerdictError> {
@@ -437,6 +454,35 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn header_checks_agree_with_http() {
+        let mut names: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        names.extend([
+            b"X-Agent-Processed".to_vec(),
+            b"x-ok".to_vec(),
+            b"".to_vec(),
+            b"bad name".to_vec(),
+            vec![b'a'; 65535],
+            vec![b'a'; 65536],
+        ]);
+        for name in &names {
+            assert_eq!(
+                valid_name(name),
+                http::HeaderName::from_bytes(name).is_ok(),
+                "{name:?}"
+            );
+        }
+        let mut values: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b'a', b]).collect();
+        values.extend([b"".to_vec(), "caf\u{e9}".as_bytes().to_vec()]);
+        for value in &values {
+            assert_eq!(
+                valid_value(value),
+                http::HeaderValue::from_bytes(value).is_ok(),
+                "{value:?}"
+            );
+        }
+    }
 
     fn json_of(v: Verdict) -> serde_json::Value {
         let response = v.build().unwrap();

@@ -29,7 +29,7 @@ use std::{
 };
 
 use sentinel_agent_protocol::{
-    AgentRequest, Event, MAX_MESSAGE_SIZE,
+    AgentRequest, Event, MAX_MESSAGE_SIZE, RequestHeadersEvent,
     frame::{self, SharedWriter},
     socket::{self, WriteHalf},
 };
@@ -142,6 +142,9 @@ pub(super) async fn serve<A: Agent>(
     // `bound` drops here: the socket file goes with it.
 }
 
+/// An answer, and the request it answered (to be recycled).
+type Worked = (Result<Answered, String>, AgentRequest);
+
 /// What answering one request did to the connection.
 struct Answered {
     multiplex: bool,
@@ -170,6 +173,13 @@ async fn connection<A: Agent>(
     let slots = Arc::new(Semaphore::new(max_in_flight));
     let mut in_flight = JoinSet::new();
     let mut multiplex = false;
+    // Kept across frames: the frame's bytes, and the last answered
+    // `request_headers` event, whose strings the next one is read into.
+    let mut bytes = Vec::new();
+    let mut spare: Option<RequestHeadersEvent> = None;
+    // Registered once, not once per frame.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
 
     let closing: Option<String> = loop {
         // Any branch but the read closes the connection, so a frame cut
@@ -177,18 +187,18 @@ async fn connection<A: Agent>(
         let read = tokio::select! {
             biased;
             Some(reason) = failed.recv() => break Some(reason),
-            _ = stop.cancelled() => break None,
-            read = frame::read_frame(&mut reader, MAX_MESSAGE_SIZE) => read,
+            _ = &mut stopped => break None,
+            read = frame::read_frame_into(&mut reader, MAX_MESSAGE_SIZE, &mut bytes) => read,
         };
-        let bytes = match read {
-            Ok(Some(bytes)) => bytes,
-            Ok(None) => break None,
+        match read {
+            Ok(true) => {}
+            Ok(false) => break None,
             Err(e) => break Some(e.to_string()),
-        };
+        }
         if answers.is_broken() {
             break Some("writing answers failed".to_owned());
         }
-        let request = match AgentRequest::from_json(&bytes) {
+        let request = match AgentRequest::from_json_recycling(&bytes, &mut spare) {
             Ok(request) => request,
             Err(e) => break Some(format!("bad frame: {e}")),
         };
@@ -202,28 +212,28 @@ async fn connection<A: Agent>(
             let slot = tokio::select! {
                 biased;
                 Some(reason) = failed.recv() => break Some(reason),
-                _ = stop.cancelled() => break None,
+                _ = &mut stopped => break None,
                 slot = slots.clone().acquire_owned() => slot,
             };
             let Ok(slot) = slot else {
                 break Some("request slots closed".to_owned());
             };
             let (agent, answers) = (agent.clone(), answers.clone());
-            let mut work: Pin<Box<dyn Future<Output = Result<Answered, String>> + Send>> =
-                Box::pin(async move {
-                    let _slot = slot;
-                    answer(&*agent, request, &answers).await
-                });
+            let mut work: Pin<Box<dyn Future<Output = Worked> + Send>> = Box::pin(async move {
+                let _slot = slot;
+                let answered = answer(&*agent, &request, &answers).await;
+                (answered, request)
+            });
             // Most hooks finish at once: answer from here, with no task
             // hand-over. One that has to wait becomes its own task (which
             // polls it again with a real waker).
             match work.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(reason)) => break Some(reason),
+                Poll::Ready((Ok(_), request)) => request.recycle(&mut spare),
+                Poll::Ready((Err(reason), _)) => break Some(reason),
                 Poll::Pending => {
                     let fail = fail.clone();
                     in_flight.spawn(async move {
-                        if let Err(reason) = work.await {
+                        if let (Err(reason), _) = work.await {
                             let _ = fail.try_send(reason);
                         }
                     });
@@ -235,7 +245,9 @@ async fn connection<A: Agent>(
         }
 
         // Sequential, and every `configure`: answered before the next read.
-        match answer(&*agent, request, &answers).await {
+        let answered = answer(&*agent, &request, &answers).await;
+        request.recycle(&mut spare);
+        match answered {
             Ok(Answered {
                 multiplex: accepted,
                 refused,
@@ -280,11 +292,11 @@ async fn connection<A: Agent>(
 /// `Err` is why the connection has to close.
 async fn answer<A: Agent>(
     agent: &A,
-    request: AgentRequest,
+    request: &AgentRequest,
     answers: &SharedWriter<WriteHalf>,
 ) -> Result<Answered, String> {
     let event = request.event.event_type();
-    let dispatched = dispatch(agent, &request, Transport::Unix)
+    let dispatched = dispatch(agent, request, Transport::Unix)
         .await
         .map_err(|e| {
             error!(error = %e, "agent failure");
@@ -294,10 +306,12 @@ async fn answer<A: Agent>(
         })?;
     let mut response = dispatched.response;
     response.id = request.id;
-    let bytes = frame::encode_json(&response)
+    // Serialized straight into the queue of frames to write.
+    answers
+        .queue_json(&response)
         .map_err(|e| format!("the answer to {event} cannot be sent: {e}"))?;
     answers
-        .send(&bytes)
+        .write_queued()
         .await
         .map_err(|e| format!("the answer to {event} cannot be written: {e}"))?;
     Ok(Answered {
