@@ -12,6 +12,7 @@ pub mod breaker;
 pub mod challenge;
 pub mod kernel_push;
 pub mod metrics;
+mod outgoing;
 pub mod pipeline;
 mod remote;
 mod uds;
@@ -28,6 +29,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AgentConfig, AgentEvent, AgentTransport, AgentType, Config};
 use metrics::{AgentCounters, AgentMetrics};
+use outgoing::Outgoing;
+pub use outgoing::RequestHeadersView;
 
 /// Why an agent call did not produce an answer.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +168,26 @@ impl Agent {
     /// Sends one event and waits for the answer, within `timeout`, through
     /// the breaker and the concurrency cap, counting the outcome.
     pub async fn call(&self, event: Event, timeout: Duration) -> Result<AgentResponse, AgentError> {
-        let kind = event.event_type();
+        self.send(Outgoing::Request(AgentRequest::new(event)), timeout)
+            .await
+    }
+
+    /// [`Agent::call`] for `request_headers`, written straight from the
+    /// request head where the transport allows it.
+    pub async fn call_request_headers(
+        &self,
+        view: RequestHeadersView<'_>,
+        timeout: Duration,
+    ) -> Result<AgentResponse, AgentError> {
+        self.send(Outgoing::RequestHeaders(view), timeout).await
+    }
+
+    async fn send(
+        &self,
+        outgoing: Outgoing<'_>,
+        timeout: Duration,
+    ) -> Result<AgentResponse, AgentError> {
+        let kind = outgoing.event_type();
         let c = &self.counters;
         let Some(pass) = self.breaker.try_pass() else {
             c.statuses[3].inc();
@@ -177,11 +199,10 @@ impl Agent {
             let _slot = self.slots.acquire().await.map_err(|_| AgentError::Closed {
                 reason: "the agent is shutting down".to_owned(),
             })?;
-            let request = AgentRequest::new(event);
             match &self.transport {
-                Transport::Uds(t) => t.send(request).await,
-                Transport::Grpc(t) => t.send(request).await,
-                Transport::Http(t) => t.send(request).await,
+                Transport::Uds(t) => t.send(outgoing).await,
+                Transport::Grpc(t) => t.send(outgoing.into_request()).await,
+                Transport::Http(t) => t.send(outgoing.into_request()).await,
             }
         })
         .await

@@ -24,13 +24,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use sentinel_agent_protocol::{
     AgentResponse, Audit, Decision, DecisionRecord, Event, HeaderOp, Headers, RequestCompleteEvent,
-    RequestHeadersEvent, RequestMetadata, ResponseHeadersEvent,
+    RequestMetadata, ResponseHeadersEvent,
 };
 use tracing::{debug, info, warn};
 
 use super::{
-    Agent, AgentError, Agents, challenge::Challenges, kernel_push, kernel_push::KernelBridge,
-    metrics::AgentMetrics,
+    Agent, AgentError, Agents, RequestHeadersView, challenge::Challenges, kernel_push,
+    kernel_push::KernelBridge, metrics::AgentMetrics,
 };
 use crate::{
     config::{AgentEvent, Config, FailureMode, FilterPhase, WafConfig},
@@ -442,13 +442,17 @@ impl Exchange {
             .iter()
             .filter(|f| f.wants(AgentEvent::RequestHeaders))
         {
-            let event = Event::RequestHeaders(RequestHeadersEvent {
-                metadata: self.metadata.clone(),
-                method: method.to_owned(),
-                uri: uri.to_owned(),
-                headers: to_protocol(headers),
-            });
-            match filter.agent.call(event, filter.timeout).await {
+            let view = RequestHeadersView {
+                metadata: &self.metadata,
+                method,
+                uri,
+                headers: &*headers,
+            };
+            match filter
+                .agent
+                .call_request_headers(view, filter.timeout)
+                .await
+            {
                 Ok(answer) => {
                     apply_ops(headers, &answer.request_headers, filter.agent.name());
                     if !answer.response_headers.is_empty() {

@@ -38,7 +38,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::AgentError;
+use super::{AgentError, outgoing::Outgoing};
 
 type Reply = oneshot::Sender<Result<AgentResponse, AgentError>>;
 
@@ -74,11 +74,10 @@ impl Mux {
 
     async fn call(
         self: &Arc<Self>,
-        mut request: AgentRequest,
+        mut request: Outgoing<'_>,
     ) -> Result<AgentResponse, AgentError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        request.id = Some(id);
-        let frame = frame::encode_json(&request)?;
+        let frame = request.frame(Some(id))?;
         let (tx, rx) = oneshot::channel();
         self.pending().insert(id, tx);
         // Removes the entry if this call is dropped first (its timeout),
@@ -121,14 +120,18 @@ impl Drop for Forget<'_> {
 /// load one read brings many answers.
 async fn read_loop(mux: Arc<Mux>, r: ReadHalf, agent: String) {
     let mut r = BufReader::with_capacity(64 * 1024, r);
+    // One buffer for every frame, and one registration for the end.
+    let mut frame = Vec::new();
+    let closed = mux.closed.cancelled();
+    tokio::pin!(closed);
     loop {
         let read = tokio::select! {
-            read = frame::read_frame(&mut r, MAX_MESSAGE_SIZE) => read,
-            _ = mux.closed.cancelled() => return,
+            read = frame::read_frame_into(&mut r, MAX_MESSAGE_SIZE, &mut frame) => read,
+            _ = &mut closed => return,
         };
-        let frame = match read {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
+        match read {
+            Ok(true) => {}
+            Ok(false) => {
                 mux.fail_all(|| AgentError::Closed {
                     reason: "the agent closed the connection".to_owned(),
                 });
@@ -140,10 +143,15 @@ async fn read_loop(mux: Arc<Mux>, r: ReadHalf, agent: String) {
                 mux.fail_all(|| kind.error());
                 return;
             }
-        };
+        }
         // The id first: an answer that fails validation still fails only
         // its own call.
-        let response: AgentResponse = match serde_json::from_slice(&frame) {
+        let parsed = match std::str::from_utf8(&frame) {
+            // One pass for UTF-8 over the frame, not one per string.
+            Ok(text) => serde_json::from_str::<AgentResponse>(text),
+            Err(_) => serde_json::from_slice(&frame),
+        };
+        let response = match parsed {
             Ok(r) => r,
             Err(e) => {
                 warn!(agent = %agent, error = %e, "closing the agent connection: an answer is not valid JSON");
@@ -213,8 +221,8 @@ struct Sequential {
 }
 
 impl Sequential {
-    async fn call(&mut self, request: &AgentRequest) -> Result<AgentResponse, AgentError> {
-        let frame = frame::encode_json(request)?;
+    async fn call(&mut self, request: &mut Outgoing<'_>) -> Result<AgentResponse, AgentError> {
+        let frame = request.frame(None)?;
         self.writer
             .write_all(&frame)
             .await
@@ -273,7 +281,7 @@ impl UdsClient {
             .push(conn);
     }
 
-    pub async fn send(&self, request: AgentRequest) -> Result<AgentResponse, AgentError> {
+    pub async fn send(&self, request: Outgoing<'_>) -> Result<AgentResponse, AgentError> {
         if let Some(mux) = self.live_mux() {
             return mux.call(request).await;
         }
@@ -298,11 +306,11 @@ impl UdsClient {
     async fn sequential(
         &self,
         mut conn: Sequential,
-        request: AgentRequest,
+        mut request: Outgoing<'_>,
     ) -> Result<AgentResponse, AgentError> {
         // If this future is dropped (its timeout) the connection goes with
         // it: its next frame would be this call's late answer.
-        let answer = conn.call(&request).await;
+        let answer = conn.call(&mut request).await;
         if answer.is_ok() {
             self.put_idle(conn);
         }
