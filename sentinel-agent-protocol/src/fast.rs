@@ -71,13 +71,12 @@ impl<'a> Cursor<'a> {
 
     /// A string without escapes or control characters (which serde would
     /// refuse or decode).
+    #[inline]
     fn str(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.at;
         let rest = self.bytes.get(start..)?;
-        let len = rest
-            .iter()
-            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let len = special(rest)?;
         if rest[len] != b'"' {
             return None;
         }
@@ -136,6 +135,36 @@ impl<'a> Cursor<'a> {
             }
         }
     }
+}
+
+/// Where the first `"`, `\\` or control character of `bytes` is, eight
+/// bytes at a time. The string's closing quote is one, and the text goes
+/// on after it, so only the text's last few bytes are read one by one.
+#[inline]
+fn special(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each byte below 0x20 (the first such byte exactly;
+    // a borrow may flag bytes after it).
+    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        let hit = below(w ^ (ONES * u64::from(b'"')), 1)
+            | below(w ^ (ONES * u64::from(b'\\')), 1)
+            | below(w, 0x20);
+        if hit != 0 {
+            // Little-endian: the lowest set bit is the first byte.
+            return Some(at + (hit.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    bytes[at..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .map(|i| at + i)
 }
 
 fn set(to: &mut String, s: &str) {
@@ -292,6 +321,11 @@ const MAX_NAMES: usize = 64;
 fn headers(cur: &mut Cursor, headers: &mut Headers) -> Option<()> {
     let mut seen: [&str; MAX_NAMES] = [""; MAX_NAMES];
     let mut n = 0;
+    // Names come in order, as the map holds them: walk both together
+    // rather than look each name up.
+    let mut old = headers.iter_mut().peekable();
+    let mut added: Vec<(String, Vec<String>)> = Vec::new();
+    let mut stale = false;
     cur.object(|cur, key| {
         // Strictly increasing names (as a BTreeMap writes them) cannot
         // repeat; any other order is serde's.
@@ -300,19 +334,23 @@ fn headers(cur: &mut Cursor, headers: &mut Headers) -> Option<()> {
         }
         seen[n] = key;
         n += 1;
-        match headers.get_mut(key) {
-            Some(values) => strings(cur, values),
+        while old.next_if(|(k, _)| k.as_str() < key).is_some() {
+            stale = true;
+        }
+        match old.next_if(|(k, _)| k.as_str() == key) {
+            Some((_, values)) => strings(cur, values),
             None => {
                 let mut values = Vec::new();
                 strings(cur, &mut values)?;
-                headers.insert(key.to_owned(), values);
+                added.push((key.to_owned(), values));
                 Some(())
             }
         }
     })?;
-    // Every name seen is in the map: it holds more exactly when an earlier
-    // event's name is not in this one.
-    if headers.len() > n {
+    stale |= old.next().is_some();
+    headers.extend(added);
+    // An earlier event's name that is not in this one.
+    if stale {
         let seen = &seen[..n];
         headers.retain(|k, _| seen.binary_search(&k.as_str()).is_ok());
     }
@@ -342,4 +380,32 @@ fn strings(cur: &mut Cursor, values: &mut Vec<String>) -> Option<()> {
     }
     values.truncate(n);
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn special_finds_the_first_stop_byte() {
+        let reference = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
+        let interesting = [
+            0, 1, 0x1f, 0x20, 0x21, b'"', 0x23, b'\\', 0x7f, 0x80, 0xa2, 0xdc, 0xff,
+        ];
+        // Every position of every interesting byte in texts of every length
+        // up to 24, over a background of each interesting byte too.
+        for len in 0..24 {
+            for &background in &[b'a', 0x80, 0xff, 0x21, 0x23] {
+                for at in 0..len {
+                    for &stop in &interesting {
+                        let mut text = vec![background; len];
+                        text[at] = stop;
+                        assert_eq!(super::special(&text), reference(&text), "{text:?}");
+                        if at + 1 < len {
+                            text[at + 1] = b'"';
+                            assert_eq!(super::special(&text), reference(&text), "{text:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

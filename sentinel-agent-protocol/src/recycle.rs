@@ -563,6 +563,47 @@ mod tests {
         assert!(crate::fast::request(seed, &mut None).is_some());
     }
 
+    /// Header sets that grow, shrink and change between requests, all
+    /// in the direct reader's shape.
+    #[test]
+    fn the_direct_reader_follows_changing_header_names() {
+        let sets: [&[(&str, &[&str])]; 6] = [
+            &[("a", &["1"]), ("c", &["3", "33"]), ("e", &["5"])],
+            &[("b", &["2"]), ("c", &["x"]), ("d", &[]), ("f", &["6"])],
+            &[],
+            &[("a", &["1"]), ("b", &["2"]), ("c", &["3"]), ("d", &["4"])],
+            &[("d", &["4", "44", "444"])],
+            &[("a", &["1"]), ("z", &["26"])],
+        ];
+        let text = |set: &[(&str, &[&str])]| {
+            let headers: Vec<String> = set
+                .iter()
+                .map(|(k, vs)| {
+                    let vs: Vec<String> = vs.iter().map(|v| format!("\"{v}\"")).collect();
+                    format!("\"{k}\":[{}]", vs.join(","))
+                })
+                .collect();
+            format!(
+                r#"{{"version":1,"event_type":"request_headers","payload":{{"metadata":{{"correlation_id":"c","request_id":"r","client_ip":"i"}},"method":"GET","uri":"/","headers":{{{}}}}},"id":1}}"#,
+                headers.join(",")
+            )
+        };
+        let mut spare = None;
+        for round in 0..2 {
+            for set in sets {
+                let text = text(set);
+                let got = crate::fast::request(&text, &mut spare)
+                    .unwrap_or_else(|| panic!("round {round}: not the direct reader's: {text}"));
+                assert_eq!(
+                    got,
+                    AgentRequest::from_json(text.as_bytes()).unwrap(),
+                    "{text}"
+                );
+                got.recycle(&mut spare);
+            }
+        }
+    }
+
     #[test]
     fn a_recycled_event_keeps_its_buffers() {
         let mut spare = None;
