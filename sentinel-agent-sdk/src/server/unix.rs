@@ -182,11 +182,18 @@ async fn connection<A: Agent>(
     tokio::pin!(stopped);
 
     let closing: Option<String> = loop {
+        // Only a task in the set reports a failure, so with none the
+        // channel needs no watching, only a look for what a task reported
+        // before it was reaped.
+        if let Ok(reason) = failed.try_recv() {
+            break Some(reason);
+        }
+        let tasks = !in_flight.is_empty();
         // Any branch but the read closes the connection, so a frame cut
         // short by it is never needed again.
         let read = tokio::select! {
             biased;
-            Some(reason) = failed.recv() => break Some(reason),
+            Some(reason) = failed.recv(), if tasks => break Some(reason),
             _ = &mut stopped => break None,
             read = frame::read_frame_into(&mut reader, MAX_MESSAGE_SIZE, &mut bytes) => read,
         };
@@ -209,11 +216,15 @@ async fn connection<A: Agent>(
             if request.id.is_none() {
                 break Some("request without an id on a multiplexed connection".to_owned());
             }
-            let slot = tokio::select! {
-                biased;
-                Some(reason) = failed.recv() => break Some(reason),
-                _ = &mut stopped => break None,
-                slot = slots.clone().acquire_owned() => slot,
+            // A free slot is the rule; waiting for one, the exception.
+            let slot = match slots.clone().try_acquire_owned() {
+                Ok(slot) => Ok(slot),
+                Err(_) => tokio::select! {
+                    biased;
+                    Some(reason) = failed.recv() => break Some(reason),
+                    _ = &mut stopped => break None,
+                    slot = slots.clone().acquire_owned() => slot,
+                },
             };
             let Ok(slot) = slot else {
                 break Some("request slots closed".to_owned());
