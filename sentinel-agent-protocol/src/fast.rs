@@ -14,7 +14,9 @@
 //! reader only ever returns what serde would; the tests check that on
 //! every text they have and on every mutation of them.
 
-use crate::{AgentRequest, Event, Headers, RequestHeadersEvent, RequestMetadata};
+use crate::{
+    AgentRequest, Event, Headers, RequestHeadersEvent, RequestMetadata, json::first_special,
+};
 
 /// `Some` when `text` is a `request_headers` envelope in the common shape;
 /// `None` leaves `recycled` as usable as before for the fallback.
@@ -76,7 +78,7 @@ impl<'a> Cursor<'a> {
         self.eat(b'"')?;
         let start = self.at;
         let rest = self.bytes.get(start..)?;
-        let len = special(rest)?;
+        let len = first_special(rest)?;
         if rest[len] != b'"' {
             return None;
         }
@@ -135,36 +137,6 @@ impl<'a> Cursor<'a> {
             }
         }
     }
-}
-
-/// Where the first `"`, `\\` or control character of `bytes` is, eight
-/// bytes at a time. The string's closing quote is one, and the text goes
-/// on after it, so only the text's last few bytes are read one by one.
-#[inline]
-fn special(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_le_bytes([1; 8]);
-    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
-    // The high bit of each byte below 0x20 (the first such byte exactly;
-    // a borrow may flag bytes after it).
-    let below = |v: u64, n: u8| v.wrapping_sub(ONES * u64::from(n)) & !v & HIGH;
-    let mut at = 0;
-    while let Some(chunk) = bytes.get(at..at + 8) {
-        let mut word = [0; 8];
-        word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
-        let hit = below(w ^ (ONES * u64::from(b'"')), 1)
-            | below(w ^ (ONES * u64::from(b'\\')), 1)
-            | below(w, 0x20);
-        if hit != 0 {
-            // Little-endian: the lowest set bit is the first byte.
-            return Some(at + (hit.trailing_zeros() / 8) as usize);
-        }
-        at += 8;
-    }
-    bytes[at..]
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-        .map(|i| at + i)
 }
 
 fn set(to: &mut String, s: &str) {
@@ -380,32 +352,4 @@ fn strings(cur: &mut Cursor, values: &mut Vec<String>) -> Option<()> {
     }
     values.truncate(n);
     Some(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn special_finds_the_first_stop_byte() {
-        let reference = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
-        let interesting = [
-            0, 1, 0x1f, 0x20, 0x21, b'"', 0x23, b'\\', 0x7f, 0x80, 0xa2, 0xdc, 0xff,
-        ];
-        // Every position of every interesting byte in texts of every length
-        // up to 24, over a background of each interesting byte too.
-        for len in 0..24 {
-            for &background in &[b'a', 0x80, 0xff, 0x21, 0x23] {
-                for at in 0..len {
-                    for &stop in &interesting {
-                        let mut text = vec![background; len];
-                        text[at] = stop;
-                        assert_eq!(super::special(&text), reference(&text), "{text:?}");
-                        if at + 1 < len {
-                            text[at + 1] = b'"';
-                            assert_eq!(super::special(&text), reference(&text), "{text:?}");
-                        }
-                    }
-                }
-            }
-        }
-    }
 }

@@ -22,6 +22,7 @@
 mod fast;
 pub mod frame;
 pub mod grpc;
+pub mod json;
 mod recycle;
 pub mod socket;
 mod types;

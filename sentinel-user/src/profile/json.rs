@@ -33,7 +33,10 @@ impl<'a> JsonObject<'a> {
     /// header names (tokens, which exclude `"`, `\\` and controls), the
     /// only keys records are written with.
     pub fn key(&mut self, key: &str) -> &mut Vec<u8> {
-        debug_assert!(!needs_escape(key.as_bytes()), "key {key:?} needs escaping");
+        debug_assert!(
+            !sentinel_agent_protocol::json::needs_escape(key.as_bytes()),
+            "key {key:?} needs escaping"
+        );
         let out = &mut *self.out;
         out.reserve(key.len() + 4);
         if !self.empty {
@@ -96,69 +99,16 @@ impl<'a> JsonObject<'a> {
     }
 }
 
-/// `value` as a JSON string. Most strings of a record (header values,
-/// names, paths) need no escaping: those are checked eight bytes at a time
-/// and copied whole; the rest go through serde_json.
+/// `value` as a JSON string, as serde_json writes it (strings that need
+/// no escaping, nearly all of a record, are copied whole).
 pub fn string(out: &mut Vec<u8>, value: &str) {
-    if !needs_escape(value.as_bytes()) {
-        out.reserve(value.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(value.as_bytes());
-        out.push(b'"');
-        return;
-    }
-    // Writing a `str` into a `Vec` cannot fail.
-    let _ = serde_json::to_writer(out, value);
-}
-
-/// Whether JSON needs any of `bytes` escaped: a control character, `"` or
-/// `\`. Word-at-a-time: a byte below `n` makes `(x - n) & !x` set its top
-/// bit (for `n` up to 0x80), a byte equal to `c` is a zero byte of `x ^ c`.
-fn needs_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const TOPS: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & TOPS;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let x = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        let control = x.wrapping_sub(ONES * 0x20) & !x & TOPS;
-        let quote = zero_byte(x ^ (ONES * u64::from(b'"')));
-        let backslash = zero_byte(x ^ (ONES * u64::from(b'\\')));
-        if control | quote | backslash != 0 {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    sentinel_agent_protocol::json::write_str(out, value);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::{Value, json};
-
-    #[test]
-    fn strings_are_escaped_as_serde_json_escapes_them() {
-        for s in [
-            "",
-            "plain text / with: punctuation ~ and \u{7f}",
-            "quote \" and backslash \\",
-            "control \u{0}\u{1f} tab\t",
-            "non-ASCII é ☃ 𝄞",
-            "eight by",
-            "sixteen bytes ok",
-            "a quote at sixteen byte\"",
-            "control in the second word:\u{1b}",
-            "backslash in the first\\",
-            "\u{80}\u{ff}\u{1f}",
-        ] {
-            let mut out = Vec::new();
-            string(&mut out, s);
-            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
-        }
-    }
 
     #[test]
     fn writes_the_json_serde_json_would() {

@@ -163,20 +163,20 @@ fn appendable(value: Option<&HeaderValue>) -> Option<&[u8]> {
 }
 
 /// An IP address as text, on the stack.
-struct IpText {
+pub(crate) struct IpText {
     buf: [u8; 48],
     len: usize,
 }
 
 impl IpText {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             buf: [0; 48],
             len: 0,
         }
     }
 
-    fn write(&mut self, ip: IpAddr) {
+    pub(crate) fn write(&mut self, ip: IpAddr) {
         match ip {
             IpAddr::V4(v4) => {
                 for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -207,7 +207,7 @@ impl IpText {
         self.len += 1;
     }
 
-    fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }

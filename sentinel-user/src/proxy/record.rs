@@ -475,30 +475,13 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// `ip` as a JSON string; IPv4 without the formatting machinery.
+/// `ip` as a JSON string (an address needs no escaping).
 fn address(out: &mut Vec<u8>, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            out.push(b'"');
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b'.');
-                }
-                if octet >= 100 {
-                    out.push(b'0' + octet / 100);
-                }
-                if octet >= 10 {
-                    out.push(b'0' + octet / 10 % 10);
-                }
-                out.push(b'0' + octet % 10);
-            }
-            out.push(b'"');
-        }
-        // An address needs no escaping, and this takes no allocation.
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "\"{v6}\"");
-        }
-    }
+    let mut text = super::forward::IpText::new();
+    text.write(ip);
+    out.push(b'"');
+    out.extend_from_slice(text.as_bytes());
+    out.push(b'"');
 }
 
 /// `created` as a JSON string, RFC 3339 in UTC with milliseconds. The
