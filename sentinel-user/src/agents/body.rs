@@ -307,6 +307,7 @@ pub fn run(
             stop: &stop,
             out_len: 0,
             replaced: false,
+            streams,
         };
         let mut body = body;
         loop {
@@ -343,9 +344,6 @@ pub fn run(
                 },
             }
         }
-        if runner.replaced && !streams {
-            *stop.new_length.lock().unwrap_or_else(|p| p.into_inner()) = Some(runner.out_len);
-        }
     });
     (Inspected { rx, done: false }.boxed(), stopped)
 }
@@ -359,6 +357,8 @@ struct Runner<'e, 't> {
     out_len: u64,
     /// A buffering stage replaced the body.
     replaced: bool,
+    /// Some stage streams: the body goes without a length.
+    streams: bool,
 }
 
 /// The request ends here (or the client went away).
@@ -385,6 +385,19 @@ impl Runner<'_, '_> {
                 next.extend(self.stage(stage, Bytes::new(), true).await?);
             }
             chunks = next;
+        }
+        if last && self.replaced && !self.streams {
+            // The new length must be known before the first byte of the
+            // new body is: the head is sent as soon as that byte arrives
+            // (`first_frame`), with the length read from here. Set after
+            // the send, a head could go out with the old length, and the
+            // client would wait for bytes that never come.
+            let len = self.out_len + chunks.iter().map(|c| c.len() as u64).sum::<u64>();
+            *self
+                .stop
+                .new_length
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(len);
         }
         for chunk in chunks {
             if chunk.is_empty() {
