@@ -783,11 +783,27 @@ pub async fn tls_connect(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
-/// A port on 127.0.0.1 where nothing listens (bound, then released).
+/// A port on 127.0.0.1 where connections are refused: a TCP socket bound
+/// to it that never listens, held open for the life of the test process.
+/// A port bound and released instead can be taken by the next socket that
+/// asks for port 0 (the daemon's own metrics listener, say), and then
+/// something answers where nothing should.
 pub fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap_or_else(|e| panic!("cannot bind a port: {e}"));
-    listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("no local address: {e}"))
+    // SAFETY: plain socket calls on a descriptor this function owns, with
+    // a sockaddr_in of the right size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let bound = libc::bind(fd, (&raw const addr).cast(), len);
+        assert!(bound == 0, "bind: {}", io::Error::last_os_error());
+        let mut got = len;
+        let named = libc::getsockname(fd, (&raw mut addr).cast(), &mut got);
+        assert!(named == 0, "getsockname: {}", io::Error::last_os_error());
+        // `fd` stays open (and unlistened) until the process exits.
+        SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, u16::from_be(addr.sin_port)))
+    }
 }
