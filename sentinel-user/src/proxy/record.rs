@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, header, request::Parts};
+use http::{HeaderMap, HeaderName, header, request::Parts};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
@@ -883,15 +883,25 @@ fn capture(
     out.extend_from_slice(&(headers.keys_len() as u32).to_le_bytes());
     let at = out.len();
     out.extend_from_slice(&[0; 4]);
-    for name in headers.keys() {
-        put(out, name.as_str().as_bytes());
-        let count = out.len();
-        out.extend_from_slice(&[0; 4]);
-        let mut n = 0u32;
-        for value in headers.get_all(name) {
-            put(out, value.as_bytes());
-            n += 1;
+    // The map iterates name by name, each name's values together, so the
+    // groups are runs of one name: no lookup per name on the request's
+    // task.
+    let mut group: Option<(&HeaderName, usize, u32)> = None;
+    for (name, value) in headers {
+        match &mut group {
+            Some((current, _, n)) if *current == name => *n += 1,
+            _ => {
+                if let Some((_, count, n)) = group {
+                    out[count..count + 4].copy_from_slice(&n.to_le_bytes());
+                }
+                put(out, name.as_str().as_bytes());
+                group = Some((name, out.len(), 1));
+                out.extend_from_slice(&[0; 4]);
+            }
         }
+        put(out, value.as_bytes());
+    }
+    if let Some((_, count, n)) = group {
         out[count..count + 4].copy_from_slice(&n.to_le_bytes());
     }
     // The groups' length, so that the reader can step over them at once.
