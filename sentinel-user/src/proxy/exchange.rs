@@ -293,15 +293,7 @@ pub fn record(
     if recorder.store().is_none() && !to_agents {
         return None;
     }
-    let host = super::router::request_host(parts);
-    Some(recorder.begin(
-        mode,
-        name,
-        parts,
-        client_ip(conn.peer.ip()),
-        conn.scheme,
-        host.as_deref(),
-    ))
+    Some(recorder.begin(mode, name, parts, client_ip(conn.peer.ip()), conn.scheme))
 }
 
 /// What `request_complete` and the record report, gathered as the request

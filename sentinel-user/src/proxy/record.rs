@@ -34,6 +34,7 @@ use crate::{
         multipart::{self, MultipartObserver},
         store::{MakeRecord, Record, StoreHandle},
     },
+    proxy::router::host_of,
 };
 
 /// What replaces a redacted value.
@@ -109,10 +110,9 @@ impl Recorder {
         parts: &Parts,
         client: IpAddr,
         scheme: &'static str,
-        host: Option<&str>,
     ) -> Pending {
-        let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
         let tap = (mode != ProfileMode::Lite).then(|| {
+            let content_type = header_str(&parts.headers, header::CONTENT_TYPE);
             Arc::new(Mutex::new(Tap {
                 kept: Vec::new(),
                 keep: self.body_bytes,
@@ -132,7 +132,7 @@ impl Recorder {
         let created = SystemTime::now();
         let mut json = buffer();
         if tap.is_none() {
-            capture(&mut json, mode, route, parts, client, scheme, host, created);
+            capture(&mut json, mode, route, parts, client, scheme, created);
             return Pending {
                 recorder: self.clone(),
                 json,
@@ -148,7 +148,6 @@ impl Recorder {
             &Head::of(parts),
             client,
             scheme,
-            host,
         );
         Pending {
             recorder: self.clone(),
@@ -160,7 +159,6 @@ impl Recorder {
     }
 
     /// Writes a record's members up to the `request` object, left open.
-    #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
         json: &mut Vec<u8>,
@@ -169,14 +167,13 @@ impl Recorder {
         head: &Head<'_>,
         client: IpAddr,
         scheme: &str,
-        host: Option<&str>,
     ) {
         let mut record = JsonObject::open(json);
         record.str("agent_id", &self.agent_id);
         record.str("agent_name", &self.agent_name);
         record.str("mode", mode);
         record.opt_str("route", route);
-        self.request(head, client, scheme, host, &mut record);
+        self.request(head, client, scheme, &mut record);
     }
 
     /// Makes a lite record from what [`capture`] and [`Pending::store`]
@@ -193,7 +190,6 @@ impl Recorder {
         let authority = r.opt_str()?;
         let path = r.str()?;
         let query = r.opt_str()?;
-        let host = r.opt_str()?;
         let headers = r.headers()?;
         let head = Head {
             method,
@@ -202,7 +198,7 @@ impl Recorder {
             query,
             headers,
         };
-        self.open(out, mode, route, &head, client, scheme, host);
+        self.open(out, mode, route, &head, client, scheme);
         let status = r.u64()? as u16;
         let duration = Duration::from_nanos(r.u64()?);
         let response_bytes = r.u64()?;
@@ -262,16 +258,11 @@ impl Recorder {
 
     /// Writes the `client` member of a record and the `request` one, left
     /// open for the body's members.
-    fn request(
-        &self,
-        head: &Head<'_>,
-        ip: IpAddr,
-        scheme: &str,
-        host: Option<&str>,
-        record: &mut JsonObject<'_>,
-    ) {
+    fn request(&self, head: &Head<'_>, ip: IpAddr, scheme: &str, record: &mut JsonObject<'_>) {
         let headers = &head.headers;
         let known = headers.known();
+        // Worked out here, not on the request's task, for a lite record.
+        let host = host_of(head.authority, known.host.peek());
         let user_agent = first_str(&known.user_agent);
         let mut client = record.object("client");
         address(client.key("ip"), ip);
@@ -279,7 +270,7 @@ impl Recorder {
         client.close();
 
         let (path, query) = (head.path, head.query);
-        let host = host.unwrap_or("");
+        let host = host.as_deref().unwrap_or("");
         // The URL as the client addressed it: its port stays.
         let authority = head
             .authority
@@ -860,7 +851,6 @@ fn capture(
     parts: &Parts,
     client: IpAddr,
     scheme: &str,
-    host: Option<&str>,
     created: SystemTime,
 ) {
     put(out, mode.as_str().as_bytes());
@@ -878,7 +868,6 @@ fn capture(
     put_opt(out, parts.uri.authority().map(|a| a.as_str()));
     put(out, parts.uri.path().as_bytes());
     put_opt(out, parts.uri.query());
-    put_opt(out, host);
     let headers = &parts.headers;
     out.extend_from_slice(&(headers.keys_len() as u32).to_le_bytes());
     let at = out.len();
@@ -1102,6 +1091,7 @@ mod tests {
         let p = parts(
             "/login?user=al&token=abc&x=1&x=2",
             &[
+                ("host", "example.test"),
                 ("authorization", "Bearer s3cret"),
                 ("cookie", "sid=1"),
                 ("referer", "https://example.test/"),
@@ -1116,7 +1106,6 @@ mod tests {
             &p,
             "203.0.113.1".parse().unwrap(),
             "https",
-            Some("example.test"),
         );
         pending
             .tap
@@ -1157,14 +1146,7 @@ mod tests {
     fn lite_records_leave_bodies_out_and_long_bodies_are_cut() {
         let r = recorder();
         let p = parts("/", &[("content-type", "text/plain")]);
-        let lite = r.begin(
-            ProfileMode::Lite,
-            None,
-            &p,
-            "::1".parse().unwrap(),
-            "http",
-            None,
-        );
+        let lite = r.begin(ProfileMode::Lite, None, &p, "::1".parse().unwrap(), "http");
         assert!(lite.tap.is_none());
         let record = lite.finish(Ending {
             status: 404,
@@ -1181,7 +1163,6 @@ mod tests {
             &p,
             "::1".parse().unwrap(),
             "http",
-            None,
         );
         full.tap
             .as_ref()
@@ -1204,9 +1185,11 @@ mod tests {
     #[test]
     fn a_lite_record_made_from_its_capture_is_the_record_of_its_head() {
         let r = recorder();
-        let p = parts(
+        // The host from the URI's authority, then from the `Host` header.
+        let absolute = parts(
             "http://example.test:8080/a%20b/c?q=1&q=2&empty=",
             &[
+                ("host", "other.test"),
                 ("user-agent", "curl/8.0"),
                 ("authorization", "Bearer s3cret"),
                 ("x-multi", "a"),
@@ -1218,6 +1201,10 @@ mod tests {
                 ("x-bytes", "caf\u{e9}"),
             ],
         );
+        let origin_form = parts(
+            "/path?x=1",
+            &[("host", "Example.TEST:81"), ("host", "second.test")],
+        );
         let ending = || Ending {
             status: 503,
             duration: Duration::from_micros(1500),
@@ -1225,20 +1212,17 @@ mod tests {
             decisions: json!([{"agent": "waf", "decision": "block"}]),
             error: Some("upstream \"down\"".into()),
         };
-        for client in ["203.0.113.9", "2001:db8::1"] {
+        for (p, client) in [
+            (&absolute, "203.0.113.9"),
+            (&absolute, "2001:db8::1"),
+            (&origin_form, "203.0.113.9"),
+        ] {
             let client = client.parse().unwrap();
-            let lite = r.begin(ProfileMode::Lite, Some("r"), &p, client, "http", Some("h"));
+            let lite = r.begin(ProfileMode::Lite, Some("r"), p, client, "http");
             assert!(lite.captured, "lite records are made from a capture");
             let created = lite.created;
             let mut lite = lite.finish(ending());
-            let mut full = r.begin(
-                ProfileMode::Monitor,
-                Some("r"),
-                &p,
-                client,
-                "http",
-                Some("h"),
-            );
+            let mut full = r.begin(ProfileMode::Monitor, Some("r"), p, client, "http");
             full.created = created;
             let mut full = full.finish(ending());
             for key in ["body", "body_size", "body_truncated", "files"] {
@@ -1246,6 +1230,8 @@ mod tests {
             }
             lite["mode"] = json!("monitor");
             assert_eq!(lite, full);
+            // Lowercased, without its port, from either place.
+            assert_eq!(lite["request"]["host"], "example.test");
         }
     }
 

@@ -70,10 +70,45 @@ impl Router {
 /// authority (HTTP/2, absolute-form) or the `Host` header. Borrowed from
 /// the request unless it had to be lowercased.
 pub fn request_host(parts: &Parts) -> Option<Cow<'_, str>> {
-    let raw = match parts.uri.authority() {
-        Some(authority) => authority.host(),
-        None => strip_port(parts.headers.get(http::header::HOST)?.to_str().ok()?),
+    match parts.uri.authority() {
+        Some(authority) => lowercase(authority.host()),
+        None => host_of(
+            None,
+            parts.headers.get(http::header::HOST).map(|v| v.as_bytes()),
+        ),
+    }
+}
+
+/// [`request_host`] from what a profile record's capture keeps of the
+/// request: the URI's authority as text, and the first `Host` header's
+/// bytes. The same host as `request_host` for the same request.
+pub fn host_of<'a>(authority: Option<&'a str>, host: Option<&'a [u8]>) -> Option<Cow<'a, str>> {
+    let raw = match authority {
+        Some(authority) => authority_host(authority),
+        // As `HeaderValue::to_str` takes it: visible ASCII and tabs only.
+        None => strip_port(
+            std::str::from_utf8(host?)
+                .ok()
+                .filter(|h| h.bytes().all(|b| b == b'\t' || (32..127).contains(&b)))?,
+        ),
     };
+    lowercase(raw)
+}
+
+/// The host of a URI authority, as `http::uri::Authority::host` gives it
+/// (IPv6 in its brackets): after any userinfo, before any port.
+fn authority_host(authority: &str) -> &str {
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    if host_port.starts_with('[') {
+        host_port
+            .find(']')
+            .map_or(host_port, |end| &host_port[..=end])
+    } else {
+        host_port.split(':').next().unwrap_or(host_port)
+    }
+}
+
+fn lowercase(raw: &str) -> Option<Cow<'_, str>> {
     Some(if raw.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(raw.to_ascii_lowercase())
     } else {
@@ -296,6 +331,53 @@ mod tests {
         let p = parts("GET", "http://A.example/x", &[("host", "other")]);
         assert_eq!(request_host(&p).as_deref(), Some("a.example"));
         assert_eq!(request_host(&parts("GET", "/", &[])), None);
+    }
+
+    #[test]
+    fn the_host_of_a_capture_is_the_host_of_the_request() {
+        for uri in [
+            "http://A.example/x",
+            "http://a.example:8080/x",
+            "http://user:pw@Host.test:1/x",
+            "http://[2001:DB8::1]:8443/x",
+            "http://[::1]/x",
+            "http://127.0.0.1:80/x",
+        ] {
+            let p = parts("GET", uri, &[("host", "other")]);
+            let authority = p.uri.authority().map(|a| a.as_str());
+            assert_eq!(
+                host_of(authority, Some(b"other")),
+                request_host(&p),
+                "{uri}"
+            );
+            // The reference: what `http` takes for the authority's host.
+            let reference = p.uri.authority().unwrap().host().to_ascii_lowercase();
+            assert_eq!(host_of(authority, None).as_deref(), Some(&*reference));
+        }
+        let mut headers: Vec<Vec<u8>> = [
+            "example.com",
+            "Example.COM:8080",
+            "[2001:db8::1]:8443",
+            "[::1]",
+            "host:notaport",
+            "tab\there",
+            "",
+            ":",
+        ]
+        .iter()
+        .map(|h| h.as_bytes().to_vec())
+        .collect();
+        headers.push(b"caf\xc3\xa9.test".to_vec());
+        headers.push(b"bad\xffbyte".to_vec());
+        for host in headers {
+            let mut p = parts("GET", "/", &[]);
+            p.headers.insert(
+                http::header::HOST,
+                http::HeaderValue::from_bytes(&host).unwrap(),
+            );
+            assert_eq!(host_of(None, Some(&host)), request_host(&p), "{host:?}");
+        }
+        assert_eq!(host_of(None, None), None);
     }
 
     #[test]
