@@ -14,10 +14,10 @@
 //!   the writer writes the queue in order, so `seq` follows the order of
 //!   the lines in the files whatever the order in which request tasks
 //!   pushed. A record that is not a JSON object is refused (`push` returns
-//!   `false`, counted as `invalid`) and takes no number. A
-//!   [`Record::Deferred`] is made into its line by the writer, in its
-//!   place in the queue; one that makes no JSON object is left out as
-//!   `invalid` and leaves a gap in `seq`.
+//!   `false`, counted as `invalid`) and takes no number. A deferred record
+//!   ([`StoreHandle::push_deferred`]) is made into its line by the writer,
+//!   in its place in the queue; one that makes no JSON object is left out
+//!   as `invalid` and leaves a gap in `seq`.
 //! - Each record is one line, `{...}\n`, in `records-NNNNNNNN.jsonl`
 //!   (numbered from 1, zero-padded to 8 digits so that names sort; numbers
 //!   past 99999999 still sort numerically here). A new segment is started
@@ -116,19 +116,13 @@ pub enum Record {
     /// One JSON object serialized by this process (trusted: it is not
     /// parsed again), without `seq` or `record_id`.
     Object(Vec<u8>),
-    /// Made by the writer, off the request's task: `make` writes `data`
-    /// as one JSON object (trusted, like [`Record::Object`]) when it is
-    /// stored. Queuing it takes no allocation.
-    Deferred {
-        data: Vec<u8>,
-        make: Arc<dyn MakeRecord>,
-    },
 }
 
-/// Makes a [`Record::Deferred`] into one JSON object, without `seq` or
-/// `record_id`.
+/// Makes a deferred record ([`StoreHandle::push_deferred`]) into one JSON
+/// object, without `seq` or `record_id`, from the bytes it was queued
+/// with. What it writes is trusted, like [`Record::Object`].
 pub trait MakeRecord: Send + Sync {
-    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>);
+    fn make(&self, data: &[u8], out: &mut Vec<u8>);
 }
 
 impl std::fmt::Debug for Record {
@@ -140,7 +134,6 @@ impl std::fmt::Debug for Record {
                 .debug_tuple("Object")
                 .field(&String::from_utf8_lossy(o))
                 .finish(),
-            Self::Deferred { .. } => f.write_str("Deferred(..)"),
         }
     }
 }
@@ -233,9 +226,7 @@ struct Queue {
 
 struct QueueState {
     lines: Vec<u8>,
-    /// Records to be made by the writer, each with its `seq` and the
-    /// length of `lines` when it was queued (it goes after those lines).
-    deferred: Vec<(Deferred, u64, usize)>,
+    deferred: Deferreds,
     records: usize,
     next_seq: u64,
     /// Set by the writer as it takes the last batch: pushes fail from then
@@ -263,17 +254,66 @@ impl Queue {
     }
 }
 
-/// A record the writer makes.
-struct Deferred {
+/// The records the writer makes, as queued: the bytes of each one after
+/// the other in one buffer, and their makers, each kept once for a run of
+/// records with the same one (a configuration generation). Queuing one is
+/// a copy into a buffer the writer hands back, and no reference count
+/// changes hands: nothing on the request's path is shared per record with
+/// the writer's thread but the queue's lock.
+#[derive(Default)]
+struct Deferreds {
     data: Vec<u8>,
-    make: Arc<dyn MakeRecord>,
+    makers: Vec<Arc<dyn MakeRecord>>,
+    records: Vec<DeferredAt>,
+}
+
+/// Where one deferred record goes and what it is made from.
+struct DeferredAt {
+    seq: u64,
+    /// The length of the queue's `lines` when it was queued: it goes
+    /// after those lines.
+    at: usize,
+    /// Its bytes in [`Deferreds::data`].
+    data: std::ops::Range<usize>,
+    /// Its maker in [`Deferreds::makers`].
+    maker: usize,
+}
+
+impl Deferreds {
+    fn push<M: MakeRecord + 'static>(&mut self, seq: u64, at: usize, data: &[u8], make: &Arc<M>) {
+        let same = self
+            .makers
+            .last()
+            .is_some_and(|last| std::ptr::addr_eq(Arc::as_ptr(last), Arc::as_ptr(make)));
+        if !same {
+            self.makers.push(make.clone());
+        }
+        let start = self.data.len();
+        self.data.extend_from_slice(data);
+        self.records.push(DeferredAt {
+            seq,
+            at,
+            data: start..self.data.len(),
+            maker: self.makers.len() - 1,
+        });
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.data.clear();
+        self.makers.clear();
+        self.records.clear();
+    }
 }
 
 /// What the writer took from the queue.
 #[derive(Default)]
 struct Batch {
     lines: Vec<u8>,
-    deferred: Vec<(Deferred, u64, usize)>,
+    deferred: Deferreds,
     /// The lines as written, deferred records made.
     out: Vec<u8>,
 }
@@ -288,15 +328,16 @@ impl Batch {
         let mut invalid = 0;
         self.out.clear();
         let mut from = 0;
-        for (record, seq, at) in self.deferred.drain(..) {
-            self.out.extend_from_slice(&self.lines[from..at]);
-            from = at;
+        let deferred = &self.deferred;
+        for record in &deferred.records {
+            self.out.extend_from_slice(&self.lines[from..record.at]);
+            from = record.at;
             let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
             let start = self.out.len();
             let id = new_id(&mut id);
-            line_head(&mut self.out, seq, id);
+            line_head(&mut self.out, record.seq, id);
             let at = self.out.len();
-            record.make.make(record.data, &mut self.out);
+            deferred.makers[record.maker].make(&deferred.data[record.data.clone()], &mut self.out);
             let out = &mut self.out;
             if out.len() < at + 2 || out[at] != b'{' || out.last() != Some(&b'}') {
                 out.truncate(start);
@@ -310,6 +351,9 @@ impl Batch {
             }
             out.push(b'\n');
         }
+        // The makers are let go with the batch's records, not kept until
+        // the next batch.
+        self.deferred.clear();
         self.out.extend_from_slice(&self.lines[from..]);
         (&self.out, invalid)
     }
@@ -320,8 +364,9 @@ fn line_head(out: &mut Vec<u8>, seq: u64, id: &[u8]) {
     out.extend_from_slice(b"{\"");
     out.extend_from_slice(SEQ_FIELD.as_bytes());
     out.extend_from_slice(b"\":");
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{seq}");
+    // Writing into a Vec cannot fail; serde_json formats integers without
+    // the formatting machinery `write!` goes through.
+    let _ = serde_json::to_writer(&mut *out, &seq);
     out.extend_from_slice(b",\"");
     out.extend_from_slice(RECORD_ID_FIELD.as_bytes());
     out.extend_from_slice(b"\":");
@@ -389,7 +434,6 @@ fn encode<'a>(
             });
         }
         Record::Value(Value::Object(map)) => map.clone(),
-        Record::Deferred { .. } => return None,
         Record::Value(_) => return None,
         Record::Line(line) => serde_json::from_str(line).ok()?,
     };
@@ -417,9 +461,6 @@ impl StoreHandle {
     /// object (the record is dropped and counted), `true` when queued.
     pub fn push(&self, record: impl Into<Record>) -> bool {
         let record = record.into();
-        if let Record::Deferred { data, make } = record {
-            return self.queue_deferred(Deferred { data, make });
-        }
         let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH + 2];
         let Some(encoded) = encode(&record, &mut id) else {
             self.shared.metrics.drop_records("invalid", 1);
@@ -442,10 +483,13 @@ impl StoreHandle {
         })
     }
 
-    fn queue_deferred(&self, record: Deferred) -> bool {
+    /// Queues a record that `make` makes on the writer's thread from
+    /// `data` (copied), in its place among the others. A cheap push for
+    /// the request's task: what takes time is done by the writer.
+    pub fn push_deferred<M: MakeRecord + 'static>(&self, data: &[u8], make: &Arc<M>) -> bool {
         self.enqueue(|state, seq| {
             let at = state.lines.len();
-            state.deferred.push((record, seq, at));
+            state.deferred.push(seq, at, data, make);
         })
     }
 
@@ -563,7 +607,7 @@ impl Store {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
                 lines: Vec::new(),
-                deferred: Vec::new(),
+                deferred: Deferreds::default(),
                 records: 0,
                 next_seq: writer.next_seq,
                 closed: false,

@@ -5,6 +5,7 @@ use std::{
     io::{BufRead, BufReader},
     path::Path,
     process::{Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -181,14 +182,14 @@ async fn objects_this_process_wrote_get_seq_and_id_first_without_a_parse() {
     }
 }
 
-/// Makes `{"made":<data as text>}`, or nothing from empty data.
-struct Maker;
+/// Makes `{"<key>":<data as text>}`, or nothing from empty data.
+struct Maker(&'static str);
 
 impl super::store::MakeRecord for Maker {
-    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>) {
+    fn make(&self, data: &[u8], out: &mut Vec<u8>) {
         if !data.is_empty() {
-            out.extend_from_slice(b"{\"made\":");
-            out.extend_from_slice(&data);
+            out.extend_from_slice(format!("{{\"{}\":", self.0).as_bytes());
+            out.extend_from_slice(data);
             out.push(b'}');
         }
     }
@@ -198,27 +199,45 @@ impl super::store::MakeRecord for Maker {
 async fn deferred_records_are_made_by_the_writer_in_queue_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = start(options(dir.path(), 1 << 20, 4, 64));
-    let maker: std::sync::Arc<dyn super::store::MakeRecord> = std::sync::Arc::new(Maker);
-    let deferred = |data: &[u8]| Record::Deferred {
-        data: data.to_vec(),
-        make: maker.clone(),
-    };
+    // Two generations of maker, taking turns: each record is made by the
+    // one it was queued with.
+    let (old, new) = (Arc::new(Maker("old")), Arc::new(Maker("new")));
     assert!(store.push(json!({"n": 1})));
-    assert!(store.push(deferred(b"2")));
-    assert!(store.push(deferred(b"")));
+    assert!(store.push_deferred(b"2", &old));
+    assert!(store.push_deferred(b"", &old));
     assert!(store.push_object(br#"{"n":4}"#));
-    assert!(store.push(deferred(b"5")));
+    assert!(store.push_deferred(b"5", &new));
+    assert!(store.push_deferred(b"6", &old));
+    assert!(store.push_deferred(b"7", &new));
     store.shutdown().await;
     // The one made empty is left out as invalid; its number is a gap.
-    assert_eq!(store.metrics().stored.get(), 4);
+    assert_eq!(store.metrics().stored.get(), 6);
     assert_eq!(store.metrics().dropped("invalid"), 1);
     let records = read_all(dir.path());
-    assert_eq!(seqs(&records), [1, 2, 4, 5]);
-    let got: Vec<&Value> = records
+    assert_eq!(seqs(&records), [1, 2, 4, 5, 6, 7]);
+    let got: Vec<(&str, &Value)> = records
         .iter()
-        .map(|r| r.get("n").or(r.get("made")).expect("member"))
+        .map(|r| {
+            ["n", "old", "new"]
+                .into_iter()
+                .find_map(|k| r.get(k).map(|v| (k, v)))
+                .expect("member")
+        })
         .collect();
-    assert_eq!(got, [&json!(1), &json!(2), &json!(4), &json!(5)]);
+    assert_eq!(
+        got,
+        [
+            ("n", &json!(1)),
+            ("old", &json!(2)),
+            ("n", &json!(4)),
+            ("new", &json!(5)),
+            ("old", &json!(6)),
+            ("new", &json!(7)),
+        ]
+    );
+    // The queue holds no maker once the writer is done with its batch.
+    assert_eq!(Arc::strong_count(&old), 1);
+    assert_eq!(Arc::strong_count(&new), 1);
 }
 
 fn padded(i: usize) -> Value {

@@ -32,7 +32,7 @@ use crate::{
     profile::{
         json::JsonObject,
         multipart::{self, MultipartObserver},
-        store::{MakeRecord, Record, StoreHandle},
+        store::{MakeRecord, StoreHandle},
     },
     proxy::router::host_of,
 };
@@ -338,14 +338,14 @@ impl Recorder {
             out.str(key, REDACTED);
             return;
         }
-        let first = String::from_utf8_lossy(first);
+        let first = lossy(first);
         match values.next() {
             None => out.str(key, &first),
             Some(second) => {
                 let mut joined = first.into_owned();
                 for value in std::iter::once(second).chain(values) {
                     joined.push_str(", ");
-                    joined.push_str(&String::from_utf8_lossy(value));
+                    joined.push_str(&lossy(value));
                 }
                 out.str(key, &joined);
             }
@@ -459,6 +459,15 @@ impl Recorder {
             Value::Array(items) => items.iter_mut().for_each(|v| self.redact_json(v)),
             _ => {}
         }
+    }
+}
+
+/// A header value as text, invalid UTF-8 replaced: `String::from_utf8_lossy`
+/// with the valid case (nearly every value) checked the quick way first.
+fn lossy(value: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(value) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(value),
     }
 }
 
@@ -635,11 +644,7 @@ impl Pending {
             end_capture(&mut self.json, &ending);
             if !wanted {
                 if let Some(store) = self.recorder.store() {
-                    let data = std::mem::take(&mut self.json);
-                    store.push(Record::Deferred {
-                        data,
-                        make: self.recorder.clone(),
-                    });
+                    store.push_deferred(&self.json, &self.recorder);
                 }
                 return None;
             }
@@ -654,11 +659,11 @@ impl Pending {
 }
 
 impl MakeRecord for Recorder {
-    fn make(&self, data: Vec<u8>, out: &mut Vec<u8>) {
-        if Recorder::make(self, &data, out).is_none() {
-            out.clear();
+    fn make(&self, data: &[u8], out: &mut Vec<u8>) {
+        let start = out.len();
+        if Recorder::make(self, data, out).is_none() {
+            out.truncate(start);
         }
-        give_back(data);
     }
 }
 
@@ -990,20 +995,22 @@ impl Drop for Pending {
 
 /// What a record usually takes, serialized.
 const RECORD_BYTES: usize = 2048;
-/// Record buffers kept for the next records.
-const KEPT_BUFFERS: usize = 1024;
+/// Record buffers kept for the next records, per thread.
+const KEPT_BUFFERS: usize = 256;
 
-/// Buffers of finished records and captures, for the next ones: a record
-/// then costs no allocation, and a capture's buffer, given back by the
-/// store's writer, is not freed on another thread than the one that
-/// allocated it (with glibc, a lock shared with that thread's allocations).
-static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+thread_local! {
+    /// Buffers of finished records and captures, for the next ones on this
+    /// thread: a record then costs no allocation, and no lock or memory is
+    /// shared per record with another thread (the store copies what it
+    /// queues).
+    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 fn buffer() -> Vec<u8> {
     BUFFERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop()
+        .try_with(|b| b.borrow_mut().pop())
+        .ok()
+        .flatten()
         .unwrap_or_else(|| Vec::with_capacity(RECORD_BYTES))
 }
 
@@ -1013,10 +1020,13 @@ fn give_back(mut buffer: Vec<u8>) {
         return;
     }
     buffer.clear();
-    let mut kept = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-    if kept.len() < KEPT_BUFFERS {
-        kept.push(buffer);
-    }
+    // During the thread's exit the buffer is freed instead.
+    let _ = BUFFERS.try_with(|b| {
+        let mut kept = b.borrow_mut();
+        if kept.len() < KEPT_BUFFERS {
+            kept.push(buffer);
+        }
+    });
 }
 
 pin_project! {
