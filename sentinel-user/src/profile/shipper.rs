@@ -274,6 +274,7 @@ impl Shipper {
             progress,
             written: store.written(),
             written_from: store.written_from(),
+            last_batch_bytes: 0,
             metrics: store.metrics().clone(),
             cancel: cancel.clone(),
             done: done_tx,
@@ -445,6 +446,9 @@ pub struct ShipperTask {
     progress: Arc<Progress>,
     /// Lines from here on were written by the running store.
     written_from: Position,
+    /// The size of the last batch read: what the next is read into is
+    /// allocated that large at once, not grown by doubling as it fills.
+    last_batch_bytes: usize,
     written: Arc<Notify>,
     metrics: ProfileMetrics,
     cancel: CancellationToken,
@@ -481,8 +485,11 @@ impl ShipperTask {
                 let at = self.position;
                 let (size, bytes) = (self.options.batch_size, self.options.max_batch_bytes);
                 let trusted = self.written_from;
-                tokio::task::spawn_blocking(move || read_batch(&dir, at, trusted, size, bytes))
-                    .await
+                let hint = self.last_batch_bytes;
+                tokio::task::spawn_blocking(move || {
+                    read_batch(&dir, at, trusted, size, bytes, hint)
+                })
+                .await
             };
             let read = match read {
                 Ok(Ok(read)) => read,
@@ -530,6 +537,7 @@ impl ShipperTask {
                     corrupt,
                     end,
                 } => {
+                    self.last_batch_bytes = body.len();
                     let full = records >= self.options.batch_size as u64
                         || body.len() >= self.options.max_batch_bytes;
                     if !full {
@@ -720,6 +728,7 @@ fn read_batch(
     trusted: Position,
     max_records: usize,
     max_bytes: usize,
+    size_hint: usize,
 ) -> io::Result<Read> {
     // Listed before reading: if a later segment exists now, the writer had
     // finished this one before the read below began.
@@ -754,7 +763,9 @@ fn read_batch(
     file.seek(SeekFrom::Start(at.offset))?;
     // The segment is read in large chunks and cut into lines here: one
     // read(2) per chunk, not one per line or per 8 KiB.
-    let mut buf: Vec<u8> = Vec::new();
+    // Room for a chunk behind the partial line a chunk ends with: the
+    // buffer is not grown (and copied) in the middle of the batch.
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * READ_CHUNK);
     let mut start = 0;
     let mut eof = false;
     let mut body = Vec::new();
@@ -799,7 +810,12 @@ fn read_batch(
             continue;
         }
         if body.is_empty() {
-            body.reserve(max_bytes.min(len.saturating_sub(line_at.offset) as usize));
+            // What the segment held when opened, or, when the writer is
+            // adding to it as it is read, what the last batch took (with
+            // room for the line that can take a batch past `max_bytes`).
+            let unread = len.saturating_sub(line_at.offset) as usize;
+            let hint = size_hint.saturating_add(size_hint / 8);
+            body.reserve(max_bytes.min(unread.max(hint)));
         }
         body.extend_from_slice(line);
         records += 1;

@@ -85,12 +85,15 @@ pub fn request_host(parts: &Parts) -> Option<Cow<'_, str>> {
 pub fn host_of<'a>(authority: Option<&'a str>, host: Option<&'a [u8]>) -> Option<Cow<'a, str>> {
     let raw = match authority {
         Some(authority) => authority_host(authority),
-        // As `HeaderValue::to_str` takes it: visible ASCII and tabs only.
-        None => strip_port(
-            std::str::from_utf8(host?)
-                .ok()
-                .filter(|h| h.bytes().all(|b| b == b'\t' || (32..127).contains(&b)))?,
-        ),
+        None => {
+            let host = host?;
+            // As `HeaderValue::to_str` takes it: visible ASCII and tabs
+            // only (which is UTF-8, so the check below cannot fail).
+            if !host.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+                return None;
+            }
+            strip_port(std::str::from_utf8(host).ok()?)
+        }
     };
     lowercase(raw)
 }
@@ -121,8 +124,12 @@ fn strip_port(host: &str) -> &str {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+    // Bytes, not chars: host names are short, and a char search's set-up
+    // cost more than the search.
+    match host.bytes().rposition(|b| b == b':') {
+        Some(colon) if host.as_bytes()[colon + 1..].iter().all(u8::is_ascii_digit) => {
+            &host[..colon]
+        }
         _ => host,
     }
 }
