@@ -15,6 +15,7 @@ mod forward;
 mod framing;
 mod handler;
 mod health;
+mod idle;
 mod listener;
 mod pool;
 mod profile;
@@ -218,6 +219,9 @@ pub struct Shared {
     /// Turns true when the daemon stops: connections finish their current
     /// request and close.
     pub draining: watch::Receiver<bool>,
+    /// Parked keep-alive connections, held without a task until their
+    /// clients send again.
+    idle: idle::Idle<listener::Parked>,
 }
 
 struct RunningListener {
@@ -256,11 +260,14 @@ impl Proxy {
             deps,
             connections: Arc::new(Semaphore::new(config.system.max_connections)),
             draining,
+            idle: idle::Idle::new().context("cannot create the idle connections' epoll set")?,
         });
+        let tracker = TaskTracker::new();
+        tracker.spawn(listener::watch_idle(shared.clone(), tracker.clone()));
         let mut proxy = Self {
             shared,
             listeners: HashMap::new(),
-            tracker: TaskTracker::new(),
+            tracker,
             drain,
             max_connections: config.system.max_connections,
         };
