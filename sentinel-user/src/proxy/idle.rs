@@ -12,6 +12,9 @@
 //! by a new task; one idle past its deadline, or whose client closed, is
 //! closed here; when the daemon drains, all are closed.
 //!
+//! The sessions that parked connections freed are given back to the
+//! system once parking quiets down (see [`Trim`]).
+//!
 //! Parking and resuming cost four `epoll_ctl` calls (out of tokio's set
 //! and into this one, then back), paid only by a connection idle for
 //! longer than `PARK_AFTER`.
@@ -23,6 +26,7 @@ use std::{
     net::TcpStream,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::Mutex,
+    time::Duration,
 };
 
 use tokio::{
@@ -61,6 +65,9 @@ struct Table<T> {
     deadlines: BinaryHeap<Reverse<Deadline>>,
     /// Set once the watcher has stopped: nothing parks after it.
     closed: bool,
+    /// When the first and the last connection parked since the watcher
+    /// last gave freed memory back (see [`Trim`]).
+    parks_since_trim: Option<(Instant, Instant)>,
 }
 
 struct Slot<T> {
@@ -169,6 +176,7 @@ impl<T: Send + 'static> Idle<T> {
                 held: 0,
                 deadlines: BinaryHeap::new(),
                 closed: false,
+                parks_since_trim: None,
             }),
             earlier: Notify::new(),
         })
@@ -202,7 +210,13 @@ impl<T: Send + 'static> Idle<T> {
                 index
             }
         };
-        let earliest = table.next_deadline().is_none_or(|at| deadline < at);
+        let now = Instant::now();
+        let first_since_trim = table.parks_since_trim.is_none();
+        table.parks_since_trim = Some(match table.parks_since_trim {
+            Some((first, _)) => (first, now),
+            None => (now, now),
+        });
+        let earliest = first_since_trim || table.next_deadline().is_none_or(|at| deadline < at);
         let slot = &mut table.slots[index as usize];
         let generation = slot.generation;
         slot.held = Some(Held {
@@ -259,11 +273,19 @@ impl<T: Send + 'static> Idle<T> {
         mut resume: impl FnMut(TcpStream, T),
     ) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+        let mut trim = Trim::new();
         loop {
             if *draining.borrow_and_update() {
                 break;
             }
-            let next = self.table().next_deadline();
+            let next = {
+                let mut table = self.table();
+                let trim_at = trim.due(table.parks_since_trim);
+                match (table.next_deadline(), trim_at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            };
             let clock = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -277,7 +299,21 @@ impl<T: Send + 'static> Idle<T> {
                     }
                 }
                 () = self.earlier.notified() => {}
-                () = clock => self.expire(),
+                () = clock => {
+                    self.expire();
+                    let parks = {
+                        let mut table = self.table();
+                        let due = trim.due(table.parks_since_trim);
+                        if due.is_some_and(|at| at <= Instant::now()) {
+                            table.parks_since_trim.take()
+                        } else {
+                            None
+                        }
+                    };
+                    if parks.is_some() {
+                        trim.now();
+                    }
+                }
                 ready = self.epoll.readable() => {
                     let mut guard = match ready {
                         Ok(guard) => guard,
@@ -356,6 +392,52 @@ impl<T: Send + 'static> Idle<T> {
         };
         // Closing a descriptor takes it out of every epoll set.
         drop(expired);
+    }
+}
+
+/// Giving back to the system the memory that parked sessions freed.
+///
+/// A connection's session (hyper's buffers, its task, the request's
+/// state: tens of KiB) is freed when it parks, but glibc's allocator
+/// returns only the top of a heap to the system: what a burst of sessions
+/// freed stays resident, below whatever was allocated after it, for as
+/// long as the daemon runs. Once parking quiets down (no connection
+/// parked for [`Trim::QUIET`]), or at the latest [`Trim::LATEST`] after
+/// the first park of a busy spell, the watcher asks the allocator to
+/// return its free pages, at most once per [`Trim::INTERVAL`]:
+/// `malloc_trim` walks the allocator's free chunks, a fraction of a
+/// millisecond for a daemon's heaps.
+struct Trim {
+    last: Option<Instant>,
+}
+
+impl Trim {
+    const QUIET: Duration = Duration::from_millis(100);
+    const LATEST: Duration = Duration::from_secs(10);
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self { last: None }
+    }
+
+    /// When to trim next, given when connections parked since the last
+    /// trim.
+    fn due(&self, parks: Option<(Instant, Instant)>) -> Option<Instant> {
+        let (first, last) = parks?;
+        let at = (last + Self::QUIET).min(first + Self::LATEST);
+        Some(match self.last {
+            Some(trimmed) => at.max(trimmed + Self::INTERVAL),
+            None => at,
+        })
+    }
+
+    fn now(&mut self) {
+        self.last = Some(Instant::now());
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim takes no pointers and is thread-safe.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -545,6 +627,24 @@ mod tests {
         let (mut client, server) = pair();
         assert!(w.idle.park(server, later(60_000), 9).is_err());
         assert!(closed(&mut client), "refused, and so closed");
+    }
+
+    #[test]
+    fn memory_is_given_back_once_parking_quiets_down_and_not_too_often() {
+        let t0 = Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut trim = Trim::new();
+        assert_eq!(trim.due(None), None, "nothing parked, nothing to give back");
+        assert_eq!(trim.due(Some((t0, t0 + ms(50)))), Some(t0 + ms(150)));
+        // Parking that never pauses still gets a trim, 10 s after it began.
+        assert_eq!(trim.due(Some((t0, t0 + ms(20_000)))), Some(t0 + ms(10_000)));
+        trim.now();
+        let trimmed = trim.last.unwrap();
+        // Not again within a second of the last.
+        assert_eq!(
+            trim.due(Some((trimmed, trimmed + ms(10)))),
+            Some(trimmed + ms(1000))
+        );
     }
 
     #[tokio::test]
