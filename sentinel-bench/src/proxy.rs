@@ -284,6 +284,30 @@ fn idle_connections(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     Ok(conns)
 }
 
+/// Resident memory (KiB, from `rss`) with a tenth of `n` idle
+/// connections open to `addr`, then with all `n`, each read one second
+/// after the last connection's response.
+fn held_memory(addr: SocketAddr, n: usize, rss: impl Fn() -> u64) -> Result<(u64, u64)> {
+    let first = n / 10;
+    let mut conns = idle_connections(addr, first)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let with_first = rss();
+    conns.extend(idle_connections(addr, n - first)?);
+    std::thread::sleep(Duration::from_secs(1));
+    let with_all = rss();
+    drop(conns);
+    Ok((with_first, with_all))
+}
+
+/// Resident memory with idle connections: RSS (KiB) with the `first`
+/// connections open and with `all` of them, for each proxy.
+pub struct Memory {
+    pub ours: (u64, u64),
+    pub theirs: (u64, u64),
+    pub first: usize,
+    pub all: usize,
+}
+
 /// Raises the soft open-file limit to the hard one (children inherit it)
 /// and checks that `needed` descriptors fit.
 fn raise_nofile(needed: usize) -> Result<()> {
@@ -315,7 +339,7 @@ pub struct Results {
     /// (response label, sentinel runs, nginx runs)
     pub throughput: Vec<(String, Vec<WrkResult>, Vec<WrkResult>)>,
     /// (sentinel KiB before, after; nginx KiB before, after; connections)
-    pub memory: Option<(u64, u64, u64, u64, usize)>,
+    pub memory: Option<Memory>,
 }
 
 pub fn run(bin: &Path, plan: &Plan) -> Result<Results> {
@@ -395,24 +419,15 @@ pub fn run(bin: &Path, plan: &Plan) -> Result<Results> {
             plan.idle_connections
         );
         let pid = sentinel.pid().context("the daemon is not running")?;
-        let ours_before = rss_kib(pid);
-        let conns = idle_connections(sentinel_addr, plan.idle_connections)?;
-        std::thread::sleep(Duration::from_secs(1));
-        let ours_after = rss_kib(pid);
-        drop(conns);
+        let ours = held_memory(sentinel_addr, plan.idle_connections, || rss_kib(pid))?;
         let nginx_rss = || nginx.pids().iter().map(|p| rss_kib(*p)).sum::<u64>();
-        let theirs_before = nginx_rss();
-        let conns = idle_connections(nginx_addr, plan.idle_connections)?;
-        std::thread::sleep(Duration::from_secs(1));
-        let theirs_after = nginx_rss();
-        drop(conns);
-        Some((
-            ours_before,
-            ours_after,
-            theirs_before,
-            theirs_after,
-            plan.idle_connections,
-        ))
+        let theirs = held_memory(nginx_addr, plan.idle_connections, nginx_rss)?;
+        Some(Memory {
+            ours,
+            theirs,
+            first: plan.idle_connections / 10,
+            all: plan.idle_connections,
+        })
     } else {
         None
     };
@@ -479,18 +494,26 @@ pub fn report(results: &Results, plan: &Plan) -> Vec<Table> {
         plan.rounds
     ));
     let mut tables = vec![t];
-    if let Some((sb, sa, nb, na, n)) = results.memory {
+    if let Some(memory) = &results.memory {
+        let Memory {
+            ours: (sb, sa),
+            theirs: (nb, na),
+            first,
+            all,
+        } = *memory;
         let mut m = Table::new(
             "Resident memory with idle keep-alive client connections",
             &[
                 "proxy",
-                "RSS before (MiB)",
-                "RSS with connections (MiB)",
+                &format!("RSS with {first} (MiB)"),
+                &format!("RSS with {all} (MiB)"),
                 "per connection (KiB)",
                 "target: sentinel <= nginx",
             ],
         );
-        let per = |before: u64, after: u64| after.saturating_sub(before) as f64 / n as f64;
+        let per = |at_first: u64, at_all: u64| {
+            at_all.saturating_sub(at_first) as f64 / (all - first).max(1) as f64
+        };
         let (ps, pn) = (per(sb, sa), per(nb, na));
         m.row(vec![
             "sentinel".to_owned(),
@@ -507,7 +530,8 @@ pub fn report(results: &Results, plan: &Plan) -> Vec<Table> {
             String::new(),
         ]);
         m.note(&format!(
-            "{n} connections, each having completed one request and then idle, held open by this program; VmRSS from /proc after one second."
+            "Connections opened one after another, each completing one request and then left idle, held open by this program; VmRSS from /proc one second after the {first}th and after the {all}th. Per connection: the growth between the two over the {} connections opened in between, so that what a proxy frees or keeps of its start-up (sentinel gives back freed memory once connections park; glibc keeps it otherwise) does not count for or against it.",
+            all - first
         ));
         tables.push(m);
     }
