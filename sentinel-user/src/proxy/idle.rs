@@ -322,10 +322,18 @@ impl<T: Send + 'static> Idle<T> {
                             break;
                         }
                     };
-                    // One batch per wake-up; the guard, cleared only when
-                    // the set is empty, wakes this loop again for more.
+                    // One batch per wake-up. A batch that did not fill
+                    // `events` emptied the set's ready list: readiness is
+                    // cleared without asking again (tokio keeps it if the
+                    // set became readable since); a full one leaves it,
+                    // and this loop comes back for more.
                     match guard.try_io(|epoll| wait(epoll.get_ref().as_raw_fd(), &mut events)) {
-                        Ok(Ok(n)) => self.ready(&events[..n], &mut resume),
+                        Ok(Ok(n)) => {
+                            if n < events.len() {
+                                guard.clear_ready();
+                            }
+                            self.ready(&events[..n], &mut resume);
+                        }
                         Ok(Err(error)) => {
                             warn!(%error, "epoll_wait on the idle connections failed; closing them");
                             break;
