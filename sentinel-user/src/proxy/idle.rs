@@ -414,7 +414,7 @@ impl<T: Send + 'static> Idle<T> {
 /// the first park of a busy spell, the watcher asks the allocator to
 /// return its free pages, at most once per [`Trim::INTERVAL`]:
 /// `malloc_trim` walks the allocator's free chunks, a fraction of a
-/// millisecond for a daemon's heaps.
+/// millisecond for a daemon's heaps, done off the proxy's workers.
 struct Trim {
     last: Option<Instant>,
 }
@@ -439,13 +439,15 @@ impl Trim {
         })
     }
 
+    /// Trims on a blocking thread: with a large heap, walking it could
+    /// hold up the requests of the worker that runs the watcher.
     fn now(&mut self) {
         self.last = Some(Instant::now());
         #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim takes no pointers and is thread-safe.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        tokio::task::spawn_blocking(|| {
+            // SAFETY: malloc_trim takes no pointers and is thread-safe.
+            unsafe { libc::malloc_trim(0) };
+        });
     }
 }
 
@@ -637,8 +639,8 @@ mod tests {
         assert!(closed(&mut client), "refused, and so closed");
     }
 
-    #[test]
-    fn memory_is_given_back_once_parking_quiets_down_and_not_too_often() {
+    #[tokio::test]
+    async fn memory_is_given_back_once_parking_quiets_down_and_not_too_often() {
         let t0 = Instant::now();
         let ms = |n| Duration::from_millis(n);
         let mut trim = Trim::new();
