@@ -155,6 +155,7 @@ pub struct ProxyMetrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_health: IntGaugeVec,
     pub active_connections: IntGaugeVec,
+    pub idle_connections: IntGaugeVec,
 }
 
 impl ProxyMetrics {
@@ -203,12 +204,21 @@ impl ProxyMetrics {
             &["listener"],
         )
         .expect(STATIC);
+        let idle_connections = IntGaugeVec::new(
+            Opts::new(
+                "sentinel_idle_connections",
+                "Client connections parked between requests, held without a task or buffers, by listener (a part of sentinel_active_connections)",
+            ),
+            &["listener"],
+        )
+        .expect(STATIC);
         for collector in [
             Box::new(requests.clone()) as Box<dyn Collector>,
             Box::new(request_duration.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_health.clone()),
             Box::new(active_connections.clone()),
+            Box::new(idle_connections.clone()),
         ] {
             registry.register(collector).expect(STATIC);
         }
@@ -218,6 +228,7 @@ impl ProxyMetrics {
             upstream_requests,
             upstream_health,
             active_connections,
+            idle_connections,
         }
     }
 }

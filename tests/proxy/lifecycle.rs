@@ -290,12 +290,40 @@ async fn metrics_and_json_access_log() {
         Some(200)
     );
     assert_eq!(connections(&daemon), 1.0);
+    // Idle, it parks (after 20 ms) and counts as idle too; served again,
+    // it no longer does until it parks again.
+    let idle = |d: &Daemon| metric(d, "sentinel_idle_connections", &[("listener", "http")]);
+    eventually(
+        &daemon,
+        Duration::from_secs(5),
+        "the held connection to park",
+        || idle(&daemon) == 1.0,
+    )
+    .await;
+    held.send(b"GET /api/held HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    assert_eq!(
+        held.response(Duration::from_secs(10))
+            .await
+            .map(|r| r.status),
+        Some(200),
+        "a parked connection was not served again"
+    );
+    assert_eq!(connections(&daemon), 1.0);
+    eventually(
+        &daemon,
+        Duration::from_secs(5),
+        "the held connection to park again",
+        || idle(&daemon) == 1.0,
+    )
+    .await;
     drop(held);
     eventually(
         &daemon,
         Duration::from_secs(5),
         "the held connection to close",
-        || connections(&daemon) == 0.0,
+        || connections(&daemon) == 0.0 && idle(&daemon) == 0.0,
     )
     .await;
 
@@ -318,6 +346,7 @@ async fn metrics_and_json_access_log() {
         ("GET", "/api/get", 200, "api"),
         ("POST", "/api/post", 200, "api"),
         ("GET", "/elsewhere", 404, "none"),
+        ("GET", "/api/held", 200, "api"),
         ("GET", "/api/held", 200, "api"),
     ]
     .iter()

@@ -228,6 +228,12 @@ async fn serve_plain(
         },
     };
     let parked = Parked {
+        _idle: IdleCount::new(
+            shared
+                .metrics
+                .idle_connections
+                .with_label_values(&[&*info.listener]),
+        ),
         info: ConnInfo::clone(&info),
         spec,
         activity,
@@ -242,10 +248,28 @@ async fn serve_plain(
 /// What a parked connection needs to be served again, held by value in
 /// its slot of the idle set: about 180 bytes in all.
 pub(super) struct Parked {
+    _idle: IdleCount,
     info: ConnInfo,
     spec: Arc<ListenerSpec>,
     activity: Kept,
     limits: HeadLimits,
+}
+
+/// A parked connection's place in `sentinel_idle_connections`, given back
+/// when it resumes or closes.
+struct IdleCount(prometheus::IntGauge);
+
+impl IdleCount {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for IdleCount {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A parked connection's [`Activity`]: between requests nothing of it
@@ -291,6 +315,7 @@ fn resume(
         spec,
         activity,
         limits,
+        ..
     } = parked;
     let (activity, served) = match activity {
         Kept::Counts { counted, served } => (Arc::new(Activity::new(counted)), served),
