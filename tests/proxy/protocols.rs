@@ -11,6 +11,8 @@ use std::{
 };
 
 use http::Version;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use rustls::{ProtocolVersion, pki_types::CertificateDer, version};
 use sentinel_tests::{
     http::{BoxError, Reply, Upstream, empty, fetch, h2c, request, send_on, tls_connect},
@@ -348,4 +350,68 @@ async fn https_upstreams_are_verified_and_their_connections_reused() {
     let reply = fetch(proxy, "GET", "/again", &[], empty()).await;
     assert_eq!(reply.text(), "tls /again");
     assert_eq!(connections.load(Ordering::Relaxed), 2);
+}
+
+/// An HTTP/1.1 connection over TLS idle between requests gives back
+/// hyper's session and keeps its TLS session: it is served again after
+/// each pause, and closed once idle past the keep-alive timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_keep_alive_connections_are_served_after_idle_spells_and_closed_after_the_timeout() {
+    if skip() {
+        return;
+    }
+    let pki = Pki::new("test");
+    let default = pki.server("default", &["default.test"]);
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener(
+            "https",
+            &format!(
+                "keepalive-timeout-secs 1\n        {}",
+                tls_block(&default, "")
+            ),
+        )],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        "",
+    ));
+    let addr = daemon.listener("https");
+    let config = pki.client_config(&[&version::TLS13, &version::TLS12], &[b"http/1.1"], None);
+    let tls = tls_connect(addr, config, "default.test")
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect: {e}"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap_or_else(|e| panic!("HTTP/1.1 handshake: {e}"));
+    let conn = tokio::spawn(conn);
+    for round in 0..3 {
+        // Longer than the 20 ms after which an idle connection parks.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let path = format!("/idle{round}");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            sender.send_request(request("GET", &path, &[], empty(), false)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} timed out"))
+        .unwrap_or_else(|e| panic!("{path} after an idle spell: {e}"));
+        assert_eq!(reply.status(), 200, "{path}");
+        reply
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{path} body: {e}"));
+        assert_eq!(app.last().target, path);
+    }
+    let idle_since = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .unwrap_or_else(|_| panic!("an idle TLS connection was not closed within 5 s"))
+        .unwrap_or_else(|e| panic!("client connection task: {e}"))
+        .unwrap_or_else(|e| panic!("client connection: {e}"));
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(700),
+        "an idle TLS connection was closed after {:?} of a 1 s keep-alive",
+        idle_since.elapsed()
+    );
 }

@@ -21,10 +21,11 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, watch},
 };
+use tokio_rustls::server::TlsStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
@@ -161,17 +162,86 @@ async fn serve_tls(
         tokio::time::timeout(spec.config.header_read_timeout, acceptor.accept(stream)).await;
     match handshake {
         Ok(Ok(tls)) => {
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if h2 {
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 activity.multiplexed.store(true, Ordering::Relaxed);
+                let io = Watched::new(tls, activity.clone(), limits, None);
+                drive(io, Proto::Http2, &info, &spec, &shared, &activity, limits).await;
+                return;
             }
-            let io = Watched::new(tls, activity.clone(), limits, None);
-            let proto = if h2 { Proto::Http2 } else { Proto::Detect };
-            drive(io, proto, &info, &spec, &shared, &activity, limits).await;
+            serve_tls_http1(tls, &info, &spec, &shared, &activity, limits).await;
         }
         Ok(Err(error)) => debug!(peer = %info.peer, %error, "TLS handshake failed"),
         Err(_) => debug!(peer = %info.peer, "TLS handshake timed out"),
     }
+}
+
+/// An HTTP/1 connection over TLS, session by session: it parks as a plain
+/// one does (hyper's session and buffers freed), but in its own task, with
+/// its TLS session: the socket waits for readability here, and its next
+/// bytes start a new hyper session.
+async fn serve_tls_http1(
+    tls: TlsStream<TcpStream>,
+    info: &Arc<ConnInfo>,
+    spec: &ListenerSpec,
+    shared: &Arc<Shared>,
+    activity: &Arc<Activity>,
+    limits: HeadLimits,
+) {
+    let home = Home::new();
+    let mut draining = shared.draining.clone();
+    let mut proto = Proto::Detect;
+    let mut next = Some(tls);
+    while let Some(tls) = next.take() {
+        activity.may_park.store(false, Ordering::Relaxed);
+        let io = Watched::new(tls, activity.clone(), limits, Some(home.clone()));
+        // Boxed: the session exists only while requests come.
+        Box::pin(drive(io, proto, info, spec, shared, activity, limits)).await;
+        if activity.heads.load(Ordering::Relaxed) > 0 {
+            proto = Proto::Http1;
+        }
+        // Parked, the stream is back home; otherwise hyper closed it.
+        let Some(stream) = home.take() else { return };
+        let mut tls = stream.inner;
+        if !wait_readable(&tls, activity, spec.config.keepalive_timeout, &mut draining).await {
+            // Closed as hyper closes one: close_notify, then FIN.
+            let _ = tokio::time::timeout(CLOSE_NOTIFY, tls.shutdown()).await;
+            return;
+        }
+        next = Some(tls);
+    }
+}
+
+/// How long closing a parked TLS connection waits to write its
+/// close_notify.
+const CLOSE_NOTIFY: Duration = Duration::from_secs(1);
+
+/// Waits, without buffers, for a parked TLS connection's next bytes;
+/// `false` when it is to close instead: idle past the keep-alive timeout,
+/// the daemon draining, or a socket error.
+async fn wait_readable(
+    tls: &TlsStream<TcpStream>,
+    activity: &Activity,
+    keepalive: Duration,
+    draining: &mut watch::Receiver<bool>,
+) -> bool {
+    if *draining.borrow() {
+        return false;
+    }
+    let mut drained = std::pin::pin!(draining.changed());
+    let mut expired = std::pin::pin!(tokio::time::sleep_until(activity.idle_deadline(keepalive)));
+    // The TLS session holds no plaintext and no whole record: the parked
+    // read found none and the socket empty. What comes next arrives on
+    // the socket.
+    std::future::poll_fn(|cx| {
+        if drained.as_mut().poll(cx).is_ready() || expired.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        tls.get_ref()
+            .0
+            .poll_read_ready(cx)
+            .map(|ready| ready.is_ok())
+    })
+    .await
 }
 
 /// A plain connection's session: hyper serves requests while they come;
@@ -909,7 +979,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream, duplex};
+    use tokio::io::{AsyncReadExt as _, DuplexStream, duplex};
     use tokio::sync::Semaphore;
 
     fn activity() -> Arc<Activity> {
