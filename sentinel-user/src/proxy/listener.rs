@@ -810,7 +810,7 @@ impl<I> Home<I> {
 /// The client connection as hyper sees it: notes when bytes arrive,
 /// follows HTTP/1 framing, and parks.
 ///
-/// Parking: on a plain connection (one with a [`Home`]), when hyper asks
+/// Parking: on an HTTP/1 connection with a [`Home`] (plain or TLS), when hyper asks
 /// for bytes while the stream is [idle](Stream::idle) and the socket has
 /// none, hyper is told the client closed. It then ends the session as it
 /// does for a client that closes between requests: without a response
