@@ -3,9 +3,9 @@
 //! A plain HTTP/1 connection that has parked (see `listener::Watched`)
 //! needs nothing until its client sends again but its socket, when to give
 //! up on it, and what it takes to serve it again. Waiting in a task of its
-//! own, it would keep tokio's task cell, the task's future and its
-//! registration with tokio's reactor: about 1.3 KiB of the daemon's memory
-//! for every idle client. Here it is one slot in a table and its socket
+//! own, it would keep tokio's task cell, the task's future, its
+//! registration with tokio's reactor and its shared state: about 1.8 KiB
+//! of the daemon's memory for every idle client (docs/benchmarks.md). Here it is one slot in a table and its socket
 //! one entry in an epoll set of this module's own (kernel memory, as an
 //! idle connection is for nginx). One task, [`Idle::watch`], serves the
 //! set: a connection with bytes to read goes back to tokio and is served
@@ -45,14 +45,16 @@ pub struct Idle<T> {
     epoll: AsyncFd<OwnedFd>,
     table: Mutex<Table<T>>,
     /// Woken when a connection parks with a deadline earlier than any
-    /// other's, so that the watcher's clock moves to it.
+    /// other's, or first since the last trim, so that the watcher's clock
+    /// moves to it.
     earlier: Notify,
 }
 
 struct Table<T> {
     slots: Vec<Slot<T>>,
-    /// Indices of empty slots.
-    free: Vec<u32>,
+    /// Indices of empty slots, the lowest taken first, so that the held
+    /// ones gather at the front and the table can shrink from its end.
+    free: BinaryHeap<Reverse<u32>>,
     /// How many slots hold a connection.
     held: usize,
     /// When each held connection is closed unless its client sends first,
@@ -65,9 +67,9 @@ struct Table<T> {
     deadlines: BinaryHeap<Reverse<Deadline>>,
     /// Set once the watcher has stopped: nothing parks after it.
     closed: bool,
-    /// When the first and the last connection parked since the watcher
-    /// last gave freed memory back (see [`Trim`]).
-    parks_since_trim: Option<(Instant, Instant)>,
+    /// When the first and the last connection parked or left since the
+    /// watcher last gave freed memory back (see [`Trim`]).
+    changes_since_trim: Option<(Instant, Instant)>,
 }
 
 struct Slot<T> {
@@ -99,9 +101,21 @@ impl<T> Table<T> {
         }
         let held = slot.held.take()?;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(index);
+        self.free.push(Reverse(index));
         self.held -= 1;
+        self.changed(Instant::now());
         Some(held)
+    }
+
+    /// Notes a connection parking or leaving; true when it is the first
+    /// since the last trim.
+    fn changed(&mut self, now: Instant) -> bool {
+        let first = self.changes_since_trim.is_none();
+        self.changes_since_trim = Some(match self.changes_since_trim {
+            Some((since, _)) => (since, now),
+            None => (now, now),
+        });
+        first
     }
 
     fn is_live(&self, d: &Deadline) -> bool {
@@ -125,20 +139,42 @@ impl<T> Table<T> {
         self.deadlines.push(Reverse(d));
         if self.deadlines.len() > 2 * self.held + 64 {
             // Mostly connections that left early: keep the live ones.
-            let live: Vec<_> = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter_map(|(index, s)| {
-                    let held = s.held.as_ref()?;
-                    Some(Reverse(Deadline {
-                        at: held.deadline,
-                        index: index as u32,
-                        generation: s.generation,
-                    }))
-                })
-                .collect();
-            self.deadlines = BinaryHeap::from(live);
+            self.keep_live_deadlines();
+        }
+    }
+
+    fn keep_live_deadlines(&mut self) {
+        let live: Vec<_> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, s)| {
+                let held = s.held.as_ref()?;
+                Some(Reverse(Deadline {
+                    at: held.deadline,
+                    index: index as u32,
+                    generation: s.generation,
+                }))
+            })
+            .collect();
+        self.deadlines = BinaryHeap::from(live);
+    }
+
+    /// Gives back what a crowd of idle connections that has since gone
+    /// left in the table: empty slots at its end, and spare capacity.
+    /// The deadlines are rebuilt first, so that none names a slot that is
+    /// gone (one made again starts its generations anew).
+    fn shrink(&mut self) {
+        self.keep_live_deadlines();
+        while self.slots.last().is_some_and(|s| s.held.is_none()) {
+            self.slots.pop();
+        }
+        let len = self.slots.len();
+        self.free.retain(|Reverse(index)| (*index as usize) < len);
+        if self.slots.capacity() > 2 * len + 64 {
+            self.slots.shrink_to(len + len / 4 + 64);
+            self.free.shrink_to_fit();
+            self.deadlines.shrink_to_fit();
         }
     }
 }
@@ -172,11 +208,11 @@ impl<T: Send + 'static> Idle<T> {
             epoll,
             table: Mutex::new(Table {
                 slots: Vec::new(),
-                free: Vec::new(),
+                free: BinaryHeap::new(),
                 held: 0,
                 deadlines: BinaryHeap::new(),
                 closed: false,
-                parks_since_trim: None,
+                changes_since_trim: None,
             }),
             earlier: Notify::new(),
         })
@@ -199,8 +235,8 @@ impl<T: Send + 'static> Idle<T> {
             ));
         }
         let index = match table.free.pop() {
-            Some(index) => index,
-            None => {
+            Some(Reverse(index)) if (index as usize) < table.slots.len() => index,
+            _ => {
                 let index = u32::try_from(table.slots.len())
                     .map_err(|_| io::Error::other("too many idle connections"))?;
                 table.slots.push(Slot {
@@ -210,12 +246,7 @@ impl<T: Send + 'static> Idle<T> {
                 index
             }
         };
-        let now = Instant::now();
-        let first_since_trim = table.parks_since_trim.is_none();
-        table.parks_since_trim = Some(match table.parks_since_trim {
-            Some((first, _)) => (first, now),
-            None => (now, now),
-        });
+        let first_since_trim = table.changed(Instant::now());
         let earliest = first_since_trim || table.next_deadline().is_none_or(|at| deadline < at);
         let slot = &mut table.slots[index as usize];
         let generation = slot.generation;
@@ -280,7 +311,7 @@ impl<T: Send + 'static> Idle<T> {
             }
             let next = {
                 let mut table = self.table();
-                let trim_at = trim.due(table.parks_since_trim);
+                let trim_at = trim.due(table.changes_since_trim);
                 match (table.next_deadline(), trim_at) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -303,9 +334,10 @@ impl<T: Send + 'static> Idle<T> {
                     self.expire();
                     let parks = {
                         let mut table = self.table();
-                        let due = trim.due(table.parks_since_trim);
+                        let due = trim.due(table.changes_since_trim);
                         if due.is_some_and(|at| at <= Instant::now()) {
-                            table.parks_since_trim.take()
+                            table.shrink();
+                            table.changes_since_trim.take()
                         } else {
                             None
                         }
@@ -409,10 +441,12 @@ impl<T: Send + 'static> Idle<T> {
 /// state: tens of KiB) is freed when it parks, but glibc's allocator
 /// returns only the top of a heap to the system: what a burst of sessions
 /// freed stays resident, below whatever was allocated after it, for as
-/// long as the daemon runs. Once parking quiets down (no connection
-/// parked for [`Trim::QUIET`]), or at the latest [`Trim::LATEST`] after
-/// the first park of a busy spell, the watcher asks the allocator to
-/// return its free pages, at most once per [`Trim::INTERVAL`]:
+/// long as the daemon runs; and a crowd of idle connections that has gone
+/// leaves the table its size. Once the set quiets down (no connection
+/// parked or left for [`Trim::QUIET`]), or at the latest [`Trim::LATEST`]
+/// into a busy spell, the watcher shrinks its table and asks the
+/// allocator to return its free pages, at most once per
+/// [`Trim::INTERVAL`]:
 /// `malloc_trim` walks the allocator's free chunks, a fraction of a
 /// millisecond for a daemon's heaps, done off the proxy's workers.
 struct Trim {
@@ -655,6 +689,54 @@ mod tests {
             trim.due(Some((trimmed, trimmed + ms(10)))),
             Some(trimmed + ms(1000))
         );
+    }
+
+    #[tokio::test]
+    async fn the_table_shrinks_once_a_crowd_of_idle_connections_has_gone() {
+        let mut w = watcher();
+        let mut crowd = Vec::new();
+        for i in 0..300 {
+            let (client, server) = pair();
+            w.idle.park(server, later(60_000), i).unwrap();
+            crowd.push(client);
+        }
+        // One that stays, parked after the crowd: its slot is the last.
+        let (mut stays, server) = pair();
+        w.idle.park(server, later(60_000), 1000).unwrap();
+        drop(crowd);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while w.idle.len() > 1 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the crowd taken out of the set");
+        // Slots are taken lowest first: a new one goes to the front.
+        let (mut front, server) = pair();
+        w.idle.park(server, later(60_000), 2000).unwrap();
+        assert_eq!(w.idle.len(), 2);
+        // The one at the end leaves; once the set is quiet, the table
+        // shrinks to the one at the front.
+        stays.write_all(b"x").unwrap();
+        let (_, state) = w.resumed.recv().await.unwrap();
+        assert_eq!(state, 1000);
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while w.idle.table().slots.len() > 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the table shrank");
+        assert!(w.idle.table().slots.capacity() < 300);
+        // What is left is still served, and new connections still park.
+        front.write_all(b"y").unwrap();
+        let (_, state) = w.resumed.recv().await.unwrap();
+        assert_eq!(state, 2000);
+        let (mut again, server) = pair();
+        w.idle.park(server, later(60_000), 3000).unwrap();
+        again.write_all(b"z").unwrap();
+        let (_, state) = w.resumed.recv().await.unwrap();
+        assert_eq!(state, 3000);
     }
 
     #[tokio::test]
