@@ -280,15 +280,15 @@ async fn metrics_and_json_access_log() {
     )
     .await;
     let mut held = Raw::connect(addr).await;
-    held.send(b"GET /api/held HTTP/1.1\r\nHost: test.local\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("send: {e}"));
-    assert_eq!(
+    let held_status = async |held: &mut Raw| {
+        held.send(b"GET /api/held HTTP/1.1\r\nHost: test.local\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
         held.response(Duration::from_secs(10))
             .await
-            .map(|r| r.status),
-        Some(200)
-    );
+            .map(|r| r.status)
+    };
+    assert_eq!(held_status(&mut held).await, Some(200));
     assert_eq!(connections(&daemon), 1.0);
     // Idle, it parks (after 20 ms) and counts as idle too; served again,
     // it no longer does until it parks again.
@@ -300,13 +300,8 @@ async fn metrics_and_json_access_log() {
         || idle(&daemon) == 1.0,
     )
     .await;
-    held.send(b"GET /api/held HTTP/1.1\r\nHost: test.local\r\n\r\n")
-        .await
-        .unwrap_or_else(|e| panic!("send: {e}"));
     assert_eq!(
-        held.response(Duration::from_secs(10))
-            .await
-            .map(|r| r.status),
+        held_status(&mut held).await,
         Some(200),
         "a parked connection was not served again"
     );
