@@ -13,6 +13,7 @@ mod errors;
 mod exchange;
 mod forward;
 mod framing;
+mod h1;
 mod handler;
 mod health;
 mod idle;

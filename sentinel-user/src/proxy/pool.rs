@@ -6,15 +6,18 @@
 //! checkout keyed by a hashed (scheme, authority), a wake-up of the
 //! connection's task to write the request and one of the request's task
 //! for the answer, and a task spawned to wait for the connection to
-//! become idle again. Here the request's own task polls the connection:
-//! while it waits for the response head ([`Pool::send`]) and, when the
-//! body is not already buffered, while the response body streams
+//! become idle again. Here the request's own task writes the request and
+//! reads the answer on the connection (`h1.rs`), and, when the body is
+//! not already buffered, reads the response body as it is polled
 //! ([`Driven`]), which hands the connection back when the body ends. A
 //! task per pool looks after idle connections: it closes those idle past
 //! the timeout or closed by the target.
 //!
-//! HTTP/2 upstreams keep hyper-util's client: one multiplexed connection
-//! per target, whose own task is shared by every request on it.
+//! Upgrades and CONNECT take a connection of their own, driven by hyper's
+//! client in a task, which hands the socket over when the target switches
+//! protocols. HTTP/2 upstreams keep hyper-util's client: one multiplexed
+//! connection per target, whose own task is shared by every request on
+//! it.
 
 use std::{
     pin::Pin,
@@ -33,19 +36,21 @@ use http::{
     uri::{Authority, Parts, Scheme},
 };
 use http_body::{Body, Frame, SizeHint};
-use hyper::{
-    body::Incoming,
-    client::conn::{TrySendError, http1},
-};
+use hyper::{body::Incoming, client::conn::http1};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioIo};
 use tokio::net::TcpStream;
 use tower_service::Service;
 use tracing::debug;
 
-use super::{ProxyBody, body::BoxError};
+use super::{
+    ProxyBody,
+    body::BoxError,
+    h1::{self, ResponseBody},
+};
 
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+type Conn = h1::Conn<Io>;
 
 /// Why an upstream request failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,12 +61,15 @@ pub enum ClientError {
         source: BoxError,
     },
     #[error("request failed")]
+    Exchange {
+        #[source]
+        source: h1::Error,
+    },
+    #[error("request failed")]
     Request {
         #[source]
         source: hyper::Error,
     },
-    #[error("the connection closed before it took the request")]
-    Closed,
     #[error("request failed")]
     Pooled {
         #[source]
@@ -74,32 +82,8 @@ impl ClientError {
     pub fn is_connect(&self) -> bool {
         match self {
             ClientError::Connect { .. } => true,
-            ClientError::Request { .. } | ClientError::Closed => false,
+            ClientError::Exchange { .. } | ClientError::Request { .. } => false,
             ClientError::Pooled { source } => source.is_connect(),
-        }
-    }
-}
-
-/// One upstream connection: its sender and the future that drives it.
-/// The driver (hyper's connection state and buffers, about a kilobyte)
-/// is boxed, so that handing the connection around moves a pointer.
-struct Conn {
-    sender: http1::SendRequest<ProxyBody>,
-    driver: Box<http1::Connection<Io, ProxyBody>>,
-    /// The driver finished: the connection is closed or failed.
-    closed: bool,
-}
-
-impl Conn {
-    /// Lets the connection read and write what it can.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.closed
-            && let Poll::Ready(result) = Pin::new(&mut *self.driver).poll(cx)
-        {
-            if let Err(error) = result {
-                debug!(%error, "upstream connection ended with an error");
-            }
-            self.closed = true;
         }
     }
 }
@@ -149,8 +133,8 @@ impl Pool {
 
     /// Sends `req` (an absolute URI naming a target) on an idle connection
     /// to its target, or a new one; the response once its head arrived.
-    /// A request that a reused connection closed before sending is sent
-    /// again on another one, as hyper-util's client does.
+    /// A request without a body that a reused connection failed before
+    /// any of it was written is sent again on another one.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<ProxyBody>,
@@ -158,80 +142,66 @@ impl Pool {
         let target = self.target_of(req.uri());
         let connect_to = scheme_and_authority(req.uri());
         to_http1_form(&mut req);
-        // An upgrade's connection leaves the pool: it runs on its own and
-        // hands its socket to the upgrade when the target switches.
-        let upgrade = req.headers().contains_key(UPGRADE);
+        if req.headers().contains_key(UPGRADE) || req.method() == Method::CONNECT {
+            return self.send_detached(req, &connect_to).await;
+        }
+        let (parts, mut body) = req.into_parts();
         loop {
-            let (mut conn, reused) = match target.and_then(|t| self.checkout(t)) {
+            let (conn, reused) = match target.and_then(|t| self.checkout(t)) {
                 Some(conn) => (conn, true),
-                None => (self.connect(&connect_to).await?, false),
+                None => (Conn::new(self.connect(&connect_to).await?), false),
             };
-            // A connection not ready for a request is finishing the last
-            // exchange (or was closed): let it. One closed by the target
-            // while idle is found by the poll that would write the request,
-            // which reads first and hands the request back unsent.
-            let ready = conn.sender.is_ready()
-                || std::future::poll_fn(|cx| {
-                    conn.drive(cx);
-                    if conn.closed {
-                        return Poll::Ready(false);
-                    }
-                    conn.sender.poll_ready(cx).map(|r| r.is_ok())
-                })
-                .await;
-            if !ready {
-                if reused {
-                    continue;
-                }
-                return Err(ClientError::Closed);
-            }
-            if upgrade {
-                let Conn {
-                    mut sender, driver, ..
-                } = conn;
-                tokio::spawn(async move {
-                    if let Err(error) = (*driver).with_upgrades().await {
-                        debug!(%error, "upstream connection ended with an error");
-                    }
-                });
-                return match sender.try_send_request(req).await {
-                    Ok(response) => Ok(response.map(|body| Driven::new(body, None))),
-                    Err(e) => Err(ClientError::Request {
-                        source: e.into_error(),
-                    }),
-                };
-            }
-            let sent = conn.sender.try_send_request(req);
-            let mut sent = std::pin::pin!(sent);
-            // The connection writes the request and reads the answer when
-            // polled: poll it, then the answer.
-            let answer = std::future::poll_fn(|cx| {
-                conn.drive(cx);
-                sent.as_mut().poll(cx)
-            })
-            .await;
-            match answer {
+            let empty = body.is_end_stream();
+            match conn.send(&parts, body).await {
                 Ok(response) => {
                     let home = target.map(|t| (self.clone(), t));
-                    return Ok(response.map(|body| Driven::new(body, Some(Lease { conn, home }))));
+                    return Ok(response.map(|body| {
+                        let mut driven = Driven {
+                            body: Inner::Own { body, home },
+                        };
+                        driven.release();
+                        driven
+                    }));
                 }
-                Err(e) => {
-                    let mut e: TrySendError<Request<ProxyBody>> = e;
-                    match e.take_message() {
-                        Some(unsent) if reused => {
-                            debug!(
-                                "idle upstream connection closed before the request was sent; trying another"
-                            );
-                            req = unsent;
-                        }
-                        _ => {
-                            return Err(ClientError::Request {
-                                source: e.into_error(),
-                            });
-                        }
-                    }
+                Err(failed) if reused && empty && !failed.sent => {
+                    debug!(
+                        error = %failed.error,
+                        "idle upstream connection failed before the request was sent; trying another"
+                    );
+                    body = empty_body();
+                }
+                Err(failed) => {
+                    return Err(ClientError::Exchange {
+                        source: failed.error,
+                    });
                 }
             }
+        }
+    }
+
+    /// Sends an upgrade or CONNECT on a connection of its own, driven by
+    /// hyper in a task that hands the socket to the upgrade.
+    async fn send_detached(
+        &self,
+        req: Request<ProxyBody>,
+        connect_to: &Uri,
+    ) -> Result<Response<Driven>, ClientError> {
+        let io = self.connect(connect_to).await?;
+        let (mut sender, driver) =
+            http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| ClientError::Connect {
+                    source: Box::new(e),
+                })?;
+        tokio::spawn(async move {
+            if let Err(error) = driver.with_upgrades().await {
+                debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        match sender.send_request(req).await {
+            Ok(response) => Ok(response.map(Driven::detached)),
+            Err(source) => Err(ClientError::Request { source }),
         }
     }
 
@@ -247,8 +217,8 @@ impl Pool {
     fn checkout(&self, target: usize) -> Option<Conn> {
         let (_, _, idle) = self.targets.get(target)?;
         let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.idle_timeout && !entry.conn.closed {
+        while let Some(mut entry) = idle.pop() {
+            if entry.since.elapsed() < self.idle_timeout && usable(&mut entry.conn) {
                 return Some(entry.conn);
             }
         }
@@ -256,7 +226,7 @@ impl Pool {
     }
 
     fn put(self: &Arc<Self>, target: usize, conn: Conn) {
-        if conn.closed || self.max_idle == 0 {
+        if self.max_idle == 0 {
             return;
         }
         let Some((_, _, idle)) = self.targets.get(target) else {
@@ -277,23 +247,21 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, uri: &Uri) -> Result<Conn, ClientError> {
+    async fn connect(&self, uri: &Uri) -> Result<Io, ClientError> {
         let connect = |source| ClientError::Connect { source };
         let mut connector = self.connector.clone();
         std::future::poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(connect)?;
-        let io = connector.call(uri.clone()).await.map_err(connect)?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| connect(Box::new(e)))?;
-        Ok(Conn {
-            sender,
-            driver: Box::new(driver),
-            closed: false,
-        })
+        connector.call(uri.clone()).await.map_err(connect)
     }
+}
+
+/// Whether an idle connection can take a request now: the target has not
+/// closed it. Costs no system call when nothing arrived on it.
+fn usable(conn: &mut Conn) -> bool {
+    let waker = std::task::Waker::noop();
+    conn.poll_idle(&mut Context::from_waker(waker))
 }
 
 /// Polls the pool's idle connections, so that those the target closes
@@ -313,8 +281,7 @@ async fn keep(pool: Weak<Pool>) {
         for (_, _, idle) in &pool.targets {
             let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.retain_mut(|entry| {
-                entry.conn.drive(cx);
-                !entry.conn.closed && entry.since.elapsed() < pool.idle_timeout
+                entry.conn.poll_idle(cx) && entry.since.elapsed() < pool.idle_timeout
             });
         }
         Poll::Pending
@@ -364,75 +331,80 @@ fn to_http1_form(req: &mut Request<ProxyBody>) {
     }
 }
 
-/// A response body from an upstream, and the connection it arrives on:
-/// polling the body drives the connection, and the connection goes back
-/// to its pool when the body has ended.
-pub struct Driven {
-    body: Incoming,
-    conn: Option<Lease>,
+fn empty_body() -> ProxyBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
-/// A connection out of its pool, and where it goes back (none for a
-/// request whose URI named no target of the pool).
-struct Lease {
-    conn: Conn,
-    home: Option<(Arc<Pool>, usize)>,
+/// A response body from an upstream. One read on a pooled connection goes
+/// back to its pool when it has ended (`home`: none for a request whose
+/// URI named no target of the pool); one driven by its connection's own
+/// task (HTTP/2, upgrades) is hyper's.
+pub struct Driven {
+    body: Inner,
+}
+
+enum Inner {
+    Own {
+        body: ResponseBody<Io>,
+        home: Option<(Arc<Pool>, usize)>,
+    },
+    Hyper(Incoming),
 }
 
 impl Driven {
-    fn new(body: Incoming, conn: Option<Lease>) -> Self {
-        Self { body, conn }
-    }
-
     /// A body driven by its connection's own task (HTTP/2, upgrades).
     pub fn detached(body: Incoming) -> Self {
-        Self { body, conn: None }
+        Self {
+            body: Inner::Hyper(body),
+        }
     }
 
+    /// Gives the connection back once the body has ended.
     fn release(&mut self) {
-        if let Some(Lease {
-            conn,
+        if let Inner::Own {
+            body,
             home: Some((pool, target)),
-        }) = self.conn.take()
+        } = &mut self.body
+            && let Some(conn) = body.reusable()
         {
-            pool.put(target, conn);
+            pool.put(*target, conn);
         }
     }
 }
 
 impl Body for Driven {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let mut polled = Pin::new(&mut this.body).poll_frame(cx);
-        if polled.is_pending()
-            && let Some(Lease { conn, .. }) = &mut this.conn
-        {
-            // Nothing buffered: let the connection read, then look again.
-            conn.drive(cx);
-            polled = Pin::new(&mut this.body).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.body {
+            Inner::Own { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        };
+        if let Poll::Ready(None | Some(Ok(_))) = &polled {
+            self.release();
         }
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            // A body that failed leaves its connection unusable.
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
-        }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(|e: BoxError| e)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Inner::Own { body, .. } => body.is_end_stream(),
+            Inner::Hyper(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Inner::Own { body, .. } => body.size_hint(),
+            Inner::Hyper(body) => body.size_hint(),
+        }
     }
 }
 
