@@ -125,11 +125,12 @@ impl<T: Read + Write + Unpin> Conn<T> {
     pub async fn send(
         mut self,
         parts: &Parts,
+        host: Option<&HeaderValue>,
         body: ProxyBody,
     ) -> Result<Response<ResponseBody<T>>, Failed> {
         let head_only = parts.method == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
-        let framing = encode_head(&mut out, parts, &body);
+        let framing = encode_head(&mut out, parts, host, &body);
         let mut writer = Writer {
             done: framing == Framing::Empty,
             body,
@@ -207,9 +208,15 @@ enum Framing {
     Chunked,
 }
 
-/// Writes the request line and headers into `out`, with the framing the
-/// body calls for, which it returns.
-fn encode_head(out: &mut Vec<u8>, parts: &Parts, body: &ProxyBody) -> Framing {
+/// Writes the request line (in origin form, whatever the form of
+/// `parts.uri`) and headers into `out`, `host` first when given, with the
+/// framing the body calls for, which it returns.
+fn encode_head(
+    out: &mut Vec<u8>,
+    parts: &Parts,
+    host: Option<&HeaderValue>,
+    body: &ProxyBody,
+) -> Framing {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -220,6 +227,11 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, body: &ProxyBody) -> Framing {
             .as_bytes(),
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = host {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     let mut declared = None;
     for (name, value) in &parts.headers {
         if name == CONTENT_LENGTH {
@@ -886,7 +898,7 @@ mod tests {
                 .expect("write");
             (request, theirs)
         });
-        let mut response = conn.send(&head, empty()).await.expect("a response");
+        let mut response = conn.send(&head, None, empty()).await.expect("a response");
         let (request, _theirs) = target.await.expect("target");
         assert_eq!(
             String::from_utf8_lossy(&request),
@@ -898,6 +910,19 @@ mod tests {
         let (data, _) = collect(response.body_mut()).await.expect("a body");
         assert_eq!(data, b"hello");
         assert!(response.body_mut().reusable().is_some());
+    }
+
+    #[test]
+    fn an_absolute_target_goes_out_in_origin_form_with_the_host_given() {
+        let head = parts("GET", "http://10.0.0.1:8080/a?b=1", &[("x-one", "1")]);
+        let mut out = Vec::new();
+        let host = HeaderValue::from_static("10.0.0.1:8080");
+        let framing = encode_head(&mut out, &head, Some(&host), &empty());
+        assert_eq!(framing, Framing::Empty);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "GET /a?b=1 HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\n\r\n"
+        );
     }
 
     #[tokio::test]
@@ -913,7 +938,10 @@ mod tests {
                 .expect("write");
             (request, theirs)
         });
-        let mut response = conn.send(&head, full(b"abc")).await.expect("a response");
+        let mut response = conn
+            .send(&head, None, full(b"abc"))
+            .await
+            .expect("a response");
         let (request, _theirs) = target.await.expect("target");
         assert_eq!(
             String::from_utf8_lossy(&request),
@@ -935,7 +963,7 @@ mod tests {
         });
         let big: &'static [u8] = Box::leak(vec![b'x'; COPY_BELOW + 1].into_boxed_slice());
         let response = conn
-            .send(&head, streamed(&[b"hello", b"", big]))
+            .send(&head, None, streamed(&[b"hello", b"", big]))
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -965,7 +993,7 @@ mod tests {
             theirs
         });
         let mut response = conn
-            .send(&parts("GET", "/", &[]), empty())
+            .send(&parts("GET", "/", &[]), None, empty())
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
@@ -990,7 +1018,7 @@ mod tests {
                 Some(theirs)
             });
             let mut response = conn
-                .send(&parts(method, "/", &[]), empty())
+                .send(&parts(method, "/", &[]), None, empty())
                 .await
                 .expect("a response");
             let (data, _) = collect(response.body_mut()).await.expect("a body");
@@ -1036,7 +1064,7 @@ mod tests {
                 theirs.write_all(answer).await.expect("write");
                 drop(theirs);
             });
-            let result = match conn.send(&parts("GET", "/", &[]), empty()).await {
+            let result = match conn.send(&parts("GET", "/", &[]), None, empty()).await {
                 Ok(mut response) => collect(response.body_mut()).await.err(),
                 Err(failed) => {
                     assert!(failed.sent, "the request went out");
@@ -1099,7 +1127,7 @@ mod tests {
         });
         // The body never ends: the answer comes anyway.
         let mut response = conn
-            .send(&parts("POST", "/", &[]), body)
+            .send(&parts("POST", "/", &[]), None, body)
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -1117,7 +1145,7 @@ mod tests {
         head.headers
             .insert(CONTENT_LENGTH, HeaderValue::from_static("2"));
         let failed = conn
-            .send(&head, streamed(&[b"abc"]))
+            .send(&head, None, streamed(&[b"abc"]))
             .await
             .err()
             .expect("an error");

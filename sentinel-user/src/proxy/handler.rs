@@ -452,8 +452,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
 
-    let mut parts = Some(parts);
-    for attempt_no in 0..=retries {
+    for _ in 0..=retries {
         let Some(index) = upstream.pick(&tried) else {
             break;
         };
@@ -472,24 +471,13 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
                 ));
             }
         };
-        // The last attempt takes the head; earlier ones copy it.
-        let mut head = match (attempt_no == retries, parts.take()) {
-            (true, Some(p)) => p,
-            (false, Some(p)) => {
-                let copy = p.clone();
-                parts = Some(p);
-                copy
-            }
-            (_, None) => break,
-        };
-        head.uri = uri;
+        parts.uri = uri;
         let outgoing: ProxyBody = match body.take() {
             Some(b) if !empty_body => b,
             _ => Empty::<Bytes>::new()
                 .map_err(|never| match never {})
                 .boxed(),
         };
-        let request = Request::from_parts(head, outgoing);
         let in_flight = InFlight::new(upstream.clone(), index);
         let attempt_started = tokio::time::Instant::now();
         // Whoever owes the next bytes has the read timeout to send them:
@@ -502,7 +490,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
             }
         };
         let sent = wait_for_head(
-            upstream.client.request(request),
+            upstream.client.send(&parts, outgoing),
             owed,
             read_timeout,
             give_up_at,

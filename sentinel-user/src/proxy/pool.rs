@@ -137,22 +137,26 @@ impl Pool {
     /// any of it was written is sent again on another one.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<ProxyBody>,
+        parts: &http::request::Parts,
+        mut body: ProxyBody,
     ) -> Result<Response<Driven>, ClientError> {
-        let target = self.target_of(req.uri());
-        let connect_to = scheme_and_authority(req.uri());
-        to_http1_form(&mut req);
-        if req.headers().contains_key(UPGRADE) || req.method() == Method::CONNECT {
+        let target = self.target_of(&parts.uri);
+        let connect_to = scheme_and_authority(&parts.uri);
+        if parts.headers.contains_key(UPGRADE) || parts.method == Method::CONNECT {
+            let mut req = Request::from_parts(parts.clone(), body);
+            to_http1_form(&mut req);
             return self.send_detached(req, &connect_to).await;
         }
-        let (parts, mut body) = req.into_parts();
+        let host = (!parts.headers.contains_key(HOST))
+            .then(|| host_of(&parts.uri))
+            .flatten();
         loop {
             let (conn, reused) = match target.and_then(|t| self.checkout(t)) {
                 Some(conn) => (conn, true),
                 None => (Conn::new(self.connect(&connect_to).await?), false),
             };
             let empty = body.is_end_stream();
-            match conn.send(&parts, body).await {
+            match conn.send(parts, host.as_ref(), body).await {
                 Ok(response) => {
                     let home = target.map(|t| (self.clone(), t));
                     return Ok(response.map(|body| {
@@ -297,25 +301,32 @@ fn scheme_and_authority(uri: &Uri) -> Uri {
     Uri::from_parts(parts).unwrap_or_default()
 }
 
+/// The `Host` of a request to `uri` that has none: its host, and its port
+/// unless it is the scheme's default.
+fn host_of(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16() {
+        Some(port) if port != default_port => HeaderValue::try_from(format!("{host}:{port}")),
+        _ => HeaderValue::try_from(host),
+    }
+    .ok()
+}
+
 /// What hyper-util's client did to an HTTP/1 request: `Host` from the
 /// URI when the request has none, and the request target in origin form
-/// (authority form for CONNECT).
+/// (authority form for CONNECT). The proxy's own codec does the same as
+/// it writes the head (`h1.rs`); hyper's client, for upgrades and
+/// CONNECT, needs it done to the request.
 fn to_http1_form(req: &mut Request<ProxyBody>) {
     let uri = req.uri().clone();
     if !req.headers().contains_key(HOST)
-        && let Some(host) = uri.host()
+        && let Some(value) = host_of(&uri)
     {
-        let default_port = match uri.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        };
-        let value = match uri.port_u16() {
-            Some(port) if port != default_port => HeaderValue::try_from(format!("{host}:{port}")),
-            _ => HeaderValue::try_from(host),
-        };
-        if let Ok(value) = value {
-            req.headers_mut().insert(HOST, value);
-        }
+        req.headers_mut().insert(HOST, value);
     }
     let mut parts = Parts::default();
     if req.method() == Method::CONNECT {
@@ -425,6 +436,15 @@ mod tests {
                     .boxed(),
             )
             .expect("a valid request")
+    }
+
+    #[test]
+    fn a_missing_host_is_the_target_without_its_default_port() {
+        let host = |uri: &str| host_of(&uri.parse().expect("uri")).expect("a host");
+        assert_eq!(host("http://10.0.0.1:8080/x"), "10.0.0.1:8080");
+        assert_eq!(host("http://10.0.0.1:80/x"), "10.0.0.1");
+        assert_eq!(host("https://upstream.test:443/"), "upstream.test");
+        assert_eq!(host("https://upstream.test:8443/"), "upstream.test:8443");
     }
 
     #[test]

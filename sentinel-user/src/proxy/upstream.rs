@@ -54,12 +54,26 @@ impl HttpClient {
     /// Sends `req` (its URI names the target) and waits for the response
     /// head; the body streams from the returned response.
     pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
+        let (parts, body) = req.into_parts();
+        self.send(&parts, body).await
+    }
+
+    /// [`request`](Self::request) with the head borrowed, so that a
+    /// request retried on another target needs no copy of it.
+    pub async fn send(
+        &self,
+        parts: &http::request::Parts,
+        body: ProxyBody,
+    ) -> Result<Response<Driven>, ClientError> {
         match self {
-            HttpClient::Http1(pool) => pool.send(req).await,
-            HttpClient::Http2(client) => match client.request(req).await {
-                Ok(response) => Ok(response.map(Driven::detached)),
-                Err(source) => Err(ClientError::Pooled { source }),
-            },
+            HttpClient::Http1(pool) => pool.send(parts, body).await,
+            HttpClient::Http2(client) => {
+                let req = Request::from_parts(parts.clone(), body);
+                match client.request(req).await {
+                    Ok(response) => Ok(response.map(Driven::detached)),
+                    Err(source) => Err(ClientError::Pooled { source }),
+                }
+            }
         }
     }
 }
