@@ -28,7 +28,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version,
-    header::{CONTENT_LENGTH, TRANSFER_ENCODING},
+    header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING},
     request::Parts,
 };
 use http_body::{Body, Frame, SizeHint};
@@ -499,11 +499,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     let base = buf.as_ptr() as usize;
     let mut places = [const { MaybeUninit::<Place>::uninit() }; MAX_HEADERS];
     let count = response.headers.len();
-    let mut keep_alive = version == Version::HTTP_11;
-    let mut saw_close = false;
-    let mut chunked = None;
-    let mut length: Option<u64> = None;
-    let mut bad_length = false;
     for (place, header) in places.iter_mut().zip(response.headers.iter()) {
         let name = header.name.as_ptr() as usize - base;
         let value = header.value.as_ptr() as usize - base;
@@ -511,27 +506,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             name: name..name + header.name.len(),
             value: value..value + header.value.len(),
         });
-        let value = header.value;
-        if header.name.eq_ignore_ascii_case("connection") {
-            if saw_close || lists(value, "close") {
-                saw_close = true;
-                keep_alive = false;
-            } else if !keep_alive {
-                keep_alive = lists(value, "keep-alive");
-            }
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding of the last field decides.
-            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            for v in value.split(|&b| b == b',') {
-                match (parse_length(v.trim_ascii()), length) {
-                    (Some(n), None) => length = Some(n),
-                    (Some(n), Some(m)) if n == m => {}
-                    _ => bad_length = true,
-                }
-            }
-        }
     }
     let reason = response.reason.unwrap_or_default();
     let custom_reason = !reason.is_empty() && Some(reason) != status.canonical_reason();
@@ -540,11 +514,38 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
 
     let head = buf.split_to(len).freeze();
     let mut map = HeaderMap::with_capacity(count);
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut saw_close = false;
+    let mut chunked = None;
+    let mut length: Option<u64> = None;
+    let mut bad_length = false;
     for place in &places[..count] {
         // SAFETY: the loop above wrote the first `count` places.
         let place = unsafe { place.assume_init_ref() };
         let name = HeaderName::from_bytes(&head[place.name.clone()])
             .map_err(|_| Error::Invalid("invalid header name"))?;
+        let value = &head[place.value.clone()];
+        // Standard names compare as enum tags.
+        if name == CONNECTION {
+            if saw_close || lists(value, "close") {
+                saw_close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = lists(value, "keep-alive");
+            }
+        } else if name == TRANSFER_ENCODING {
+            // The last coding of the last field decides.
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONTENT_LENGTH {
+            for v in value.split(|&b| b == b',') {
+                match (parse_length(v.trim_ascii()), length) {
+                    (Some(n), None) => length = Some(n),
+                    (Some(n), Some(m)) if n == m => {}
+                    _ => bad_length = true,
+                }
+            }
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(place.value.clone()))
             .map_err(|_| Error::Invalid("invalid header value"))?;
         map.append(name, value);
