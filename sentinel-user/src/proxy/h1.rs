@@ -44,6 +44,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The most bytes a trailer section may take.
 const MAX_TRAILERS: usize = 16 * 1024;
+/// The header fields the proxy adds to a forwarded request.
+const FORWARDING_FIELDS: usize = 6;
 /// What a read asks room for.
 const READ_SIZE: usize = 8 * 1024;
 /// Reads into a body of known length ask for up to this much room.
@@ -513,7 +515,11 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     let reason_len = reason.len();
 
     let head = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(count);
+    // hyper keeps a response's emptied map for the next request on the
+    // client's connection: room for the six fields the proxy adds to a
+    // request (`Host`, `X-Request-Id`, `X-Forwarded-For`, `-Proto`,
+    // `-Host`, `Forwarded`) spares that request's map a rehash.
+    let mut map = HeaderMap::with_capacity(count + FORWARDING_FIELDS);
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     let mut chunked = None;
@@ -907,6 +913,10 @@ mod tests {
         );
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["x-up"], "yes");
+        // Room for what the proxy adds to the next request (hyper reuses
+        // the map).
+        let headers = response.headers();
+        assert!(headers.capacity() >= headers.len() + FORWARDING_FIELDS);
         assert_eq!(response.body().size_hint().exact(), Some(5));
         let (data, _) = collect(response.body_mut()).await.expect("a body");
         assert_eq!(data, b"hello");
