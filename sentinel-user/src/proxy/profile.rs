@@ -74,9 +74,13 @@ pub struct Profiles {
 impl Profiles {
     pub fn new(config: &Config) -> Self {
         let global = &config.profile;
+        // Only routes that override the global profile: a lookup in an
+        // empty map hashes nothing, and most configurations have no
+        // override (this runs three times a request).
         let routes = config
             .routes
             .iter()
+            .filter(|r| r.profile.mode.is_some() || r.profile.secure_response_headers.is_some())
             .map(|r| {
                 (
                     r.name.clone(),
@@ -118,6 +122,31 @@ impl Profiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_without_their_own_profile_follow_the_global_one() {
+        let text = r#"
+listeners { listener "l" { address "127.0.0.1:0"; }; }
+routes {
+    route "own" { static-response 200; profile { mode "monitor"; secure-response-headers #false; }; }
+    route "global" { static-response 200; }
+}
+profile { mode "lite"; secure-response-headers #true; }
+"#;
+        let config = Config::parse(&crate::config::Source::new(
+            std::path::Path::new("test.kdl"),
+            text,
+        ))
+        .expect("a valid config");
+        let profiles = Profiles::new(&config);
+        assert_eq!(profiles.routes.len(), 1, "only the override is kept");
+        assert_eq!(profiles.mode(Some("own")), ProfileMode::Monitor);
+        assert!(!profiles.secure_headers(Some("own")));
+        for route in [Some("global"), None] {
+            assert_eq!(profiles.mode(route), ProfileMode::Lite);
+            assert!(profiles.secure_headers(route));
+        }
+    }
 
     #[test]
     fn upstream_values_stay_unless_overridden_and_hsts_needs_tls() {
