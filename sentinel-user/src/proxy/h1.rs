@@ -1036,34 +1036,81 @@ mod tests {
             let _theirs = target.await.expect("target");
             (data, response.body_mut().reusable().is_some())
         }
-        // HEAD: no body, whatever the length says.
-        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
-        assert_eq!(exchange("HEAD", head, false).await, (vec![], true));
-        // Neither length nor chunked: the body ends with the connection.
-        let eof = b"HTTP/1.1 200 OK\r\n\r\nuntil the end";
-        assert_eq!(
-            exchange("GET", eof, true).await,
-            (b"until the end".to_vec(), false)
-        );
-        // A coding other than chunked last: the same.
-        let gzip = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nzz";
-        assert_eq!(exchange("GET", gzip, true).await, (b"zz".to_vec(), false));
-        // Connection: close, and HTTP/1.0 without keep-alive.
-        let close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nc";
-        assert_eq!(exchange("GET", close, false).await, (b"c".to_vec(), false));
-        let old = b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\no";
-        assert_eq!(exchange("GET", old, false).await, (b"o".to_vec(), false));
-        let old_kept = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nk";
-        assert_eq!(
-            exchange("GET", old_kept, false).await,
-            (b"k".to_vec(), true)
-        );
-        // Equal repeated lengths are one length.
-        let twice = b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok";
-        assert_eq!(exchange("GET", twice, false).await, (b"ok".to_vec(), true));
-        // Bytes past the response: the target cannot be trusted again.
-        let extra = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n";
-        assert_eq!(exchange("GET", extra, false).await, (b"x".to_vec(), false));
+        /// The method, the answer, whether the target closes after it, the
+        /// body, whether the connection is reused.
+        type Case = (&'static str, &'static [u8], bool, &'static [u8], bool);
+        let cases: [Case; 8] = [
+            // HEAD: no body, whatever the length says.
+            (
+                "HEAD",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+                false,
+                b"",
+                true,
+            ),
+            // Neither length nor chunked: the body ends with the connection.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+                true,
+                b"until the end",
+                false,
+            ),
+            // A coding other than chunked last: the same.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nzz",
+                true,
+                b"zz",
+                false,
+            ),
+            // Connection: close, and HTTP/1.0 without keep-alive.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\nc",
+                false,
+                b"c",
+                false,
+            ),
+            (
+                "GET",
+                b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\no",
+                false,
+                b"o",
+                false,
+            ),
+            (
+                "GET",
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nk",
+                false,
+                b"k",
+                true,
+            ),
+            // Equal repeated lengths are one length.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nContent-Length: 2\r\n\r\nok",
+                false,
+                b"ok",
+                true,
+            ),
+            // Bytes past the response: the target cannot be trusted again.
+            (
+                "GET",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1 200 OK\r\n",
+                false,
+                b"x",
+                false,
+            ),
+        ];
+        for (method, answer, close, body, reused) in cases {
+            assert_eq!(
+                exchange(method, answer, close).await,
+                (body.to_vec(), reused),
+                "{method} {:?}",
+                String::from_utf8_lossy(answer)
+            );
+        }
     }
 
     #[tokio::test]
