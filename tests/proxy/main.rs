@@ -12,6 +12,7 @@
 //! - `streaming`: gigabyte bodies both ways, upgraded connections;
 //! - `lifecycle`: reload, graceful shutdown, metrics and the access log.
 
+mod answers;
 mod balancing;
 mod forwarding;
 mod lifecycle;
