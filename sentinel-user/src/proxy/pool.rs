@@ -141,11 +141,12 @@ impl Pool {
         mut body: ProxyBody,
     ) -> Result<Response<Driven>, ClientError> {
         let target = self.target_of(&parts.uri);
-        let connect_to = scheme_and_authority(&parts.uri);
         if parts.headers.contains_key(UPGRADE) || parts.method == Method::CONNECT {
             let mut req = Request::from_parts(parts.clone(), body);
             to_http1_form(&mut req);
-            return self.send_detached(req, &connect_to).await;
+            return self
+                .send_detached(req, &scheme_and_authority(&parts.uri))
+                .await;
         }
         let host = (!parts.headers.contains_key(HOST))
             .then(|| host_of(&parts.uri))
@@ -153,7 +154,11 @@ impl Pool {
         loop {
             let (conn, reused) = match target.and_then(|t| self.checkout(t)) {
                 Some(conn) => (conn, true),
-                None => (Conn::new(self.connect(&connect_to).await?), false),
+                // The URI to connect to is built only when a connection is.
+                None => {
+                    let io = self.connect(&scheme_and_authority(&parts.uri)).await?;
+                    (Conn::new(io), false)
+                }
             };
             let empty = body.is_end_stream();
             match conn.send(parts, host.as_ref(), body).await {
