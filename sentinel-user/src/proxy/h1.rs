@@ -378,8 +378,7 @@ impl Writer {
                 b""
             }
             Framing::Chunked => {
-                self.out
-                    .extend_from_slice(format_args_hex(data.len()).as_bytes());
+                self.out.extend_from_slice(hex_len(data.len()).as_bytes());
                 self.out.extend_from_slice(b"\r\n");
                 b"\r\n"
             }
@@ -407,7 +406,7 @@ impl Writer {
 }
 
 /// A chunk size in hexadecimal, on the stack.
-fn format_args_hex(n: usize) -> HexLen {
+fn hex_len(n: usize) -> HexLen {
     let mut buf = [0u8; 16];
     let mut i = buf.len();
     let mut n = n;

@@ -399,14 +399,14 @@ impl Body for Driven {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = match &mut self.body {
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut self.body {
             Inner::Own { body, .. } => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         };
         if let Poll::Ready(None | Some(Ok(_))) = &polled {
             self.release();
         }
-        polled.map(|frame| frame.map(|r| r.map_err(|e: BoxError| e)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
