@@ -34,7 +34,7 @@ use http::{
 use http_body::{Body, Frame, SizeHint};
 use hyper::rt::{Read, ReadBuf, Write};
 
-use super::{ProxyBody, body::BoxError};
+use super::{ProxyBody, body::BoxError, forward};
 
 /// The most header fields a response head or trailer section may have.
 const MAX_HEADERS: usize = 128;
@@ -44,8 +44,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The most bytes a trailer section may take.
 const MAX_TRAILERS: usize = 16 * 1024;
-/// The header fields the proxy adds to a forwarded request.
-const FORWARDING_FIELDS: usize = 6;
+/// The header fields the proxy adds to a forwarded request's map (`Host`
+/// and `X-Request-Id`; the forwarding fields go straight to the wire, see
+/// [`super::forward::Forwarded`]).
+const FORWARDING_FIELDS: usize = 2;
 /// What a read asks room for.
 const READ_SIZE: usize = 8 * 1024;
 /// Reads into a body of known length ask for up to this much room.
@@ -121,18 +123,20 @@ impl<T: Read + Write + Unpin> Conn<T> {
         Poll::Ready(Ok(n))
     }
 
-    /// Sends the request of `parts` (in origin form, with its `Host`) and
-    /// `body`, and waits for the response head. The response's body holds the connection until it
+    /// Sends the request of `parts` (in origin form, with its `Host`), the
+    /// header lines `extra` (the forwarding fields) and `body`, and waits
+    /// for the response head. The response's body holds the connection until it
     /// has ended; [`ResponseBody::reusable`] gives it back then.
     pub async fn send(
         mut self,
         parts: &Parts,
         host: Option<&HeaderValue>,
+        extra: &[u8],
         body: ProxyBody,
     ) -> Result<Response<ResponseBody<T>>, Failed> {
         let head_only = parts.method == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
-        let framing = encode_head(&mut out, parts, host, &body);
+        let framing = encode_head(&mut out, parts, host, extra, &body);
         let mut writer = Writer {
             done: framing == Framing::Empty,
             body,
@@ -217,6 +221,7 @@ fn encode_head(
     out: &mut Vec<u8>,
     parts: &Parts,
     host: Option<&HeaderValue>,
+    extra: &[u8],
     body: &ProxyBody,
 ) -> Framing {
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -248,6 +253,7 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(extra);
     // The body's own length wins over a header (an agent may have changed
     // the body); a header is kept for a body that cannot tell.
     let framing = if body.is_end_stream() {
@@ -464,6 +470,15 @@ fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
+/// Whether a `Connection` value names a field to drop: a token other
+/// than `close` and `keep-alive`.
+fn names_more(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').any(|t| {
+        let t = t.trim_ascii();
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+    })
+}
+
 /// Parses a response head at the start of `buf`, taking it out when it is
 /// complete.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
@@ -515,22 +530,27 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
 
     let head = buf.split_to(len).freeze();
     // hyper keeps a response's emptied map for the next request on the
-    // client's connection: room for the six fields the proxy adds to a
-    // request (`Host`, `X-Request-Id`, `X-Forwarded-For`, `-Proto`,
-    // `-Host`, `Forwarded`) spares that request's map a rehash.
+    // client's connection: room for the fields the proxy adds to a
+    // request's map spares that request's map a rehash.
     let mut map = HeaderMap::with_capacity(count + FORWARDING_FIELDS);
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     let mut chunked = None;
     let mut length: Option<u64> = None;
     let mut bad_length = false;
+    // `Connection` values that name more fields to drop than `close` and
+    // `keep-alive` (rare).
+    let mut named = Vec::new();
     for place in &places[..count] {
         // SAFETY: the loop above wrote the first `count` places.
         let place = unsafe { place.assume_init_ref() };
         let name = HeaderName::from_bytes(&head[place.name.clone()])
             .map_err(|_| Error::Invalid("invalid header name"))?;
         let value = &head[place.value.clone()];
-        // Standard names compare as enum tags.
+        // Standard names compare as enum tags. Hop-by-hop fields are read
+        // for this connection and not kept: the response goes on to
+        // another one (what `forward::strip_hop_by_hop` does for hyper's
+        // responses).
         if name == CONNECTION {
             if saw_close || lists(value, "close") {
                 saw_close = true;
@@ -538,10 +558,17 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             } else if !keep_alive {
                 keep_alive = lists(value, "keep-alive");
             }
+            if names_more(value) {
+                named.push(place.value.clone());
+            }
+            continue;
         } else if name == TRANSFER_ENCODING {
             // The last coding of the last field decides.
             let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            continue;
+        } else if forward::is_hop_by_hop(&name) {
+            continue;
         } else if name == CONTENT_LENGTH {
             for v in value.split(|&b| b == b',') {
                 match (parse_length(v.trim_ascii()), length) {
@@ -554,6 +581,14 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         let value = HeaderValue::from_maybe_shared(head.slice(place.value.clone()))
             .map_err(|_| Error::Invalid("invalid header value"))?;
         map.append(name, value);
+    }
+    for value in named {
+        for token in head[value].split(|&b| b == b',') {
+            if let Ok(token) = std::str::from_utf8(token.trim_ascii()) {
+                // An invalid name finds nothing and removes nothing.
+                map.remove(token);
+            }
+        }
     }
 
     let no_body = head_only || matches!(code, 204 | 304);
@@ -904,7 +939,10 @@ mod tests {
                 .expect("write");
             (request, theirs)
         });
-        let mut response = conn.send(&head, None, empty()).await.expect("a response");
+        let mut response = conn
+            .send(&head, None, b"", empty())
+            .await
+            .expect("a response");
         let (request, _theirs) = target.await.expect("target");
         assert_eq!(
             String::from_utf8_lossy(&request),
@@ -923,11 +961,31 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_fields_are_read_and_not_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n\
+               X-Secret: 1\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nUpgrade: h2c\r\n\
+               Proxy-Connection: close\r\nX-Kept: yes\r\nConnection: x-other\r\nX-Other: 2\r\n\r\n"
+                [..],
+        );
+        let Ok(Parsed::Head((response, decoder, keep_alive))) = parse_head(&mut buf, false) else {
+            panic!("a head");
+        };
+        let names: Vec<&str> = response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        // What the dropped fields said still frames the body and the
+        // connection.
+        assert_eq!(decoder, Decoder::Chunked(Chunk::Size));
+        assert!(keep_alive);
+        assert!(names_more(b"close, x-a") && !names_more(b" Close , keep-alive,"));
+    }
+
+    #[test]
     fn an_absolute_target_goes_out_in_origin_form_with_the_host_given() {
         let head = parts("GET", "http://10.0.0.1:8080/a?b=1", &[("x-one", "1")]);
         let mut out = Vec::new();
         let host = HeaderValue::from_static("10.0.0.1:8080");
-        let framing = encode_head(&mut out, &head, Some(&host), &empty());
+        let framing = encode_head(&mut out, &head, Some(&host), b"", &empty());
         assert_eq!(framing, Framing::Empty);
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -949,7 +1007,7 @@ mod tests {
             (request, theirs)
         });
         let mut response = conn
-            .send(&head, None, full(b"abc"))
+            .send(&head, None, b"", full(b"abc"))
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -973,7 +1031,7 @@ mod tests {
         });
         let big: &'static [u8] = Box::leak(vec![b'x'; COPY_BELOW + 1].into_boxed_slice());
         let response = conn
-            .send(&head, None, streamed(&[b"hello", b"", big]))
+            .send(&head, None, b"", streamed(&[b"hello", b"", big]))
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -1003,7 +1061,7 @@ mod tests {
             theirs
         });
         let mut response = conn
-            .send(&parts("GET", "/", &[]), None, empty())
+            .send(&parts("GET", "/", &[]), None, b"", empty())
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
@@ -1028,7 +1086,7 @@ mod tests {
                 Some(theirs)
             });
             let mut response = conn
-                .send(&parts(method, "/", &[]), None, empty())
+                .send(&parts(method, "/", &[]), None, b"", empty())
                 .await
                 .expect("a response");
             let (data, _) = collect(response.body_mut()).await.expect("a body");
@@ -1121,7 +1179,7 @@ mod tests {
                 theirs.write_all(answer).await.expect("write");
                 drop(theirs);
             });
-            let result = match conn.send(&parts("GET", "/", &[]), None, empty()).await {
+            let result = match conn.send(&parts("GET", "/", &[]), None, b"", empty()).await {
                 Ok(mut response) => collect(response.body_mut()).await.err(),
                 Err(failed) => {
                     assert!(failed.sent, "the request went out");
@@ -1184,7 +1242,7 @@ mod tests {
         });
         // The body never ends: the answer comes anyway.
         let mut response = conn
-            .send(&parts("POST", "/", &[]), None, body)
+            .send(&parts("POST", "/", &[]), None, b"", body)
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -1202,7 +1260,7 @@ mod tests {
         head.headers
             .insert(CONTENT_LENGTH, HeaderValue::from_static("2"));
         let failed = conn
-            .send(&head, None, streamed(&[b"abc"]))
+            .send(&head, None, b"", streamed(&[b"abc"]))
             .await
             .err()
             .expect("an error");

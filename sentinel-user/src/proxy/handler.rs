@@ -375,10 +375,6 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     // We answer `100-continue` ourselves (hyper does when the body is
     // first read); the upstream gets the body without the handshake.
     parts.headers.remove(EXPECT);
-    // When the authority is not text, neither is `Host`, and the host the
-    // router saw (`request_host`) is none either: nothing to fall back on.
-    let forwarded_host = original_authority.as_ref().and_then(|v| v.to_str().ok());
-    forward::set_forwarding(&mut parts.headers, conn.peer, conn.scheme, forwarded_host);
     if let Some(authority) = &original_authority {
         parts.headers.insert(HOST, authority.clone());
     }
@@ -447,6 +443,12 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         Some(a) => (Some(exchange::count_request(limited, a)), None),
         None => (Some(limited), None),
     };
+    // The forwarding fields come last, so that an agent's header changes
+    // cannot undo them. When the authority is not text, neither is `Host`,
+    // and the host the router saw (`request_host`) is none either: nothing
+    // to fall back on.
+    let forwarded_host = original_authority.as_ref().and_then(|v| v.to_str().ok());
+    let forwarded = forward::forwarding(&mut parts.headers, conn.peer, conn.scheme, forwarded_host);
     let path_and_query = parts.uri.path_and_query().cloned();
     let read_timeout = upstream.config.timeouts.read;
     let mut tried: Vec<usize> = Vec::new();
@@ -490,7 +492,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
             }
         };
         let sent = wait_for_head(
-            upstream.client.send(&parts, outgoing),
+            upstream.client.send(&parts, &forwarded, outgoing),
             owed,
             read_timeout,
             give_up_at,
@@ -544,7 +546,8 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
                         .boxed();
                     return Ok((Response::from_parts(head, empty), attempt));
                 }
-                forward::strip_hop_by_hop(response.headers_mut(), None);
+                // Hop-by-hop fields are gone already: the client
+                // (`HttpClient::send`) drops them.
                 let response = response.map(|b| {
                     Tracked::new(
                         ReadTimeout::new(b, read_timeout).with_deadline(hard),

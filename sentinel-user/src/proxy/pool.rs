@@ -31,7 +31,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderValue, Method, Request, Response, Uri,
+    HeaderValue, Method, Request, Response, StatusCode, Uri,
     header::{HOST, UPGRADE},
     uri::{Authority, Parts, Scheme},
 };
@@ -46,6 +46,7 @@ use tracing::debug;
 use super::{
     ProxyBody,
     body::BoxError,
+    forward::{self, Forwarded},
     h1::{self, ResponseBody},
 };
 
@@ -138,11 +139,13 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         parts: &http::request::Parts,
+        forwarded: &Forwarded,
         mut body: ProxyBody,
     ) -> Result<Response<Driven>, ClientError> {
         let target = self.target_of(&parts.uri);
         if parts.headers.contains_key(UPGRADE) || parts.method == Method::CONNECT {
             let mut req = Request::from_parts(parts.clone(), body);
+            forwarded.apply(req.headers_mut());
             to_http1_form(&mut req);
             return self
                 .send_detached(req, &scheme_and_authority(&parts.uri))
@@ -161,7 +164,10 @@ impl Pool {
                 }
             };
             let empty = body.is_end_stream();
-            match conn.send(parts, host.as_ref(), body).await {
+            match conn
+                .send(parts, host.as_ref(), forwarded.lines(), body)
+                .await
+            {
                 Ok(response) => {
                     let home = target.map(|t| (self.clone(), t));
                     return Ok(response.map(|body| {
@@ -209,7 +215,13 @@ impl Pool {
             }
         });
         match sender.send_request(req).await {
-            Ok(response) => Ok(response.map(Driven::detached)),
+            Ok(mut response) => {
+                // A switch keeps its handshake for the client.
+                if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    forward::strip_hop_by_hop(response.headers_mut(), None);
+                }
+                Ok(response.map(Driven::detached))
+            }
             Err(source) => Err(ClientError::Request { source }),
         }
     }

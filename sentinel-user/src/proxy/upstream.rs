@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     ProxyBody,
+    forward::{self, Forwarded},
     pool::{ClientError, Driven, Pool},
     tls,
 };
@@ -55,22 +56,30 @@ impl HttpClient {
     /// head; the body streams from the returned response.
     pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
         let (parts, body) = req.into_parts();
-        self.send(&parts, body).await
+        self.send(&parts, &Forwarded::none(), body).await
     }
 
     /// [`request`](Self::request) with the head borrowed, so that a
-    /// request retried on another target needs no copy of it.
+    /// request retried on another target needs no copy of it, and with
+    /// the forwarding fields to add. The response comes without its
+    /// hop-by-hop fields, except for a switch of protocols (101), which
+    /// keeps its handshake for the client.
     pub async fn send(
         &self,
         parts: &http::request::Parts,
+        forwarded: &Forwarded,
         body: ProxyBody,
     ) -> Result<Response<Driven>, ClientError> {
         match self {
-            HttpClient::Http1(pool) => pool.send(parts, body).await,
+            HttpClient::Http1(pool) => pool.send(parts, forwarded, body).await,
             HttpClient::Http2(client) => {
-                let req = Request::from_parts(parts.clone(), body);
+                let mut req = Request::from_parts(parts.clone(), body);
+                forwarded.apply(req.headers_mut());
                 match client.request(req).await {
-                    Ok(response) => Ok(response.map(Driven::detached)),
+                    Ok(mut response) => {
+                        forward::strip_hop_by_hop(response.headers_mut(), None);
+                        Ok(response.map(Driven::detached))
+                    }
                     Err(source) => Err(ClientError::Pooled { source }),
                 }
             }
