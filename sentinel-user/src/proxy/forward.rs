@@ -130,15 +130,17 @@ impl Forwarded {
         }
     }
 
-    /// Adds the field `name` with the concatenation of `parts` as value.
-    /// Values longer than the place a field records (64 KiB) are left out;
-    /// a head that long is refused well before.
-    fn push(&mut self, name: &'static HeaderName, parts: &[&[u8]]) {
+    /// Adds the field `name`, written `start` (its name and ": "), with
+    /// the concatenation of `parts` as value. Values longer than the place
+    /// a field records (64 KiB) are left out; a head that long is refused
+    /// well before.
+    fn push(&mut self, name: &'static HeaderName, start: &'static [u8], parts: &[&[u8]]) {
+        debug_assert_eq!(&start[..start.len() - 2], name.as_str().as_bytes());
         let before = self.lines.len();
-        self.lines.extend_from_slice(name.as_str().as_bytes());
-        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(start);
         let start = self.lines.len();
-        for part in parts {
+        // Most parts are short and many empty: each copy is a call.
+        for part in parts.iter().filter(|p| !p.is_empty()) {
             self.lines.extend_from_slice(part);
         }
         let end = self.lines.len();
@@ -208,15 +210,20 @@ pub fn forwarding(
     };
     fields.push(
         &X_FORWARDED_FOR,
+        b"x-forwarded-for: ",
         &[
             previous_for.as_deref().unwrap_or_default(),
             separator(&previous_for),
             ip_text,
         ],
     );
-    fields.push(&X_FORWARDED_PROTO, &[proto.as_bytes()]);
+    fields.push(
+        &X_FORWARDED_PROTO,
+        b"x-forwarded-proto: ",
+        &[proto.as_bytes()],
+    );
     if let Some(host) = host {
-        fields.push(&X_FORWARDED_HOST, &[host]);
+        fields.push(&X_FORWARDED_HOST, b"x-forwarded-host: ", &[host]);
     }
     // for=...;proto=...[;host="..."]; an IPv6 node is quoted and bracketed
     // (RFC 7239 §6), and a host always quoted: with a port it contains ':',
@@ -231,6 +238,7 @@ pub fn forwarding(
     };
     fields.push(
         &FORWARDED,
+        b"forwarded: ",
         &[
             previous_forwarded.as_deref().unwrap_or_default(),
             separator(&previous_forwarded),
