@@ -111,6 +111,14 @@ async fn upgraded_connections_carry_bytes_both_ways() {
         seen.header("sec-websocket-key"),
         Some("dGhlIHNhbXBsZSBub25jZQ==")
     );
+    // An upgrade goes through hyper's client, which gets the forwarding
+    // fields added to its copy of the head.
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
+    assert!(
+        seen.header("forwarded")
+            .is_some_and(|f| f.starts_with("for=127.0.0.1;proto=http"))
+    );
 
     // The upstream speaks first, then echoes.
     assert_eq!(
