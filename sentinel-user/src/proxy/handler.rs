@@ -51,7 +51,8 @@ pub async fn handle(
     let snapshot = shared.snapshot.load_full();
     let method = req.method().clone();
     let version = req.version();
-    let path = req.uri().path().to_owned();
+    // Kept past the request only for the access log.
+    let path = snapshot.access_log.then(|| req.uri().path().to_owned());
     let mut req = req;
     // hyper counts HTTP/1 header fields itself; HTTP/2 bounds only the
     // header block's size, so the count is checked here too (before the
@@ -141,7 +142,7 @@ pub async fn handle(
             listener = %conn.listener,
             client = %conn.peer.ip(),
             method = %method,
-            path = %path,
+            path = %path.as_deref().unwrap_or_default(),
             version = ?version,
             status = status.as_u16(),
             route = route_label,
