@@ -465,10 +465,23 @@ impl Recorder {
 /// A header value as text, invalid UTF-8 replaced: `String::from_utf8_lossy`
 /// with the valid case (nearly every value) checked the quick way first.
 fn lossy(value: &[u8]) -> Cow<'_, str> {
-    match std::str::from_utf8(value) {
-        Ok(text) => Cow::Borrowed(text),
-        Err(_) => String::from_utf8_lossy(value),
+    match text(value) {
+        Some(text) => Cow::Borrowed(text),
+        None => String::from_utf8_lossy(value),
     }
+}
+
+/// `bytes` as text when they are UTF-8. Captured strings are nearly all
+/// ASCII, which `is_ascii` checks a word at a time wherever the string
+/// starts; `from_utf8` checks words only from an aligned start, and went
+/// byte by byte over most of these short strings (about 3,000
+/// instructions a record, callgrind).
+fn text(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: ASCII is valid UTF-8.
+        return Some(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    std::str::from_utf8(bytes).ok()
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
@@ -793,7 +806,7 @@ impl<'a> Known<'a> {
 
 /// The first of `values`, when it is text.
 fn first_str<'a>(values: &Values<'a>) -> Option<&'a str> {
-    values.peek().and_then(|v| std::str::from_utf8(v).ok())
+    values.peek().and_then(|v| text(v))
 }
 
 /// The values of one header name.
@@ -959,7 +972,7 @@ impl<'a> Reader<'a> {
     }
 
     fn str(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.bytes()?).ok()
+        text(self.bytes()?)
     }
 
     fn ip(&mut self) -> Option<IpAddr> {
@@ -1093,6 +1106,18 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn captured_bytes_are_text_when_they_are_utf8() {
+        for valid in ["", "GET", "/a?b=c d", "Mozilla/5.0 (X11)", "naïve ☃ /ü"] {
+            assert_eq!(text(valid.as_bytes()), Some(valid));
+            assert_eq!(lossy(valid.as_bytes()), valid);
+        }
+        for invalid in [&b"\xff"[..], b"abc\xc3", b"\xed\xa0\x80 surrogate"] {
+            assert_eq!(text(invalid), None);
+            assert_eq!(lossy(invalid), String::from_utf8_lossy(invalid));
+        }
     }
 
     #[test]
