@@ -61,11 +61,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) 
         let first = values.next();
         let rest: Vec<HeaderValue> = values.collect();
         for value in first.iter().chain(&rest) {
-            let Ok(value) = value.to_str() else { continue };
-            for name in value.split(',').map(str::trim) {
-                // An invalid name finds nothing and removes nothing.
-                headers.remove(name);
-            }
+            remove_named(headers, value.as_bytes());
         }
     }
     for (i, name) in hop.iter().enumerate() {
@@ -76,6 +72,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: Option<&HeaderValue>) 
     if let Some(protocol) = upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(UPGRADE, protocol.clone());
+    }
+}
+
+/// Removes every field a `Connection` value names.
+pub fn remove_named(headers: &mut HeaderMap, connection: &[u8]) {
+    for name in connection.split(|&b| b == b',') {
+        if let Ok(name) = std::str::from_utf8(name.trim_ascii()) {
+            // An invalid name finds nothing and removes nothing.
+            headers.remove(name);
+        }
     }
 }
 

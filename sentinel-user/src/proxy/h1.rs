@@ -470,12 +470,13 @@ fn lists(value: &[u8], token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Whether a `Connection` value names a field to drop: a token other
-/// than `close` and `keep-alive`.
+/// Whether a `Connection` value may name a field to drop: a token other
+/// than `keep-alive`, itself hop-by-hop (`close` too, as
+/// `forward::strip_hop_by_hop` treats it).
 fn names_more(value: &[u8]) -> bool {
     value.split(|&b| b == b',').any(|t| {
         let t = t.trim_ascii();
-        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive")
     })
 }
 
@@ -538,8 +539,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     let mut chunked = None;
     let mut length: Option<u64> = None;
     let mut bad_length = false;
-    // `Connection` values that name more fields to drop than `close` and
-    // `keep-alive` (rare).
+    // `Connection` values that may name fields to drop (not the usual
+    // `keep-alive`).
     let mut named = Vec::new();
     for place in &places[..count] {
         // SAFETY: the loop above wrote the first `count` places.
@@ -583,12 +584,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         map.append(name, value);
     }
     for value in named {
-        for token in head[value].split(|&b| b == b',') {
-            if let Ok(token) = std::str::from_utf8(token.trim_ascii()) {
-                // An invalid name finds nothing and removes nothing.
-                map.remove(token);
-            }
-        }
+        forward::remove_named(&mut map, &head[value]);
     }
 
     let no_body = head_only || matches!(code, 204 | 304);
@@ -977,7 +973,16 @@ mod tests {
         // connection.
         assert_eq!(decoder, Decoder::Chunked(Chunk::Size));
         assert!(keep_alive);
-        assert!(names_more(b"close, x-a") && !names_more(b" Close , keep-alive,"));
+        assert!(names_more(b"close") && !names_more(b" Keep-Alive ,"));
+        // A field named by `Connection: close` goes too, as
+        // `forward::strip_hop_by_hop` drops it from hyper's responses.
+        let mut buf =
+            BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\n\r\n"[..]);
+        let Ok(Parsed::Head((response, _, keep_alive))) = parse_head(&mut buf, false) else {
+            panic!("a head");
+        };
+        assert!(response.headers().is_empty());
+        assert!(!keep_alive);
     }
 
     #[test]
