@@ -1,5 +1,6 @@
-//! A direct reader for the one message an agent gets most: a
-//! `request_headers` envelope as the proxy writes it.
+//! Direct readers for the messages each side gets most: a
+//! `request_headers` envelope as the proxy writes it, for an agent, and an
+//! `allow` answer with header operations, for the proxy.
 //!
 //! serde_json spends most of its time per string on its general machinery
 //! (visitors, escape handling, the scratch buffer); a `request_headers`
@@ -15,7 +16,8 @@
 //! every text they have and on every mutation of them.
 
 use crate::{
-    AgentRequest, Event, Headers, RequestHeadersEvent, RequestMetadata, json::first_special,
+    AgentRequest, AgentResponse, Event, HeaderOp, Headers, RequestHeadersEvent, RequestMetadata,
+    json::first_special,
 };
 
 /// `Some` when `text` is a `request_headers` envelope in the common shape;
@@ -352,4 +354,175 @@ fn strings(cur: &mut Cursor, values: &mut Vec<String>) -> Option<()> {
     }
     values.truncate(n);
     Some(())
+}
+
+/// `Some` when `text` is an answer in the common shape: `version`, `id`,
+/// `decision` as the string `"allow"`, and `request_headers` and
+/// `response_headers` of plain `set`, `add` and `remove` operations. The
+/// answer is not validated (as serde's parse does not validate it).
+pub(crate) fn response(text: &str) -> Option<AgentResponse> {
+    let mut cur = Cursor {
+        text,
+        bytes: text.as_bytes(),
+        at: 0,
+    };
+    let mut answer = AgentResponse::default();
+    let mut seen = 0;
+    cur.object(|cur, key| match key {
+        "version" => {
+            first(&mut seen, 0)?;
+            answer.version = cur.uint(u64::from(u32::MAX))? as u32;
+            Some(())
+        }
+        "id" => {
+            first(&mut seen, 1)?;
+            answer.id = if cur.null() {
+                None
+            } else {
+                Some(cur.uint(u64::MAX)?)
+            };
+            Some(())
+        }
+        "decision" => {
+            first(&mut seen, 2)?;
+            (cur.str()? == "allow").then_some(())
+        }
+        "request_headers" => {
+            first(&mut seen, 3)?;
+            header_ops(cur, &mut answer.request_headers)
+        }
+        "response_headers" => {
+            first(&mut seen, 4)?;
+            header_ops(cur, &mut answer.response_headers)
+        }
+        _ => None,
+    })?;
+    // serde requires the version.
+    (seen & 1 == 1 && cur.end()).then_some(answer)
+}
+
+fn header_ops(cur: &mut Cursor, ops: &mut Vec<HeaderOp>) -> Option<()> {
+    cur.eat(b'[')?;
+    if cur.eat(b']').is_some() {
+        return Some(());
+    }
+    loop {
+        ops.push(header_op(cur)?);
+        match cur.peek()? {
+            b',' => cur.at += 1,
+            b']' => {
+                cur.at += 1;
+                return Some(());
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// `{"set": {"name": ..., "value": ...}}` and its kin, each field once.
+fn header_op(cur: &mut Cursor) -> Option<HeaderOp> {
+    let mut op = None;
+    cur.object(|cur, kind| {
+        if op.is_some() {
+            return None;
+        }
+        let with_value = match kind {
+            "set" | "add" => true,
+            "remove" => false,
+            _ => return None,
+        };
+        let (mut name, mut value, mut seen) = ("", "", 0);
+        cur.object(|cur, field| match field {
+            "name" => {
+                first(&mut seen, 0)?;
+                name = cur.str()?;
+                Some(())
+            }
+            "value" if with_value => {
+                first(&mut seen, 1)?;
+                value = cur.str()?;
+                Some(())
+            }
+            _ => None,
+        })?;
+        let (name, value) = (name.to_owned(), value.to_owned());
+        op = Some(match kind {
+            "set" if seen == 3 => HeaderOp::Set { name, value },
+            "add" if seen == 3 => HeaderOp::Add { name, value },
+            "remove" if seen == 1 => HeaderOp::Remove { name },
+            _ => return None,
+        });
+        Some(())
+    })?;
+    op
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers in the direct reader's shape.
+    const COMMON: [&str; 5] = [
+        r#"{"version":1,"id":123456,"decision":"allow","request_headers":[{"set":{"name":"X-Agent-Processed","value":"true"}}]}"#,
+        r#"{"version":1}"#,
+        r#"{ "version" : 1 , "decision" : "allow" , "id" : null }"#,
+        r#"{"version":1,"request_headers":[],"response_headers":[{"add":{"name":"a","value":"1"}},{"remove":{"name":"b"}},{"set":{"value":"v","name":"c"}}]}"#,
+        r#"{"id":0,"version":2,"response_headers":[{"remove":{"name":""}}]}"#,
+    ];
+
+    /// Answers serde must read: other decisions, escapes, unknown fields.
+    const OTHERS: [&str; 6] = [
+        r#"{"version":1,"decision":{"block":{"status":403}}}"#,
+        r#"{"version":1,"decision":"block"}"#,
+        r#"{"version":1,"request_headers":[{"set":{"name":"a\"b","value":"1"}}]}"#,
+        r#"{"version":1,"audit":{"tags":["t"]}}"#,
+        r#"{"version":1,"request_headers":[{"set":{"name":"a","value":"1","extra":2}}]}"#,
+        r#"{"decision":"allow"}"#,
+    ];
+
+    fn serde(text: &str) -> Option<AgentResponse> {
+        serde_json::from_str(text).ok()
+    }
+
+    #[test]
+    fn the_common_answers_are_read_directly_as_serde_reads_them() {
+        for text in COMMON {
+            let fast = response(text).unwrap_or_else(|| panic!("not read directly: {text}"));
+            assert_eq!(Some(fast), serde(text), "{text}");
+        }
+        for text in OTHERS {
+            assert_eq!(response(text), None, "{text}");
+        }
+    }
+
+    /// Whatever the direct reader accepts, serde reads the same: checked
+    /// on every truncation and on many one-byte changes of every answer.
+    #[test]
+    fn the_direct_reader_never_disagrees_with_serde() {
+        let check = |text: &str| {
+            if let Some(fast) = response(text) {
+                assert_eq!(Some(fast), serde(text), "{text:?}");
+            }
+        };
+        for text in COMMON.iter().chain(&OTHERS) {
+            for end in 0..text.len() {
+                check(&text[..end]);
+            }
+            let bytes = text.as_bytes();
+            for at in 0..bytes.len() {
+                for b in *b"\"\\,:{}[]0 9-.eanx\x01" {
+                    let mut changed = bytes.to_vec();
+                    changed[at] = b;
+                    if let Ok(changed) = std::str::from_utf8(&changed) {
+                        check(changed);
+                    }
+                    let mut inserted = bytes.to_vec();
+                    inserted.insert(at, b);
+                    if let Ok(inserted) = std::str::from_utf8(&inserted) {
+                        check(inserted);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -140,13 +140,23 @@ impl AgentResponse {
 
     /// Parses a JSON answer and checks its version and decision.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        let response: AgentResponse = match std::str::from_utf8(bytes) {
-            // One pass over the bytes for UTF-8 rather than one per string.
-            Ok(text) => serde_json::from_str(text)?,
-            Err(_) => serde_json::from_slice(bytes)?,
-        };
+        let response = Self::parse(bytes)?;
         response.validate()?;
         Ok(response)
+    }
+
+    /// Parses a JSON answer without [`validate`](Self::validate)'s checks.
+    /// The common answer (`allow` with header operations) is read
+    /// directly; anything else by serde, with the same result.
+    pub fn parse(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        match std::str::from_utf8(bytes) {
+            // One pass over the bytes for UTF-8 rather than one per string.
+            Ok(text) => match fast::response(text) {
+                Some(response) => Ok(response),
+                None => serde_json::from_str(text),
+            },
+            Err(_) => serde_json::from_slice(bytes),
+        }
     }
 
     /// Checks what JSON's types cannot: the version, and that a decision's
