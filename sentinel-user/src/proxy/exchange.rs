@@ -27,7 +27,7 @@ use pin_project_lite::pin_project;
 use sentinel_agent_protocol::RequestMetadata;
 
 use super::{
-    BoxError, ProxyBody, Snapshot,
+    BoxError, ProxyBody, Snapshot, forward,
     listener::ConnInfo,
     record::{Ending, Pending},
     router::Route,
@@ -87,10 +87,29 @@ pub fn begin(
         super::router::Action::Forward(u) => Some(u.name.clone()),
         super::router::Action::Respond(_) => None,
     };
+    // Written without `fmt`: its machinery was a third of this
+    // function's work.
+    let correlation_id = {
+        let mut buf = uuid::Uuid::encode_buffer();
+        uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut buf)
+            .to_owned()
+    };
+    let client_ip = {
+        let mut text = forward::IpText::new();
+        text.write(client);
+        text.as_str().to_owned()
+    };
+    let timestamp = {
+        let mut text = Vec::with_capacity(24);
+        super::record::rfc3339_millis(&mut text, std::time::SystemTime::now());
+        String::from_utf8(text).unwrap_or_default()
+    };
     let metadata = RequestMetadata {
-        correlation_id: uuid::Uuid::new_v4().to_string(),
+        correlation_id,
         request_id: request_id.to_str().unwrap_or_default().to_owned(),
-        client_ip: client.to_string(),
+        client_ip,
         client_port: conn.peer.port(),
         server_name: super::router::request_host(parts).map(Cow::into_owned),
         protocol: protocol(parts.version).to_owned(),
@@ -98,7 +117,7 @@ pub fn begin(
         route_id: Some(route.name.clone()),
         upstream_id: upstream,
         listener: Some(conn.listener.to_string()),
-        timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        timestamp,
     };
     let target = parts
         .uri

@@ -338,6 +338,11 @@ impl IpText {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Digits, dots, colons and hex letters only.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
 }
 
 /// Hosts come from the client: only plain host[:port] characters are

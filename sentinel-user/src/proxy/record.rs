@@ -497,9 +497,17 @@ fn address(out: &mut Vec<u8>, ip: IpAddr) {
     out.push(b'"');
 }
 
-/// `created` as a JSON string, RFC 3339 in UTC with milliseconds. The
-/// date and time to the second are formatted once per second per thread.
+/// `created` as a JSON string, RFC 3339 in UTC with milliseconds.
 fn timestamp(out: &mut Vec<u8>, created: SystemTime) {
+    out.push(b'"');
+    rfc3339_millis(out, created);
+    out.push(b'"');
+}
+
+/// `created` in RFC 3339, UTC, with milliseconds (`humantime`'s
+/// `format_rfc3339_millis`). The date and time to the second are
+/// formatted once per second per thread.
+pub(crate) fn rfc3339_millis(out: &mut Vec<u8>, created: SystemTime) {
     thread_local! {
         static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
     }
@@ -517,13 +525,12 @@ fn timestamp(out: &mut Vec<u8>, created: SystemTime) {
                 SECOND.set((secs, text));
             }
             _ => {
-                let _ = write!(out, "\"{}\"", humantime::format_rfc3339_millis(created));
+                let _ = write!(out, "{}", humantime::format_rfc3339_millis(created));
                 return;
             }
         }
     }
     let millis = since.subsec_millis();
-    out.push(b'"');
     out.extend_from_slice(&text);
     out.extend_from_slice(&[
         b'.',
@@ -531,7 +538,6 @@ fn timestamp(out: &mut Vec<u8>, created: SystemTime) {
         b'0' + (millis / 10 % 10) as u8,
         b'0' + (millis % 10) as u8,
         b'Z',
-        b'"',
     ]);
 }
 
