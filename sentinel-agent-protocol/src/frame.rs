@@ -196,6 +196,28 @@ impl<W: AsyncWrite + Unpin> SharedWriter<W> {
         encode_json_into(&mut self.queued(), value)
     }
 
+    /// [`queue_json`](SharedWriter::queue_json) for an answer, written
+    /// directly when it is a common one ([`crate::json::write_response`]).
+    pub fn queue_response(&self, response: &crate::AgentResponse) -> Result<(), FrameError> {
+        let mut queued = self.queued();
+        let start = queued.len();
+        queued.extend_from_slice(&[0; 4]);
+        if let Err(e) = crate::json::write_response(&mut queued, response) {
+            queued.truncate(start);
+            return Err(FrameError::Io(e.into()));
+        }
+        let len = queued.len() - start - 4;
+        if len > MAX_MESSAGE_SIZE {
+            queued.truncate(start);
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_MESSAGE_SIZE,
+            });
+        }
+        queued[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+
     /// Writes what is queued unless another caller is writing, in which
     /// case that caller writes it.
     pub async fn write_queued(&self) -> std::io::Result<()> {

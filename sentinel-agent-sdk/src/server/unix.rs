@@ -319,7 +319,7 @@ async fn answer<A: Agent>(
     response.id = request.id;
     // Serialized straight into the queue of frames to write.
     answers
-        .queue_json(&response)
+        .queue_response(&response)
         .map_err(|e| format!("the answer to {event} cannot be sent: {e}"))?;
     answers
         .write_queued()
