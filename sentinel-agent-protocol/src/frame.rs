@@ -68,6 +68,103 @@ pub async fn read_frame_into<R: AsyncRead + Unpin>(
     Ok(true)
 }
 
+/// Frames read from a stream in whatever pieces it delivers them, for a
+/// reader that may stop between any two polls and resume later, or in
+/// another task: what has arrived stays here, never in a future. Frame
+/// lengths over the limit are refused before room is made for them.
+pub struct FrameBuffer {
+    /// Initialized bytes; `start..end` are read and not yet taken.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max: usize,
+}
+
+/// Room a read asks for at least.
+const READ_ROOM: usize = 8 * 1024;
+
+impl FrameBuffer {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            max,
+        }
+    }
+
+    /// The length the next frame announces, when its prefix has arrived.
+    fn announced(&self) -> Result<Option<usize>, FrameError> {
+        let Some(prefix) = self.buf.get(self.start..self.start + 4) else {
+            return Ok(None);
+        };
+        if self.end - self.start < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        Ok(Some(len))
+    }
+
+    /// The next whole frame's bytes, if it has arrived; taken from the
+    /// buffer.
+    pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {
+        let Some(len) = self.announced()? else {
+            return Ok(None);
+        };
+        let at = self.start + 4;
+        if self.end - at < len {
+            return Ok(None);
+        }
+        self.start = at + len;
+        Ok(Some(&self.buf[at..at + len]))
+    }
+
+    /// Reads what the stream has into the buffer: `Ready(Ok(n))` with the
+    /// bytes read, `Ready(Ok(0))` at the end of the stream between frames,
+    /// [`FrameError::Truncated`] at its end inside one.
+    pub fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<usize, FrameError>> {
+        use std::task::Poll;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        // A frame whose length is known gets room for all of it at once.
+        let want = match self.announced()? {
+            Some(len) => (4 + len).saturating_sub(self.end - self.start),
+            None => 4,
+        }
+        .max(READ_ROOM);
+        if self.buf.len() - self.end < want {
+            // Moved to the front first, so the buffer grows only for a
+            // frame larger than it.
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+            if self.buf.len() - self.end < want {
+                self.buf.resize(self.end + want, 0);
+            }
+        }
+        let mut room = tokio::io::ReadBuf::new(&mut self.buf[self.end..]);
+        match std::pin::Pin::new(reader).poll_read(cx, &mut room) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(FrameError::Io(e))),
+            Poll::Ready(Ok(())) => {
+                let n = room.filled().len();
+                self.end += n;
+                if n == 0 && self.start != self.end {
+                    return Poll::Ready(Err(FrameError::Truncated));
+                }
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+}
+
 /// The frame of `json`: its length prefix and the bytes, in one buffer so
 /// that one write puts it on the socket.
 pub fn encode(json: &[u8]) -> Result<Vec<u8>, FrameError> {
@@ -274,6 +371,81 @@ impl<W: AsyncWrite + Unpin> SharedWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every frame of `wire`, read through a [`FrameBuffer`] from a stream
+    /// that delivers `piece` bytes at a time, and how the stream ended.
+    async fn frames_of(wire: &[u8], piece: usize, max: usize) -> (Vec<Vec<u8>>, FrameError) {
+        let (mut tx, mut rx) = tokio::io::duplex(piece);
+        let wire = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(piece) {
+                tx.write_all(chunk).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut buffer = FrameBuffer::new(max);
+        let mut frames = Vec::new();
+        let end = loop {
+            match buffer.next_frame() {
+                Ok(Some(frame)) => {
+                    frames.push(frame.to_vec());
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => break e,
+            }
+            match std::future::poll_fn(|cx| buffer.poll_fill(&mut rx, cx)).await {
+                Ok(0) => break FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        writer.await.unwrap();
+        (frames, end)
+    }
+
+    #[tokio::test]
+    async fn a_frame_buffer_reads_frames_in_any_pieces() {
+        let payloads: Vec<Vec<u8>> = vec![
+            b"{}".to_vec(),
+            Vec::new(),
+            vec![b'x'; 20_000],
+            b"[1,2,3]".to_vec(),
+        ];
+        let mut wire = Vec::new();
+        for p in &payloads {
+            wire.extend_from_slice(&(p.len() as u32).to_be_bytes());
+            wire.extend_from_slice(p);
+        }
+        for piece in [1, 3, 4, 5, 4096, 100_000] {
+            let (frames, end) = frames_of(&wire, piece, MAX_MESSAGE_SIZE).await;
+            assert_eq!(frames, payloads, "pieces of {piece}");
+            assert!(
+                matches!(&end, FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+                "a clean end between frames, pieces of {piece}: {end:?}"
+            );
+        }
+        // Cut inside a prefix and inside a payload.
+        for cut in [wire.len() - 3, wire.len() - 9] {
+            let (_, end) = frames_of(&wire[..cut], 7, MAX_MESSAGE_SIZE).await;
+            assert!(matches!(end, FrameError::Truncated), "{end:?}");
+        }
+        // A length over the limit is refused once its prefix is in.
+        let mut big = wire.clone();
+        big.extend_from_slice(&(1_000_000u32).to_be_bytes());
+        let (frames, end) = frames_of(&big, 2, 50_000).await;
+        assert_eq!(frames, payloads);
+        assert!(
+            matches!(
+                end,
+                FrameError::TooLarge {
+                    len: 1_000_000,
+                    max: 50_000
+                }
+            ),
+            "{end:?}"
+        );
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_end_cleanly() {
