@@ -196,9 +196,13 @@ impl Agent {
         };
         let started = std::time::Instant::now();
         let result = tokio::time::timeout(timeout, async {
-            let _slot = self.slots.acquire().await.map_err(|_| AgentError::Closed {
-                reason: "the agent is shutting down".to_owned(),
-            })?;
+            // A free slot is the rule; waiting for one, the exception.
+            let _slot = match self.slots.try_acquire() {
+                Ok(slot) => slot,
+                Err(_) => self.slots.acquire().await.map_err(|_| AgentError::Closed {
+                    reason: "the agent is shutting down".to_owned(),
+                })?,
+            };
             match &self.transport {
                 Transport::Uds(t) => t.send(outgoing).await,
                 Transport::Grpc(t) => t.send(outgoing.into_request()).await,

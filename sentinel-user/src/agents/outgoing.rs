@@ -157,7 +157,10 @@ fn headers(out: &mut Vec<u8>, map: &HeaderMap) {
             if j > 0 {
                 out.push(b',');
             }
-            string(out, &String::from_utf8_lossy(value.as_bytes()));
+            match value.to_str() {
+                Ok(text) => string(out, text),
+                Err(_) => string(out, &String::from_utf8_lossy(value.as_bytes())),
+            }
         }
         out.push(b']');
     }
@@ -165,8 +168,7 @@ fn headers(out: &mut Vec<u8>, map: &HeaderMap) {
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
-    // Writing to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, &n);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn string(out: &mut Vec<u8>, s: &str) {
