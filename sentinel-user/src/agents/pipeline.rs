@@ -251,6 +251,37 @@ pub fn unavailable() -> Response<ProxyBody> {
     r
 }
 
+thread_local! {
+    /// Metadata of finished exchanges, whose strings the next ones on this
+    /// thread are written into.
+    static SPARE_METADATA: std::cell::RefCell<Vec<RequestMetadata>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How many spare metadata a thread keeps.
+const SPARE_METADATA_KEPT: usize = 64;
+
+/// A metadata to fill for a new exchange: a finished one's, when this
+/// thread has one.
+pub fn spare_metadata() -> RequestMetadata {
+    SPARE_METADATA.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Keeps `metadata`'s strings for a later exchange on this thread.
+fn give_back_metadata(metadata: RequestMetadata) {
+    SPARE_METADATA.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_METADATA_KEPT {
+            spare.push(metadata);
+        }
+    });
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        give_back_metadata(std::mem::take(&mut self.metadata));
+    }
+}
+
 impl Exchange {
     pub fn new(
         agents: Arc<RouteAgents>,

@@ -505,9 +505,32 @@ fn timestamp(out: &mut Vec<u8>, created: SystemTime) {
 }
 
 /// `created` in RFC 3339, UTC, with milliseconds (`humantime`'s
-/// `format_rfc3339_millis`). The date and time to the second are
-/// formatted once per second per thread.
+/// `format_rfc3339_millis`).
 pub(crate) fn rfc3339_millis(out: &mut Vec<u8>, created: SystemTime) {
+    match rfc3339_millis_text(created) {
+        Some(text) => out.extend_from_slice(&text),
+        None => {
+            let _ = write!(out, "{}", humantime::format_rfc3339_millis(created));
+        }
+    }
+}
+
+/// [`rfc3339_millis`] into a `String`.
+pub(crate) fn rfc3339_millis_string(out: &mut String, created: SystemTime) {
+    match rfc3339_millis_text(created) {
+        // ASCII digits and punctuation.
+        Some(text) => out.push_str(std::str::from_utf8(&text).unwrap_or_default()),
+        None => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{}", humantime::format_rfc3339_millis(created));
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, the date and time to the second formatted
+/// once per second per thread; `None` past the year 9999, left to
+/// humantime.
+fn rfc3339_millis_text(created: SystemTime) -> Option<[u8; 24]> {
     thread_local! {
         static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
     }
@@ -515,30 +538,27 @@ pub(crate) fn rfc3339_millis(out: &mut Vec<u8>, created: SystemTime) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     let secs = since.as_secs();
-    let (cached, mut text) = SECOND.get();
+    let (cached, mut head) = SECOND.get();
     if cached != secs {
         let full = humantime::format_rfc3339_seconds(created).to_string();
-        // `YYYY-MM-DDTHH:MM:SSZ`; a year past 9999 is left to humantime.
-        match full.as_bytes().get(..19) {
-            Some(head) if full.len() == 20 => {
-                text.copy_from_slice(head);
-                SECOND.set((secs, text));
-            }
-            _ => {
-                let _ = write!(out, "{}", humantime::format_rfc3339_millis(created));
-                return;
-            }
+        // `YYYY-MM-DDTHH:MM:SSZ`.
+        if full.len() != 20 {
+            return None;
         }
+        head.copy_from_slice(full.as_bytes().get(..19)?);
+        SECOND.set((secs, head));
     }
     let millis = since.subsec_millis();
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&[
+    let mut text = [0; 24];
+    text[..19].copy_from_slice(&head);
+    text[19..].copy_from_slice(&[
         b'.',
         b'0' + (millis / 100) as u8,
         b'0' + (millis / 10 % 10) as u8,
         b'0' + (millis % 10) as u8,
         b'Z',
     ]);
+    Some(text)
 }
 
 fn host_name() -> String {
