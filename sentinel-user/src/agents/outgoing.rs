@@ -144,10 +144,21 @@ fn optional(out: &mut Vec<u8>, key: &[u8], value: &Option<String>) {
 /// Names in order, each with its values in arrival order, non-UTF-8
 /// bytes replaced: what the protocol's `Headers` map writes.
 fn headers(out: &mut Vec<u8>, map: &HeaderMap) {
-    let mut names: Vec<&http::HeaderName> = map.keys().collect();
-    names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    // On the stack for the usual few names.
+    let mut few: [Option<&http::HeaderName>; 32] = [None; 32];
+    let mut many = Vec::new();
+    let names: &mut [Option<&http::HeaderName>] = if map.keys_len() <= few.len() {
+        for (slot, name) in few.iter_mut().zip(map.keys()) {
+            *slot = Some(name);
+        }
+        &mut few[..map.keys_len()]
+    } else {
+        many.extend(map.keys().map(Some));
+        &mut many
+    };
+    names.sort_unstable_by(|a, b| a.map(|n| n.as_str()).cmp(&b.map(|n| n.as_str())));
     out.push(b'{');
-    for (i, name) in names.into_iter().enumerate() {
+    for (i, &name) in names.iter().flatten().enumerate() {
         if i > 0 {
             out.push(b',');
         }

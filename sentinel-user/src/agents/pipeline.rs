@@ -190,7 +190,7 @@ fn protected(name: &HeaderName) -> bool {
 /// skipped with a warning.
 pub fn apply_ops(headers: &mut HeaderMap, ops: &[HeaderOp], agent: &str) {
     let parse = |name: &str| -> Option<HeaderName> {
-        match HeaderName::from_bytes(name.as_bytes()) {
+        match header_name(name) {
             Ok(n) if protected(&n) => {
                 warn!(agent, header = %n, "agent may not change this header; ignored");
                 None
@@ -230,6 +230,29 @@ pub fn apply_ops(headers: &mut HeaderMap, ops: &[HeaderOp], agent: &str) {
             headers.append(n, v);
         }
     }
+}
+
+/// `name` as a header name. Agents name the same few headers call after
+/// call, most in mixed case (which `HeaderName::from_bytes` lowercases into
+/// a new allocation): the names a thread parsed last are kept, by the text
+/// the agent sent.
+fn header_name(name: &str) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    const KEPT: usize = 16;
+    thread_local! {
+        static RECENT: std::cell::RefCell<Vec<(Box<str>, HeaderName)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    RECENT.with_borrow_mut(|recent| {
+        if let Some((_, parsed)) = recent.iter().find(|(text, _)| **text == *name) {
+            return Ok(parsed.clone());
+        }
+        let parsed = HeaderName::from_bytes(name.as_bytes())?;
+        if recent.len() == KEPT {
+            recent.remove(0);
+        }
+        recent.push((name.into(), parsed.clone()));
+        Ok(parsed)
+    })
 }
 
 fn full(body: impl Into<Bytes>) -> ProxyBody {
@@ -391,12 +414,12 @@ impl Exchange {
         filter: &Filter,
         answer: &AgentResponse,
     ) -> Option<Response<ProxyBody>> {
-        let agent = filter.agent.name().to_owned();
+        let agent = filter.agent.name();
         if let Some(push) = &answer.kernel_push {
             kernel_push::apply(
                 self.context.kernel.clone(),
                 &self.context.metrics,
-                &agent,
+                agent,
                 filter.agent.config.kernel_push.as_ref(),
                 push,
                 self.client,
@@ -407,7 +430,7 @@ impl Exchange {
         if let Some(audit) = &answer.audit
             && !audit.is_empty()
         {
-            self.state().audits.push((agent.clone(), audit.clone()));
+            self.state().audits.push((agent.to_owned(), audit.clone()));
         }
         match &answer.decision {
             Decision::Allow => None,
@@ -416,14 +439,14 @@ impl Exchange {
             {
                 debug!(agent, "challenge already passed");
                 self.state().decisions.push(DecisionRecord {
-                    agent,
+                    agent: agent.to_owned(),
                     decision: "challenge_passed".to_owned(),
                     enforced: false,
                 });
                 None
             }
             decision => {
-                self.record(&agent, decision, self.enforce);
+                self.record(agent, decision, self.enforce);
                 if self.enforce {
                     info!(
                         agent,
