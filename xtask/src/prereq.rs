@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use crate::{is_root, run, step};
 
 /// (command that proves the package is there, Debian package).
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 
 /// What `cargo xtask bench xdp` compares against.
 pub const BENCH_XDP_PACKAGES: &[(&str, &str)] = &[
