@@ -357,3 +357,49 @@ async fn metrics_and_json_access_log() {
     assert_eq!(lines[0]["upstream"], "backend");
     assert_eq!(lines[0]["upstream_target"], app.target());
 }
+
+/// A client that goes away while its request waits on the upstream has
+/// that request cancelled, its upstream connection closed, rather than
+/// left running to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_request_cancels_the_upstream_request() {
+    if skip() {
+        return;
+    }
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        "",
+    ));
+    let addr = daemon.listener("http");
+    for how in ["close", "half-close"] {
+        let mut client = Raw::connect(addr).await;
+        client
+            .send(b"GET /slow?sleep_ms=10000 HTTP/1.1\r\nHost: test.local\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        eventually(
+            &daemon,
+            Duration::from_secs(5),
+            "the slow request to arrive",
+            || app.in_flight() == 1,
+        )
+        .await;
+        if how == "close" {
+            drop(client);
+        } else {
+            client.shut_write().await;
+        }
+        eventually(
+            &daemon,
+            Duration::from_secs(3),
+            &format!("the upstream request to end after the client's {how}"),
+            || app.in_flight() == 0,
+        )
+        .await;
+    }
+    // The proxy goes on serving.
+    assert_eq!(get(addr, "/x").await.status, 200);
+}

@@ -54,6 +54,15 @@ impl Raw {
         self.stream.flush().await
     }
 
+    /// Closes the sending side (a TCP FIN), leaving the connection open to
+    /// read.
+    pub async fn shut_write(&mut self) {
+        self.stream
+            .shutdown()
+            .await
+            .unwrap_or_else(|e| panic!("cannot shut the connection's sending side: {e}"));
+    }
+
     /// Reads more into the buffer; `false` on EOF, reset or timeout.
     async fn fill(&mut self, until: Instant) -> bool {
         let mut chunk = [0u8; 16 * 1024];
