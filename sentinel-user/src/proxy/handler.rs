@@ -146,10 +146,10 @@ pub async fn handle(
             version = ?version,
             status = status.as_u16(),
             route = route_label,
-            upstream = attempt.upstream.as_deref().unwrap_or("-"),
+            upstream = attempt.upstream_name().unwrap_or("-"),
             // Not `target`: JSON log lines carry the event's target under
             // that key already, and one of the two would be lost.
-            upstream_target = attempt.target.as_deref().unwrap_or("-"),
+            upstream_target = attempt.target_address().unwrap_or("-"),
             attempts = attempt.count,
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or("-"),
@@ -186,15 +186,58 @@ struct Dispatched {
     record: Option<Pending>,
 }
 
-/// What the access log says about where a request went.
+/// What the access log says about where a request went: the upstream and
+/// the index of its last target tried, named only if the log is written.
 #[derive(Default)]
 struct Attempt {
-    upstream: Option<String>,
-    target: Option<String>,
+    upstream: Option<Arc<Upstream>>,
+    target: Option<usize>,
     count: u32,
 }
 
+impl Attempt {
+    fn upstream_name(&self) -> Option<&str> {
+        self.upstream.as_ref().map(|u| u.name.as_str())
+    }
+
+    fn target_address(&self) -> Option<&str> {
+        let (upstream, index) = (self.upstream.as_ref()?, self.target?);
+        upstream.targets.get(index).map(|t| t.address.as_str())
+    }
+}
+
 type Outcome = Result<(Response<ProxyBody>, Attempt), (ProxyError, Attempt)>;
+
+/// The targets an exchange has tried, in order: inline for up to eight
+/// attempts (one, and a retry or two, nearly always), in a vector beyond.
+#[derive(Default)]
+struct Tried {
+    inline: [usize; 8],
+    len: usize,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    fn push(&mut self, index: usize) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = index;
+            self.len += 1;
+            return;
+        }
+        if self.more.is_empty() {
+            self.more.extend_from_slice(&self.inline);
+        }
+        self.more.push(index);
+    }
+
+    fn as_slice(&self) -> &[usize] {
+        if self.more.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.more
+        }
+    }
+}
 
 async fn dispatch(
     req: Request<Incoming>,
@@ -347,7 +390,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         record,
     } = fwd;
     let mut attempt = Attempt {
-        upstream: Some(upstream.name.clone()),
+        upstream: Some(upstream.clone()),
         ..Attempt::default()
     };
     // A body announced over the limit is refused before it is read; with
@@ -452,17 +495,18 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     let forwarded = forward::forwarding(&mut parts.headers, conn.peer, conn.scheme, forwarded_host);
     let path_and_query = parts.uri.path_and_query().cloned();
     let read_timeout = upstream.config.timeouts.read;
-    let mut tried: Vec<usize> = Vec::new();
+    // The targets tried, on the stack for the usual few attempts.
+    let mut tried = Tried::default();
     let mut last_error = None;
 
     for _ in 0..=retries {
-        let Some(index) = upstream.pick(&tried) else {
+        let Some(index) = upstream.pick(tried.as_slice()) else {
             break;
         };
         tried.push(index);
         attempt.count += 1;
         let target = &upstream.targets[index];
-        attempt.target = Some(target.address.clone());
+        attempt.target = Some(index);
         let uri: Uri = match target.uri_for(path_and_query.as_ref()) {
             Ok(uri) => uri,
             Err(e) => {
@@ -722,5 +766,21 @@ fn log_error(error: &ProxyError, conn: &ConnInfo, route: Option<&Route>) {
             debug!(client = %conn.peer, route, error = %errors::chain(error), "request refused")
         }
         _ => warn!(client = %conn.peer, route, error = %errors::chain(error), "request failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tried;
+
+    #[test]
+    fn tried_targets_keep_their_order_past_the_inline_ones() {
+        let mut tried = Tried::default();
+        assert!(tried.as_slice().is_empty());
+        for i in 0..20 {
+            tried.push(i * 3);
+            let expected: Vec<usize> = (0..=i).map(|k| k * 3).collect();
+            assert_eq!(tried.as_slice(), expected.as_slice());
+        }
     }
 }
