@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use sentinel_tests::http::{Upstream, body, empty, exchange, fetch, get};
 
-use super::{blocks, listener, route, skip, start, targets, upstream};
+use super::{app_behind, blocks, listener, route, skip, start, targets, upstream};
 
 fn is_uuid(id: &str) -> bool {
     let groups: Vec<&str> = id.split('-').collect();
@@ -20,13 +20,7 @@ async fn forwarding_headers_request_ids_and_hop_by_hop() {
     if skip() {
         return;
     }
-    let app = Upstream::start("app").await;
-    let daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "",
-    ));
+    let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
 
     // A GET without a request id, with every kind of hop-by-hop header.

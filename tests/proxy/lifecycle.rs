@@ -9,7 +9,9 @@ use sentinel_tests::{
 };
 use serde_json::Value;
 
-use super::{blocks, eventually, listener, metric, route, skip, start, targets, upstream};
+use super::{
+    app_behind, blocks, eventually, listener, metric, route, skip, start, targets, upstream,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_switches_routes_and_listeners_without_dropping_requests() {
@@ -104,13 +106,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     if skip() {
         return;
     }
-    let app = Upstream::start("app").await;
-    let mut daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "system { graceful-shutdown-timeout-secs 10; }\n",
-    ));
+    let (app, mut daemon) = app_behind("system { graceful-shutdown-timeout-secs 10; }\n").await;
     let addr = daemon.listener("http");
     // An idle keep-alive connection, which the drain closes at once.
     let mut idle = Raw::connect(addr).await;
@@ -366,13 +362,7 @@ async fn a_client_that_leaves_mid_request_cancels_the_upstream_request() {
     if skip() {
         return;
     }
-    let app = Upstream::start("app").await;
-    let daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "",
-    ));
+    let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
     for how in ["close", "half-close"] {
         let mut client = Raw::connect(addr).await;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sentinel_tests::http::{Raw, Upstream, Zeros, body, exchange, fetch, get};
 
-use super::{blocks, listener, route, skip, start, targets, upstream};
+use super::{app_behind, blocks, listener, route, skip, start, targets, upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_heads_and_bodies_are_refused() {
@@ -268,13 +268,7 @@ async fn the_default_header_count_is_held_exactly() {
     // The default count (100) is hyper's own, which the listener then
     // leaves to hyper instead of configuring it: 100 fields pass, 101 do
     // not, through both the framing guard and hyper.
-    let app = Upstream::start("app").await;
-    let daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "",
-    ));
+    let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
     let many = |n: usize| {
         let mut text = String::from("GET /n HTTP/1.1\r\nHost: test.local\r\n");

@@ -92,6 +92,19 @@ fn start(blocks: &str) -> Daemon {
     Daemon::start(DaemonConfig::default().with_blocks(blocks))
 }
 
+/// The common setup: one upstream, `app`, behind one plain listener,
+/// `http`, by one route, with `more` blocks beside them.
+async fn app_behind(more: &str) -> (Upstream, Daemon) {
+    let app = Upstream::start("app").await;
+    let daemon = start(&blocks(
+        &[listener("http", "")],
+        &[route("all", r#"upstream "app""#)],
+        &[upstream("app", &targets(&[&app]), "")],
+        more,
+    ));
+    (app, daemon)
+}
+
 /// Waits up to `limit` for `done` to hold (checking every 50 ms), failing
 /// the test with `what` and the daemon's log otherwise.
 async fn eventually(daemon: &Daemon, limit: Duration, what: &str, mut done: impl FnMut() -> bool) {

@@ -20,7 +20,7 @@ use sentinel_tests::{
 };
 use tokio::net::TcpStream;
 
-use super::{blocks, listener, route, skip, start, targets, upstream};
+use super::{app_behind, blocks, listener, route, skip, start, targets, upstream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_and_http2_upstreams() {
@@ -92,13 +92,7 @@ async fn h2c_after_a_pause_before_the_preface() {
     }
     // A plain connection idle before its first byte gives back its
     // buffers; whether it speaks HTTP/2 is still told by its first bytes.
-    let app = Upstream::start("app").await;
-    let daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "",
-    ));
+    let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
     let late = async {
         let stream = TcpStream::connect(addr).await?;

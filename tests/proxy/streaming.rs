@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sentinel_tests::http::{Raw, Upstream, Zeros, empty, fetch_counting};
 
-use super::{blocks, listener, route, skip, start, targets, upstream};
+use super::{app_behind, blocks, listener, route, skip, start, targets, upstream};
 
 const GIB: u64 = 1 << 30;
 /// The daemon's peak resident memory may not pass this while a gigabyte
@@ -74,13 +74,7 @@ async fn upgraded_connections_carry_bytes_both_ways() {
     if skip() {
         return;
     }
-    let app = Upstream::start("app").await;
-    let daemon = start(&blocks(
-        &[listener("http", "")],
-        &[route("all", r#"upstream "app""#)],
-        &[upstream("app", &targets(&[&app]), "")],
-        "",
-    ));
+    let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
     let wait = Duration::from_secs(10);
 
