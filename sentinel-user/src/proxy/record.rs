@@ -1266,18 +1266,21 @@ mod tests {
             "/path?x=1",
             &[("host", "Example.TEST:81"), ("host", "second.test")],
         );
-        let ending = || Ending {
-            status: 503,
-            duration: Duration::from_micros(1500),
-            response_bytes: 7,
-            decisions: json!([{"agent": "waf", "decision": "block"}]),
-            error: Some("upstream \"down\"".into()),
-        };
-        for (p, client) in [
-            (&absolute, "203.0.113.9"),
-            (&absolute, "2001:db8::1"),
-            (&origin_form, "203.0.113.9"),
+        let decided = json!([{"agent": "waf", "decision": "block"}]);
+        for (p, client, decisions) in [
+            (&absolute, "203.0.113.9", &decided),
+            (&absolute, "2001:db8::1", &decided),
+            (&origin_form, "203.0.113.9", &decided),
+            // No agent decided anything, as in nearly every record.
+            (&absolute, "203.0.113.9", &json!([])),
         ] {
+            let ending = || Ending {
+                status: 503,
+                duration: Duration::from_micros(1500),
+                response_bytes: 7,
+                decisions: decisions.clone(),
+                error: Some("upstream \"down\"".into()),
+            };
             let client = client.parse().unwrap();
             let lite = r.begin(ProfileMode::Lite, Some("r"), p, client, "http");
             assert!(lite.captured, "lite records are made from a capture");
