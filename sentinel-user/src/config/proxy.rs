@@ -331,6 +331,9 @@ impl Default for ConnectionPool {
     }
 }
 
+/// The most `retries` an upstream may have.
+pub const MAX_RETRIES: u32 = 10;
+
 /// `upstream "name" { ... }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
@@ -348,7 +351,7 @@ pub struct UpstreamConfig {
     pub timeouts: UpstreamTimeouts,
     /// Extra attempts on another target for idempotent requests (GET, HEAD,
     /// OPTIONS, PUT, DELETE, TRACE) whose request body has not been
-    /// streamed. Default: 1.
+    /// streamed. Default: 1; at most [`MAX_RETRIES`].
     pub retries: u32,
     pub pool: ConnectionPool,
 }

@@ -86,7 +86,7 @@ fn upstream(w: &mut Walker<'_>, node: &KdlNode, names: &mut Names) -> Option<Ups
             "passive-health" => passive_health = passive(w, child),
             "timeouts" => timeouts = upstream_timeouts(w, child),
             "retries" => {
-                if let Some(v) = w.integer(child, 0, 10) {
+                if let Some(v) = w.integer(child, 0, u64::from(MAX_RETRIES)) {
                     retries = v as u32;
                 }
             }

@@ -36,7 +36,7 @@ use crate::{
         pipeline::{Exchange, Step},
         websocket,
     },
-    config::{AgentEvent, StaticResponse, UpstreamProtocol},
+    config::{AgentEvent, MAX_RETRIES, StaticResponse, UpstreamProtocol},
 };
 
 /// The service function of every connection.
@@ -208,34 +208,25 @@ impl Attempt {
 
 type Outcome = Result<(Response<ProxyBody>, Attempt), (ProxyError, Attempt)>;
 
-/// The targets an exchange has tried, in order: inline for up to eight
-/// attempts (one, and a retry or two, nearly always), in a vector beyond.
+/// The targets an exchange has tried, in order, on the stack: an exchange
+/// makes at most `MAX_RETRIES + 1` attempts.
 #[derive(Default)]
 struct Tried {
-    inline: [usize; 8],
+    tried: [usize; MAX_RETRIES as usize + 1],
     len: usize,
-    more: Vec<usize>,
 }
 
 impl Tried {
     fn push(&mut self, index: usize) {
-        if self.len < self.inline.len() {
-            self.inline[self.len] = index;
+        // Full only past the configured bound, which no exchange reaches.
+        if let Some(slot) = self.tried.get_mut(self.len) {
+            *slot = index;
             self.len += 1;
-            return;
         }
-        if self.more.is_empty() {
-            self.more.extend_from_slice(&self.inline);
-        }
-        self.more.push(index);
     }
 
     fn as_slice(&self) -> &[usize] {
-        if self.more.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.more
-        }
+        &self.tried[..self.len]
     }
 }
 
@@ -771,16 +762,22 @@ fn log_error(error: &ProxyError, conn: &ConnInfo, route: Option<&Route>) {
 
 #[cfg(test)]
 mod tests {
-    use super::Tried;
+    use super::{MAX_RETRIES, Tried};
 
     #[test]
-    fn tried_targets_keep_their_order_past_the_inline_ones() {
+    fn tried_targets_keep_their_order() {
         let mut tried = Tried::default();
         assert!(tried.as_slice().is_empty());
-        for i in 0..20 {
+        let attempts = MAX_RETRIES as usize + 1;
+        for i in 0..attempts {
             tried.push(i * 3);
             let expected: Vec<usize> = (0..=i).map(|k| k * 3).collect();
             assert_eq!(tried.as_slice(), expected.as_slice());
         }
+        // Past the bound (which no exchange reaches) nothing is lost or
+        // overwritten.
+        tried.push(1);
+        assert_eq!(tried.as_slice().len(), attempts);
+        assert_eq!(tried.as_slice()[attempts - 1], (attempts - 1) * 3);
     }
 }
