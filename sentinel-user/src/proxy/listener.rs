@@ -626,6 +626,8 @@ async fn run<C, E>(
     // request has been in flight this long; the watcher, once started.
     let mut watch_at: Option<tokio::time::Instant> = None;
     let mut gone: Option<ClientGone> = None;
+    // The socket to watch; given up for the session if it cannot be.
+    let mut watching = clocks.client_fd;
     std::future::poll_fn(|cx| {
         loop {
             if !closing && drained.as_mut().poll(cx).is_ready() {
@@ -638,7 +640,7 @@ async fn run<C, E>(
                 }
                 return Poll::Ready(());
             }
-            if let Some(fd) = clocks.client_fd
+            if let Some(fd) = watching
                 && !activity.multiplexed.load(Ordering::Relaxed)
             {
                 if activity.in_flight.load(Ordering::Relaxed) == 0 {
@@ -663,14 +665,19 @@ async fn run<C, E>(
                         }
                         Some(at) if now >= at => {
                             match ClientGone::new(fd) {
-                                Ok(watcher) => gone = Some(watcher),
+                                // Polled from the top, which registers it.
+                                Ok(watcher) => {
+                                    gone = Some(watcher);
+                                    continue;
+                                }
+                                // Out of descriptors, say: a client that
+                                // leaves is noticed when its response is
+                                // written.
                                 Err(error) => {
                                     debug!(%error, "cannot watch the client's socket");
-                                    watch_at = Some(now + WATCH_AFTER * 20);
+                                    watching = None;
                                 }
                             }
-                            // Polled from the top, which registers it.
-                            continue;
                         }
                         Some(_) => {}
                     }
