@@ -23,13 +23,14 @@ async fn oversized_heads_and_bodies_are_refused() {
             route("all", r#"upstream "app""#),
         ],
         &[upstream("app", &targets(&[&app]), "")],
-        // A head limit below hyper's own 8 KiB floor.
+        // A head limit below the 8 KiB that hyper's server could hold.
         "limits { max-header-bytes 2048; max-header-count 20; max-body-bytes 1000; }\n",
     ));
     let addr = daemon.listener("http");
 
-    // Header bytes: 1.5 KB fits in 2 KiB; 4 KB (under hyper's floor) and
-    // 20 KB (over it) do not.
+    // Header bytes: 1.5 KB fits in 2 KiB; 4 KB (a complete head over the
+    // limit, refused by the handler) and 20 KB (over it before the head
+    // ends, refused by the session) do not.
     let head = |value_len: usize| {
         format!(
             "GET /h HTTP/1.1\r\nHost: test.local\r\nX-Big: {}\r\n\r\n",
@@ -265,9 +266,7 @@ async fn the_default_header_count_is_held_exactly() {
     if skip() {
         return;
     }
-    // The default count (100) is hyper's own, which the listener then
-    // leaves to hyper instead of configuring it: 100 fields pass, 101 do
-    // not, through both the framing guard and hyper.
+    // The default count (100): 100 fields pass, 101 do not.
     let (app, daemon) = app_behind("").await;
     let addr = daemon.listener("http");
     let many = |n: usize| {
@@ -318,7 +317,7 @@ async fn smuggling_attempts_are_refused_and_never_forwarded() {
         (
             "an invalid chunk size",
             b"POST /chunk HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
-            // hyper finds it while streaming: the head may have gone on.
+            // Found while streaming: the head may have gone on.
             true,
         ),
         (

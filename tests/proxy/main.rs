@@ -4,6 +4,8 @@
 //! the kernel picks.
 //!
 //! - `forwarding`: what reaches the upstream and the client, routing;
+//! - `http1`: HTTP/1.1 and 1.0 on the client side (100-continue,
+//!   chunked bodies, HEAD, keep-alive rules);
 //! - `protocols`: h2c, TLS with ALPN and SNI, TLS versions, client
 //!   certificates;
 //! - `balancing`: load balancing, health checks, failures, retries;
@@ -15,6 +17,7 @@
 mod answers;
 mod balancing;
 mod forwarding;
+mod http1;
 mod lifecycle;
 mod limits;
 mod protocols;

@@ -347,7 +347,7 @@ async fn https_upstreams_are_verified_and_their_connections_reused() {
 }
 
 /// An HTTP/1.1 connection over TLS idle between requests gives back
-/// hyper's session and keeps its TLS session: it is served again after
+/// its HTTP session and keeps its TLS session: it is served again after
 /// each pause, and closed once idle past the keep-alive timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_keep_alive_connections_are_served_after_idle_spells_and_closed_after_the_timeout() {

@@ -137,17 +137,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
         let head_only = parts.method == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         let framing = encode_head(&mut out, parts, host, extra, &body);
-        let mut writer = Writer {
-            done: framing == Framing::Empty,
-            body,
-            framing,
-            out,
-            out_pos: 0,
-            data: Bytes::new(),
-            trail: b"",
-            wrote: false,
-            finished: false,
-        };
+        let mut writer = Writer::new(out, body, framing);
         let answer = std::future::poll_fn(|cx| {
             if !writer.finished {
                 match writer.poll_write(cx, &mut *self.io) {
@@ -205,13 +195,17 @@ impl<T: Read + Write + Unpin> Conn<T> {
     }
 }
 
-/// How the request body goes out.
+/// How a body goes out: a request's to an upstream, or a response's to
+/// a client (`server.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(super) enum Framing {
     Empty,
     /// This many bytes are still to come.
     Length(u64),
     Chunked,
+    /// Delimited by closing the connection (a response to an HTTP/1.0
+    /// client whose length is not known).
+    Close,
 }
 
 /// Writes the request line (in origin form, whatever the form of
@@ -279,8 +273,8 @@ fn encode_head(
     framing
 }
 
-/// The request going out: its head in `out`, then its body's frames.
-struct Writer {
+/// A message going out: its head in `out`, then its body's frames.
+pub(super) struct Writer {
     body: ProxyBody,
     framing: Framing,
     /// The body has ended (its last framing is in `out`).
@@ -298,13 +292,35 @@ struct Writer {
 }
 
 impl Writer {
+    /// Writes `out` (a head), then `body` framed as `framing` says.
+    pub(super) fn new(out: Vec<u8>, body: ProxyBody, framing: Framing) -> Self {
+        Self {
+            done: framing == Framing::Empty,
+            body,
+            framing,
+            out,
+            out_pos: 0,
+            data: Bytes::new(),
+            trail: b"",
+            wrote: false,
+            finished: false,
+        }
+    }
+
+    /// The head buffer, for the next message.
+    pub(super) fn into_buffer(self) -> Vec<u8> {
+        let mut out = self.out;
+        out.clear();
+        out
+    }
+
     fn pending(&self) -> usize {
         self.out.len() - self.out_pos + self.data.len() + self.trail.len()
     }
 
     /// Gathers body frames and writes them until the body has ended and
     /// all is flushed.
-    fn poll_write<T: Write + Unpin>(
+    pub(super) fn poll_write<T: Write + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         io: &mut T,
@@ -388,6 +404,7 @@ impl Writer {
                 self.out.extend_from_slice(b"\r\n");
                 b"\r\n"
             }
+            Framing::Close => b"",
             Framing::Empty => return Err(Error::BodyLength("longer")),
         };
         if data.len() < COPY_BELOW {
@@ -402,7 +419,7 @@ impl Writer {
 
     fn finish(&mut self) -> Result<(), Error> {
         match self.framing {
-            Framing::Length(0) | Framing::Empty => {}
+            Framing::Length(0) | Framing::Empty | Framing::Close => {}
             Framing::Length(_) => return Err(Error::BodyLength("shorter")),
             Framing::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
         }
@@ -456,7 +473,7 @@ struct Place {
 }
 
 /// A `Content-Length` value: digits only.
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(super) fn parse_length(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -464,7 +481,7 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 }
 
 /// Whether a comma-separated header value lists `token`.
-fn lists(value: &[u8], token: &str) -> bool {
+pub(super) fn lists(value: &[u8], token: &str) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
@@ -624,9 +641,10 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     Ok(Parsed::Head((response, decoder, keep_alive)))
 }
 
-/// Where a response body stands.
+/// Where a body being read stands: a response's from an upstream, or a
+/// request's from a client (`server.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Decoder {
+pub(super) enum Decoder {
     /// This many bytes are still to come.
     Length(u64),
     Chunked(Chunk),
@@ -636,7 +654,7 @@ enum Decoder {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(super) enum Chunk {
     /// Before a chunk-size line.
     Size,
     /// Inside a chunk: this many bytes to go.
@@ -675,7 +693,7 @@ impl<T: Read + Write + Unpin> ResponseBody<T> {
 }
 
 /// How much room the next read of a body asks for.
-fn read_size(decoder: Decoder) -> usize {
+pub(super) fn read_size(decoder: Decoder) -> usize {
     match decoder {
         Decoder::Length(left) | Decoder::Chunked(Chunk::Data(left)) => {
             usize::try_from(left).map_or(BODY_READ_MAX, |l| l.clamp(READ_SIZE, BODY_READ_MAX))
@@ -734,7 +752,10 @@ impl<T: Read + Write + Unpin> Body for ResponseBody<T> {
 }
 
 /// The next frame of a body from what is buffered, if it makes one.
-fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Option<Frame<Bytes>>, Error> {
+pub(super) fn decode(
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+) -> Result<Option<Frame<Bytes>>, Error> {
     loop {
         match decoder {
             Decoder::Done => return Ok(None),
@@ -829,7 +850,7 @@ fn decode(decoder: &mut Decoder, buf: &mut BytesMut) -> Result<Option<Frame<Byte
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use http::Request;
     use http_body_util::{BodyExt, Empty, Full};
@@ -886,7 +907,8 @@ mod tests {
         }
     }
 
-    fn streamed(chunks: &[&'static [u8]]) -> ProxyBody {
+    /// A body of `chunks` that does not know its length.
+    pub(in crate::proxy) fn streamed(chunks: &[&'static [u8]]) -> ProxyBody {
         Chunks {
             chunks: chunks.iter().copied().collect(),
             endless: false,

@@ -16,17 +16,15 @@ use http::{
 };
 use http_body::Body as _;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
     body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
     errors, exchange, forward,
-    framing::Verdict,
     listener::{Activity, ConnInfo},
     router::{Action, Route},
+    server::{ClientBody, OnUpgrade, Verdict},
     upstream::{InFlight, Upstream},
 };
 use super::{exchange::Inspection, record::Pending};
@@ -39,9 +37,11 @@ use crate::{
     config::{AgentEvent, MAX_RETRIES, StaticResponse, UpstreamProtocol},
 };
 
-/// The service function of every connection.
+/// The service function of every connection: `verdict` is what the
+/// session found in an HTTP/1 head that must be refused.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
+    verdict: Verdict,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
@@ -54,17 +54,17 @@ pub async fn handle(
     // Kept past the request only for the access log.
     let path = snapshot.access_log.then(|| req.uri().path().to_owned());
     let mut req = req;
-    // hyper counts HTTP/1 header fields itself; HTTP/2 bounds only the
-    // header block's size, so the count is checked here too (before the
-    // request id may add one).
-    let verdict = match activity.framing_verdict() {
+    // The HTTP/1 session counts header fields itself; HTTP/2 bounds only
+    // the header block's size, so the count is checked here too (before
+    // the request id may add one).
+    let verdict = match verdict {
         Verdict::Clean if req.headers().len() > snapshot.limits.max_header_count => {
             Verdict::HeadTooLarge
         }
         verdict => verdict,
     };
     let request_id = forward::request_id(req.headers_mut());
-    let refused = |error: ProxyError, req: Request<Incoming>| {
+    let refused = |error: ProxyError, req: Request<ClientBody>| {
         let (parts, _) = req.into_parts();
         Dispatched {
             route: None,
@@ -231,7 +231,7 @@ impl Tried {
 }
 
 async fn dispatch(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: &ConnInfo,
     snapshot: &Snapshot,
     activity: &Arc<Activity>,
@@ -369,7 +369,7 @@ struct Forwarding<'a> {
     record: Option<&'a Pending>,
 }
 
-async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome {
+async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outcome {
     let Forwarding {
         conn,
         activity,
@@ -396,7 +396,7 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
     };
     let on_client_upgrade = client_upgrade
         .as_ref()
-        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+        .and_then(|_| parts.extensions.remove::<OnUpgrade>());
 
     // The request target's authority wins over `Host` (RFC 9112 §3.2.2),
     // as it did for routing: the upstream must see the host the route
@@ -407,8 +407,8 @@ async fn proxy(mut parts: Parts, body: Incoming, fwd: Forwarding<'_>) -> Outcome
         .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         .or_else(|| parts.headers.get(HOST).cloned());
     forward::strip_hop_by_hop(&mut parts.headers, client_upgrade.as_ref());
-    // We answer `100-continue` ourselves (hyper does when the body is
-    // first read); the upstream gets the body without the handshake.
+    // We answer `100-continue` ourselves (the session does when the body
+    // is first read); the upstream gets the body without the handshake.
     parts.headers.remove(EXPECT);
     if let Some(authority) = &original_authority {
         parts.headers.insert(HOST, authority.clone());
@@ -690,7 +690,7 @@ async fn wait_for_head<F: std::future::Future>(
 /// Copies bytes both ways between an upgraded client and upstream (a
 /// WebSocket, say) until either side closes.
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     // Agents that inspect WebSocket frames, when the route has some.
     frames: Option<Arc<Exchange>>,
@@ -698,15 +698,19 @@ async fn tunnel(
     // the caps, held while the tunnel lives.
     _held: (InFlight, Arc<Activity>),
 ) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(error) => {
+    let (client, upstream) = tokio::join!(client.upgraded(), upstream);
+    let (mut client, upstream) = match (client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(error), _) => {
+            debug!(%error, "upgrade did not complete");
+            return;
+        }
+        (_, Err(error)) => {
             debug!(%error, "upgrade did not complete");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
     if let Some(exchange) = frames {
         websocket::tunnel(exchange, client, upstream).await;
         return;

@@ -12,7 +12,6 @@ mod body;
 mod errors;
 mod exchange;
 mod forward;
-mod framing;
 mod h1;
 mod handler;
 mod health;
@@ -22,6 +21,7 @@ mod pool;
 mod profile;
 pub mod record;
 mod router;
+mod server;
 pub(crate) mod tls;
 mod upstream;
 

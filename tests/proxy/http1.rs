@@ -1,0 +1,151 @@
+//! HTTP/1.1 on the client's side, byte by byte: `100-continue`, HTTP/1.0
+//! clients, chunked request bodies, `HEAD`, `Connection: close`, and the
+//! connection carrying on (or not) after each.
+
+use std::time::Duration;
+
+use sentinel_tests::http::Raw;
+
+use super::{app_behind, skip};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_when_the_body_is_wanted() {
+    if skip() {
+        return;
+    }
+    let (app, daemon) = app_behind("limits { max-body-bytes 100; }\n").await;
+    let addr = daemon.listener("http");
+
+    // The client waits for `100 Continue` before it sends its body.
+    let mut conn = Raw::connect(addr).await;
+    conn.send(
+        b"POST /echo HTTP/1.1\r\nHost: test.local\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("send: {e}"));
+    let interim = conn.head(WAIT).await.expect("an interim response");
+    assert!(
+        interim.starts_with("HTTP/1.1 100"),
+        "expected 100 Continue, got {interim:?}"
+    );
+    conn.send(b"hello")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(reply.body, b"hello");
+    let seen = app.last();
+    assert_eq!(seen.body_bytes, 5);
+    assert_eq!(seen.header("expect"), None, "the handshake was forwarded");
+
+    // A body announced over the limit is refused at once, never asked for.
+    let mut conn = Raw::connect(addr).await;
+    conn.send(
+        b"POST /echo HTTP/1.1\r\nHost: test.local\r\nContent-Length: 500\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response");
+    assert_eq!(reply.status, 413, "{}", reply.head);
+    assert_eq!(app.heads(), 1, "a refused body's head was forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_1_0_clients_get_their_own_keep_alive_rules() {
+    if skip() {
+        return;
+    }
+    let (app, daemon) = app_behind("").await;
+    let addr = daemon.listener("http");
+
+    // HTTP/1.0 without keep-alive: answered, then closed.
+    let mut conn = Raw::connect(addr).await;
+    conn.send(b"GET /old HTTP/1.0\r\nHost: test.local\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert!(reply.head.starts_with("HTTP/1.0 200"), "{}", reply.head);
+    assert!(!reply.body.is_empty());
+    assert!(
+        conn.closed_within(Duration::from_secs(5)).await.is_some(),
+        "an HTTP/1.0 connection without keep-alive stayed open"
+    );
+    // The upstream still got HTTP/1.1 from the proxy.
+    assert_eq!(app.last().version, http::Version::HTTP_11);
+
+    // HTTP/1.0 with `Connection: keep-alive`: kept, and says so.
+    let mut conn = Raw::connect(addr).await;
+    for path in ["/one", "/two"] {
+        let request =
+            format!("GET {path} HTTP/1.0\r\nHost: test.local\r\nConnection: keep-alive\r\n\r\n");
+        conn.send(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        let reply = conn
+            .response(WAIT)
+            .await
+            .expect("a response on the kept connection");
+        assert_eq!(reply.status, 200, "{}", reply.head);
+        assert_eq!(
+            reply
+                .header("connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("keep-alive"),
+            "{}",
+            reply.head
+        );
+        assert!(reply.header("content-length").is_some(), "{}", reply.head);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_head_and_close_leave_the_connection_in_order() {
+    if skip() {
+        return;
+    }
+    let (app, daemon) = app_behind("").await;
+    let addr = daemon.listener("http");
+    let mut conn = Raw::connect(addr).await;
+
+    // A chunked body, with an extension and a trailer, reaches the upstream
+    // whole; the connection then carries the next request.
+    conn.send(
+        b"POST /echo HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(reply.body, b"hello world");
+    assert!(app.last().complete);
+
+    // HEAD: a head alone, so that the next response is read from its
+    // first byte.
+    conn.send(b"HEAD /head HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let head = conn.head(WAIT).await.expect("a HEAD response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    conn.send(b"GET /after-head HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response after HEAD");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(app.last().target, "/after-head");
+
+    // `Connection: close`: answered, said so, and closed.
+    conn.send(b"GET /last HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let reply = conn.response(WAIT).await.expect("a response");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(reply.header("connection"), Some("close"), "{}", reply.head);
+    assert!(
+        conn.closed_within(Duration::from_secs(5)).await.is_some(),
+        "the connection stayed open after Connection: close"
+    );
+}
