@@ -133,6 +133,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
         host: Option<&HeaderValue>,
         extra: &[u8],
         body: ProxyBody,
+        raw: bool,
     ) -> Result<Response<ResponseBody<T>>, Failed> {
         let head_only = parts.method == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
@@ -148,7 +149,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
             }
             // The target may answer before it has the whole body (a 413,
             // say): read while writing.
-            self.poll_head(cx, head_only)
+            self.poll_head(cx, head_only, raw)
         })
         .await;
         let Writer {
@@ -176,10 +177,15 @@ impl<T: Read + Write + Unpin> Conn<T> {
 
     /// Parses the response head once it is all in the buffer, skipping 1xx
     /// interim responses.
-    fn poll_head(&mut self, cx: &mut Context<'_>, head_only: bool) -> Poll<Result<Head, Error>> {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_only: bool,
+        raw: bool,
+    ) -> Poll<Result<Head, Error>> {
         loop {
             if !self.buf.is_empty() {
-                match parse_head(&mut self.buf, head_only)? {
+                match parse_head(&mut self.buf, head_only, raw)? {
                     Parsed::Head(head) => return Poll::Ready(Ok(head)),
                     Parsed::Interim => continue,
                     Parsed::Partial if self.buf.len() >= MAX_HEAD => {
@@ -498,8 +504,9 @@ fn names_more(value: &[u8]) -> bool {
 }
 
 /// Parses a response head at the start of `buf`, taking it out when it is
-/// complete.
-fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
+/// complete. With `raw`, the fields to pass on are left in the head's bytes
+/// (see [`RawFields`]) where they can be.
+fn parse_head(buf: &mut BytesMut, head_only: bool, raw: bool) -> Result<Parsed, Error> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -545,6 +552,31 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     let custom_reason = !reason.is_empty() && Some(reason) != status.canonical_reason();
     let reason_at = reason.as_ptr() as usize - base;
     let reason_len = reason.len();
+    // SAFETY: the loop above wrote the first `count` places.
+    let places = unsafe { std::slice::from_raw_parts(places.as_ptr().cast::<Place>(), count) };
+    let no_body = head_only || matches!(code, 204 | 304);
+
+    // A HEAD or 304 response's Content-Length describes a body it does not
+    // carry: it is passed on as a field, through the map.
+    let raw = raw && !no_body;
+    if raw && let Some((fields, framed)) = RawFields::find(&buf[..len], places, version) {
+        let decoder = decoder_for(framed, version)?;
+        let keep_alive = framed.keep_alive && decoder != Decoder::Eof;
+        let head = buf.split_to(len).freeze();
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        *response.version_mut() = version;
+        if custom_reason
+            && let Ok(phrase) =
+                hyper::ext::ReasonPhrase::try_from(head.slice(reason_at..reason_at + reason_len))
+        {
+            response.extensions_mut().insert(phrase);
+        }
+        response
+            .extensions_mut()
+            .insert(RawFields { head, ..fields });
+        return Ok(Parsed::Head((response, decoder, keep_alive)));
+    }
 
     let head = buf.split_to(len).freeze();
     // hyper keeps a response's emptied map for the next request on the
@@ -559,9 +591,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     // `Connection` values that may name fields to drop (not the usual
     // `keep-alive`).
     let mut named = Vec::new();
-    for place in &places[..count] {
-        // SAFETY: the loop above wrote the first `count` places.
-        let place = unsafe { place.assume_init_ref() };
+    for place in places {
         let name = HeaderName::from_bytes(&head[place.name.clone()])
             .map_err(|_| Error::Invalid("invalid header name"))?;
         let value = &head[place.value.clone()];
@@ -604,26 +634,18 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         forward::remove_named(&mut map, &head[value]);
     }
 
-    let no_body = head_only || matches!(code, 204 | 304);
     let decoder = if no_body {
         Decoder::Done
-    } else if let Some(chunked) = chunked {
-        if version == Version::HTTP_10 {
-            return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
-        }
-        if chunked {
-            Decoder::Chunked(Chunk::Size)
-        } else {
-            Decoder::Eof
-        }
-    } else if bad_length {
-        return Err(Error::Invalid("invalid Content-Length"));
     } else {
-        match length {
-            Some(0) => Decoder::Done,
-            Some(n) => Decoder::Length(n),
-            None => Decoder::Eof,
-        }
+        decoder_for(
+            Framed {
+                keep_alive,
+                chunked,
+                length,
+                bad_length,
+            },
+            version,
+        )?
     };
     if decoder == Decoder::Eof {
         keep_alive = false;
@@ -639,6 +661,216 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
         response.extensions_mut().insert(phrase);
     }
     Ok(Parsed::Head((response, decoder, keep_alive)))
+}
+
+/// What a response head says about its body and its connection.
+#[derive(Debug, Clone, Copy, Default)]
+struct Framed {
+    keep_alive: bool,
+    /// Whether the last transfer coding is chunked, when one is named.
+    chunked: Option<bool>,
+    length: Option<u64>,
+    /// A `Content-Length` that is no number, or several that differ.
+    bad_length: bool,
+}
+
+/// How a response body that may be there is framed (RFC 9112 §6.3).
+fn decoder_for(framed: Framed, version: Version) -> Result<Decoder, Error> {
+    Ok(if let Some(chunked) = framed.chunked {
+        if version == Version::HTTP_10 {
+            return Err(Error::Invalid("Transfer-Encoding in an HTTP/1.0 response"));
+        }
+        if chunked {
+            Decoder::Chunked(Chunk::Size)
+        } else {
+            Decoder::Eof
+        }
+    } else if framed.bad_length {
+        return Err(Error::Invalid("invalid Content-Length"));
+    } else {
+        match framed.length {
+            Some(0) => Decoder::Done,
+            Some(n) => Decoder::Length(n),
+            None => Decoder::Eof,
+        }
+    })
+}
+
+/// The most runs of passed-on fields a [`RawFields`] holds; a head whose
+/// fields to pass on are split more often goes through a map.
+const MAX_RUNS: usize = 6;
+
+/// The header fields of an upstream's response head that the proxy passes
+/// on as they came, left in the head's own bytes: runs of whole field lines
+/// between the fields it drops (hop-by-hop fields, `Content-Length`, whose
+/// framing for the client is the proxy's, and `X-Request-Id`, which is the
+/// proxy's own). Written to an HTTP/1 client as they are, where a map of
+/// them would be built only to be written out again (about 2,500
+/// instructions a small response, callgrind). A response carries them in
+/// its extensions, its map holding only what the proxy adds; the handler
+/// asks for them only when nothing on the way (agents, secure headers)
+/// reads or changes the response's fields.
+#[derive(Clone)]
+pub struct RawFields {
+    head: Bytes,
+    /// Byte ranges of the runs in `head`, each from its first field's name
+    /// to its last field's value.
+    runs: [(u32, u32); MAX_RUNS],
+    len: usize,
+    /// The fields include `Date`.
+    pub has_date: bool,
+}
+
+/// What the raw path tells apart in a field name.
+enum Field {
+    Connection,
+    TransferEncoding,
+    ContentLength,
+    /// Dropped: hop-by-hop, or the proxy's own.
+    Dropped,
+    Date,
+    Other,
+}
+
+fn classify(name: &[u8]) -> Field {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    match name.len() {
+        2 if is("te") => Field::Dropped,
+        4 if is("date") => Field::Date,
+        7 if is("trailer") || is("upgrade") => Field::Dropped,
+        10 if is("connection") => Field::Connection,
+        10 if is("keep-alive") => Field::Dropped,
+        12 if is("x-request-id") => Field::Dropped,
+        14 if is("content-length") => Field::ContentLength,
+        16 if is("proxy-connection") => Field::Dropped,
+        17 if is("transfer-encoding") => Field::TransferEncoding,
+        19 if is("proxy-authorization") => Field::Dropped,
+        _ => Field::Other,
+    }
+}
+
+impl RawFields {
+    /// The runs of fields to pass on in `head`, and its framing; `None`
+    /// when they need a map: a `Connection` that names fields to drop, or
+    /// too many runs. `head` is empty in the result until it is frozen.
+    fn find(head: &[u8], places: &[Place], version: Version) -> Option<(RawFields, Framed)> {
+        let mut fields = RawFields {
+            head: Bytes::new(),
+            runs: [(0, 0); MAX_RUNS],
+            len: 0,
+            has_date: false,
+        };
+        let mut framed = Framed {
+            keep_alive: version == Version::HTTP_11,
+            ..Framed::default()
+        };
+        let mut saw_close = false;
+        // The run being extended: its start, and its last value's end.
+        let mut run: Option<(usize, usize)> = None;
+        for place in places {
+            let value = &head[place.value.clone()];
+            let keep = match classify(&head[place.name.clone()]) {
+                Field::Connection => {
+                    // As the map's path reads it.
+                    if saw_close || lists(value, "close") {
+                        saw_close = true;
+                        framed.keep_alive = false;
+                    } else if !framed.keep_alive {
+                        framed.keep_alive = lists(value, "keep-alive");
+                    }
+                    // A token that may name a field to drop (`close`
+                    // too): the map's path drops it.
+                    if names_more(value) {
+                        return None;
+                    }
+                    false
+                }
+                Field::TransferEncoding => {
+                    let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                    framed.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    false
+                }
+                Field::ContentLength => {
+                    for v in value.split(|&b| b == b',') {
+                        match (parse_length(v.trim_ascii()), framed.length) {
+                            (Some(n), None) => framed.length = Some(n),
+                            (Some(n), Some(m)) if n == m => {}
+                            _ => framed.bad_length = true,
+                        }
+                    }
+                    false
+                }
+                Field::Dropped => false,
+                Field::Date => {
+                    fields.has_date = true;
+                    true
+                }
+                Field::Other => true,
+            };
+            run = match (keep, run) {
+                // The next line, right after the run's last one.
+                (true, Some((start, end)))
+                    if head.get(end..place.name.start) == Some(&b"\r\n"[..]) =>
+                {
+                    Some((start, place.value.end))
+                }
+                (true, open) => {
+                    if let Some(done) = open {
+                        fields.push(done)?;
+                    }
+                    Some((place.name.start, place.value.end))
+                }
+                (false, open) => {
+                    if let Some(done) = open {
+                        fields.push(done)?;
+                    }
+                    None
+                }
+            };
+        }
+        if let Some(done) = run {
+            fields.push(done)?;
+        }
+        Some((fields, framed))
+    }
+
+    fn push(&mut self, (start, end): (usize, usize)) -> Option<()> {
+        let slot = self.runs.get_mut(self.len)?;
+        *slot = (u32::try_from(start).ok()?, u32::try_from(end).ok()?);
+        self.len += 1;
+        Some(())
+    }
+
+    /// Writes the fields, each line ending in CRLF.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for &(start, end) in &self.runs[..self.len] {
+            out.extend_from_slice(&self.head[start as usize..end as usize]);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The fields as a map's entries, for a response that goes on through
+    /// a map (to an HTTP/2 client).
+    pub fn append_to(&self, map: &mut HeaderMap) {
+        for &(start, end) in &self.runs[..self.len] {
+            for line in self.head[start as usize..end as usize].split(|&b| b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let Some(colon) = line.iter().position(|&b| b == b':') else {
+                    continue;
+                };
+                let value = line[colon + 1..].trim_ascii();
+                let value_at = value.as_ptr() as usize - self.head.as_ptr() as usize;
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(&line[..colon]),
+                    HeaderValue::from_maybe_shared(
+                        self.head.slice(value_at..value_at + value.len()),
+                    ),
+                ) {
+                    map.append(name, value);
+                }
+            }
+        }
+    }
 }
 
 /// Where a body being read stands: a response's from an upstream, or a
@@ -958,7 +1190,7 @@ pub(super) mod tests {
             (request, theirs)
         });
         let mut response = conn
-            .send(&head, None, b"", empty())
+            .send(&head, None, b"", empty(), false)
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -986,7 +1218,8 @@ pub(super) mod tests {
                Proxy-Connection: close\r\nX-Kept: yes\r\nConnection: x-other\r\nX-Other: 2\r\n\r\n"
                 [..],
         );
-        let Ok(Parsed::Head((response, decoder, keep_alive))) = parse_head(&mut buf, false) else {
+        let Ok(Parsed::Head((response, decoder, keep_alive))) = parse_head(&mut buf, false, false)
+        else {
             panic!("a head");
         };
         let names: Vec<&str> = response.headers().keys().map(|k| k.as_str()).collect();
@@ -1000,11 +1233,107 @@ pub(super) mod tests {
         // `forward::strip_hop_by_hop` drops it from hyper's responses.
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\n\r\n"[..]);
-        let Ok(Parsed::Head((response, _, keep_alive))) = parse_head(&mut buf, false) else {
+        let Ok(Parsed::Head((response, _, keep_alive))) = parse_head(&mut buf, false, false) else {
             panic!("a head");
         };
         assert!(response.headers().is_empty());
         assert!(!keep_alive);
+    }
+
+    fn raw(text: &[u8], head_only: bool) -> (Response<()>, Decoder, bool) {
+        let mut buf = BytesMut::from(text);
+        match parse_head(&mut buf, head_only, true) {
+            Ok(Parsed::Head(head)) => head,
+            _ => panic!("a head"),
+        }
+    }
+
+    #[test]
+    fn fields_to_pass_on_stay_in_the_head() {
+        let (response, decoder, keep_alive) = raw(
+            b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
+              Content-Length: 5\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\n\
+              Content-Type: text/plain\r\nX-Two:  spaced\r\n\r\nhello",
+            false,
+        );
+        assert!(response.headers().is_empty(), "a map was built");
+        let fields = response
+            .extensions()
+            .get::<RawFields>()
+            .expect("raw fields");
+        assert!(fields.has_date);
+        let mut out = Vec::new();
+        fields.write(&mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "Server: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
+             Content-Type: text/plain\r\nX-Two:  spaced\r\n"
+        );
+        assert_eq!(decoder, Decoder::Length(5));
+        assert!(keep_alive);
+        // For an HTTP/2 client they join a map.
+        let mut map = HeaderMap::new();
+        fields.append_to(&mut map);
+        let pairs: Vec<(&str, &[u8])> = map
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("server", &b"up"[..]),
+                ("date", b"Tue, 01 Dec 2026 00:00:00 GMT"),
+                ("content-type", b"text/plain"),
+                ("x-two", b"spaced"),
+            ]
+        );
+    }
+
+    #[test]
+    fn heads_the_raw_path_cannot_carry_go_through_a_map() {
+        let through_map = |text: &[u8], head_only: bool| {
+            let (response, ..) = raw(text, head_only);
+            assert!(
+                response.extensions().get::<RawFields>().is_none(),
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+            response
+        };
+        // A field named by `Connection` (or `close`) is dropped by the map.
+        let r = through_map(
+            b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nX-B: 2\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.headers().len(), 1);
+        through_map(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nX-B: 2\r\n\r\n",
+            false,
+        );
+        // HEAD and 304 keep a Content-Length for a body they do not carry.
+        let r = through_map(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true);
+        assert_eq!(r.headers()["content-length"], "9");
+        through_map(
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+            false,
+        );
+        // More runs than it holds.
+        let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..=MAX_RUNS {
+            text.extend_from_slice(format!("X-{i}: {i}\r\nKeep-Alive: 1\r\n").as_bytes());
+        }
+        text.extend_from_slice(b"\r\n");
+        let r = through_map(&text, false);
+        assert_eq!(r.headers().len(), MAX_RUNS + 1);
+        // Lines ending in a bare LF are runs of their own, written with CRLF.
+        let (response, ..) = raw(b"HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\n\n", false);
+        let mut out = Vec::new();
+        response
+            .extensions()
+            .get::<RawFields>()
+            .expect("raw")
+            .write(&mut out);
+        assert_eq!(out, b"X-A: 1\r\nX-B: 2\r\n");
     }
 
     #[test]
@@ -1034,7 +1363,7 @@ pub(super) mod tests {
             (request, theirs)
         });
         let mut response = conn
-            .send(&head, None, b"", full(b"abc"))
+            .send(&head, None, b"", full(b"abc"), false)
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -1058,7 +1387,7 @@ pub(super) mod tests {
         });
         let big: &'static [u8] = Box::leak(vec![b'x'; COPY_BELOW + 1].into_boxed_slice());
         let response = conn
-            .send(&head, None, b"", streamed(&[b"hello", b"", big]))
+            .send(&head, None, b"", streamed(&[b"hello", b"", big]), false)
             .await
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
@@ -1088,7 +1417,7 @@ pub(super) mod tests {
             theirs
         });
         let mut response = conn
-            .send(&parts("GET", "/", &[]), None, b"", empty())
+            .send(&parts("GET", "/", &[]), None, b"", empty(), false)
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
@@ -1113,7 +1442,7 @@ pub(super) mod tests {
                 Some(theirs)
             });
             let mut response = conn
-                .send(&parts(method, "/", &[]), None, b"", empty())
+                .send(&parts(method, "/", &[]), None, b"", empty(), false)
                 .await
                 .expect("a response");
             let (data, _) = collect(response.body_mut()).await.expect("a body");
@@ -1206,7 +1535,10 @@ pub(super) mod tests {
                 theirs.write_all(answer).await.expect("write");
                 drop(theirs);
             });
-            let result = match conn.send(&parts("GET", "/", &[]), None, b"", empty()).await {
+            let result = match conn
+                .send(&parts("GET", "/", &[]), None, b"", empty(), false)
+                .await
+            {
                 Ok(mut response) => collect(response.body_mut()).await.err(),
                 Err(failed) => {
                     assert!(failed.sent, "the request went out");
@@ -1269,7 +1601,7 @@ pub(super) mod tests {
         });
         // The body never ends: the answer comes anyway.
         let mut response = conn
-            .send(&parts("POST", "/", &[]), None, b"", body)
+            .send(&parts("POST", "/", &[]), None, b"", body, false)
             .await
             .expect("a response");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -1287,7 +1619,7 @@ pub(super) mod tests {
         head.headers
             .insert(CONTENT_LENGTH, HeaderValue::from_static("2"));
         let failed = conn
-            .send(&head, None, b"", streamed(&[b"abc"]))
+            .send(&head, None, b"", streamed(&[b"abc"]), false)
             .await
             .err()
             .expect("an error");

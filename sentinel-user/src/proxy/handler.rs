@@ -294,6 +294,12 @@ async fn dispatch(
                 .policies
                 .timeout
                 .unwrap_or(upstream.config.timeouts.total);
+            // Nothing on the way back reads or changes the response's
+            // fields but the request id: an HTTP/1 client gets them as the
+            // upstream sent them.
+            let raw_fields = parts.version != Version::HTTP_2
+                && agents.is_none()
+                && !snapshot.profiles.secure_headers(Some(route.name.as_str()));
             let request = Forwarding {
                 conn,
                 activity,
@@ -303,6 +309,7 @@ async fn dispatch(
                 hard,
                 agents: agents.as_ref(),
                 record: record.as_ref(),
+                raw_fields,
             };
             proxy(parts, body, request).await
         }
@@ -367,6 +374,9 @@ struct Forwarding<'a> {
     agents: Option<&'a exchange::Agents>,
     /// The request's metadata record, which sees its body go past.
     record: Option<&'a Pending>,
+    /// The response's fields may stay in the upstream's head (see
+    /// `h1::RawFields`).
+    raw_fields: bool,
 }
 
 async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outcome {
@@ -379,6 +389,7 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
         hard,
         agents,
         record,
+        raw_fields,
     } = fwd;
     let mut attempt = Attempt {
         upstream: Some(upstream.clone()),
@@ -528,7 +539,9 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
             }
         };
         let sent = wait_for_head(
-            upstream.client.send(&parts, &forwarded, outgoing),
+            upstream
+                .client
+                .send(&parts, &forwarded, outgoing, raw_fields),
             owed,
             read_timeout,
             give_up_at,

@@ -25,7 +25,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{
-    ListenerSpec, Shared, handler,
+    ListenerSpec, Shared,
+    h1::RawFields,
+    handler,
     server::{self, ClientBody, Ended, Prefixed, Settings, Verdict},
 };
 
@@ -423,13 +425,23 @@ async fn serve_h2<I>(
         service_fn(move |req: Request<Incoming>| {
             // HTTP/2 frames its messages itself: no framing verdict, and
             // the header count is the handler's to check.
-            handler::handle(
+            let handled = handler::handle(
                 req.map(ClientBody::H2),
                 Verdict::Clean,
                 info.clone(),
                 shared.clone(),
                 activity.clone(),
-            )
+            );
+            async move {
+                // hyper writes the map: fields still in an upstream's head
+                // join it (the handler leaves none there for HTTP/2).
+                handled.await.map(|mut response| {
+                    if let Some(raw) = response.extensions_mut().remove::<RawFields>() {
+                        raw.append_to(response.headers_mut());
+                    }
+                    response
+                })
+            }
         })
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

@@ -135,12 +135,14 @@ impl Pool {
     /// Sends `req` (an absolute URI naming a target) on an idle connection
     /// to its target, or a new one; the response once its head arrived.
     /// A request without a body that a reused connection failed before
-    /// any of it was written is sent again on another one.
+    /// any of it was written is sent again on another one. With `raw`, the
+    /// response's fields may come as [`h1::RawFields`].
     pub async fn send(
         self: &Arc<Self>,
         parts: &http::request::Parts,
         forwarded: &Forwarded,
         mut body: ProxyBody,
+        raw: bool,
     ) -> Result<Response<Driven>, ClientError> {
         let target = self.target_of(&parts.uri);
         if parts.headers.contains_key(UPGRADE) || parts.method == Method::CONNECT {
@@ -165,7 +167,7 @@ impl Pool {
             };
             let empty = body.is_end_stream();
             match conn
-                .send(parts, host.as_ref(), forwarded.lines(), body)
+                .send(parts, host.as_ref(), forwarded.lines(), body, raw)
                 .await
             {
                 Ok(response) => {

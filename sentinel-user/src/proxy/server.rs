@@ -49,7 +49,7 @@ use tracing::debug;
 use super::{
     ProxyBody, ProxyError, Shared,
     body::BoxError,
-    h1::{self, Chunk, Decoder, Framing, Writer},
+    h1::{self, Chunk, Decoder, Framing, RawFields, Writer},
     handler,
     listener::{Activity, ConnInfo},
 };
@@ -506,6 +506,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
+        if let Some(raw) = parts.extensions.get::<RawFields>() {
+            raw.write(&mut out);
+            dated = raw.has_date;
+        }
         for (name, value) in &parts.headers {
             if name == CONTENT_LENGTH && !bodiless {
                 declared = declared.or_else(|| h1::parse_length(value.as_bytes()));

@@ -56,7 +56,7 @@ impl HttpClient {
     /// head; the body streams from the returned response.
     pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
         let (parts, body) = req.into_parts();
-        self.send(&parts, &Forwarded::none(), body).await
+        self.send(&parts, &Forwarded::none(), body, false).await
     }
 
     /// [`request`](Self::request) with the head borrowed, so that a
@@ -69,9 +69,10 @@ impl HttpClient {
         parts: &http::request::Parts,
         forwarded: &Forwarded,
         body: ProxyBody,
+        raw: bool,
     ) -> Result<Response<Driven>, ClientError> {
         match self {
-            HttpClient::Http1(pool) => pool.send(parts, forwarded, body).await,
+            HttpClient::Http1(pool) => pool.send(parts, forwarded, body, raw).await,
             HttpClient::Http2(client) => {
                 let mut req = Request::from_parts(parts.clone(), body);
                 forwarded.apply(req.headers_mut());
