@@ -126,7 +126,9 @@ impl<T: Read + Write + Unpin> Conn<T> {
     /// Sends the request of `parts` (in origin form, with its `Host`), the
     /// header lines `extra` (the forwarding fields) and `body`, and waits
     /// for the response head. The response's body holds the connection until it
-    /// has ended; [`ResponseBody::reusable`] gives it back then.
+    /// has ended; [`ResponseBody::reusable`] gives it back then. With `raw`,
+    /// the fields to pass on may come apart from the response's map, as
+    /// [`RawFields`].
     pub async fn send(
         mut self,
         parts: &Parts,
@@ -134,7 +136,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
         extra: &[u8],
         body: ProxyBody,
         raw: bool,
-    ) -> Result<Response<ResponseBody<T>>, Failed> {
+    ) -> Result<(Response<ResponseBody<T>>, Option<RawFields>), Failed> {
         let head_only = parts.method == Method::HEAD;
         let mut out = std::mem::take(&mut self.out);
         let framing = encode_head(&mut out, parts, host, extra, &body);
@@ -161,7 +163,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
         out.clear();
         self.out = out;
         match answer {
-            Ok((head, decoder, keep_alive)) => {
+            Ok((head, decoder, keep_alive, fields)) => {
                 // A body cut short leaves the target expecting the rest.
                 let reusable = keep_alive && finished;
                 let body = ResponseBody {
@@ -169,7 +171,7 @@ impl<T: Read + Write + Unpin> Conn<T> {
                     decoder,
                     reusable,
                 };
-                Ok(head.map(|()| body))
+                Ok((head.map(|()| body), fields))
             }
             Err(error) => Err(Failed { error, sent: wrote }),
         }
@@ -461,10 +463,13 @@ impl HexLen {
     }
 }
 
-/// A response head, how its body is framed and whether the connection
-/// stays open after it.
-type Head = (Response<()>, Decoder, bool);
+/// A response head, how its body is framed, whether the connection stays
+/// open after it, and the fields left out of its map.
+type Head = (Response<()>, Decoder, bool, Option<RawFields>);
 
+// Returned once a response, by value: boxing the head would cost an
+// allocation a response.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     Head(Head),
     /// A 1xx response, now consumed.
@@ -572,10 +577,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, raw: bool) -> Result<Parsed, 
         {
             response.extensions_mut().insert(phrase);
         }
-        response
-            .extensions_mut()
-            .insert(RawFields { head, ..fields });
-        return Ok(Parsed::Head((response, decoder, keep_alive)));
+        let fields = RawFields { head, ..fields };
+        return Ok(Parsed::Head((response, decoder, keep_alive, Some(fields))));
     }
 
     let head = buf.split_to(len).freeze();
@@ -660,7 +663,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool, raw: bool) -> Result<Parsed, 
     {
         response.extensions_mut().insert(phrase);
     }
-    Ok(Parsed::Head((response, decoder, keep_alive)))
+    Ok(Parsed::Head((response, decoder, keep_alive, None)))
 }
 
 /// What a response head says about its body and its connection.
@@ -706,10 +709,11 @@ const MAX_RUNS: usize = 6;
 /// framing for the client is the proxy's, and `X-Request-Id`, which is the
 /// proxy's own). Written to an HTTP/1 client as they are, where a map of
 /// them would be built only to be written out again (about 2,500
-/// instructions a small response, callgrind). A response carries them in
-/// its extensions, its map holding only what the proxy adds; the handler
-/// asks for them only when nothing on the way (agents, secure headers)
-/// reads or changes the response's fields.
+/// instructions a small response, callgrind). They travel beside the
+/// response (its map holds only what the proxy adds; in its extensions
+/// they would cost three allocations), and the handler asks for them only
+/// when nothing on the way (agents, secure headers) reads or changes the
+/// response's fields.
 #[derive(Clone)]
 pub struct RawFields {
     head: Bytes,
@@ -1192,6 +1196,7 @@ pub(super) mod tests {
         let mut response = conn
             .send(&head, None, b"", empty(), false)
             .await
+            .map(|(response, _)| response)
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
         assert_eq!(
@@ -1218,7 +1223,8 @@ pub(super) mod tests {
                Proxy-Connection: close\r\nX-Kept: yes\r\nConnection: x-other\r\nX-Other: 2\r\n\r\n"
                 [..],
         );
-        let Ok(Parsed::Head((response, decoder, keep_alive))) = parse_head(&mut buf, false, false)
+        let Ok(Parsed::Head((response, decoder, keep_alive, _))) =
+            parse_head(&mut buf, false, false)
         else {
             panic!("a head");
         };
@@ -1233,14 +1239,15 @@ pub(super) mod tests {
         // `forward::strip_hop_by_hop` drops it from hyper's responses.
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\n\r\n"[..]);
-        let Ok(Parsed::Head((response, _, keep_alive))) = parse_head(&mut buf, false, false) else {
+        let Ok(Parsed::Head((response, _, keep_alive, _))) = parse_head(&mut buf, false, false)
+        else {
             panic!("a head");
         };
         assert!(response.headers().is_empty());
         assert!(!keep_alive);
     }
 
-    fn raw(text: &[u8], head_only: bool) -> (Response<()>, Decoder, bool) {
+    fn raw(text: &[u8], head_only: bool) -> Head {
         let mut buf = BytesMut::from(text);
         match parse_head(&mut buf, head_only, true) {
             Ok(Parsed::Head(head)) => head,
@@ -1250,17 +1257,14 @@ pub(super) mod tests {
 
     #[test]
     fn fields_to_pass_on_stay_in_the_head() {
-        let (response, decoder, keep_alive) = raw(
+        let (response, decoder, keep_alive, fields) = raw(
             b"HTTP/1.1 200 OK\r\nServer: up\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\n\
               Content-Length: 5\r\nKeep-Alive: timeout=5\r\nX-Request-Id: theirs\r\n\
               Content-Type: text/plain\r\nX-Two:  spaced\r\n\r\nhello",
             false,
         );
         assert!(response.headers().is_empty(), "a map was built");
-        let fields = response
-            .extensions()
-            .get::<RawFields>()
-            .expect("raw fields");
+        let fields = fields.expect("raw fields");
         assert!(fields.has_date);
         let mut out = Vec::new();
         fields.write(&mut out);
@@ -1292,12 +1296,8 @@ pub(super) mod tests {
     #[test]
     fn heads_the_raw_path_cannot_carry_go_through_a_map() {
         let through_map = |text: &[u8], head_only: bool| {
-            let (response, ..) = raw(text, head_only);
-            assert!(
-                response.extensions().get::<RawFields>().is_none(),
-                "{}",
-                String::from_utf8_lossy(text)
-            );
+            let (response, _, _, fields) = raw(text, head_only);
+            assert!(fields.is_none(), "{}", String::from_utf8_lossy(text));
             response
         };
         // A field named by `Connection` (or `close`) is dropped by the map.
@@ -1326,13 +1326,9 @@ pub(super) mod tests {
         let r = through_map(&text, false);
         assert_eq!(r.headers().len(), MAX_RUNS + 1);
         // Lines ending in a bare LF are runs of their own, written with CRLF.
-        let (response, ..) = raw(b"HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\n\n", false);
+        let (.., fields) = raw(b"HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\n\n", false);
         let mut out = Vec::new();
-        response
-            .extensions()
-            .get::<RawFields>()
-            .expect("raw")
-            .write(&mut out);
+        fields.expect("raw").write(&mut out);
         assert_eq!(out, b"X-A: 1\r\nX-B: 2\r\n");
     }
 
@@ -1365,6 +1361,7 @@ pub(super) mod tests {
         let mut response = conn
             .send(&head, None, b"", full(b"abc"), false)
             .await
+            .map(|(response, _)| response)
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
         assert_eq!(
@@ -1389,6 +1386,7 @@ pub(super) mod tests {
         let response = conn
             .send(&head, None, b"", streamed(&[b"hello", b"", big]), false)
             .await
+            .map(|(response, _)| response)
             .expect("a response");
         let (request, _theirs) = target.await.expect("target");
         let expected = format!(
@@ -1419,6 +1417,7 @@ pub(super) mod tests {
         let mut response = conn
             .send(&parts("GET", "/", &[]), None, b"", empty(), false)
             .await
+            .map(|(response, _)| response)
             .expect("a response");
         assert_eq!(response.status(), StatusCode::OK);
         let (data, trailers) = collect(response.body_mut()).await.expect("a body");
@@ -1444,6 +1443,7 @@ pub(super) mod tests {
             let mut response = conn
                 .send(&parts(method, "/", &[]), None, b"", empty(), false)
                 .await
+                .map(|(response, _)| response)
                 .expect("a response");
             let (data, _) = collect(response.body_mut()).await.expect("a body");
             let _theirs = target.await.expect("target");
@@ -1538,6 +1538,7 @@ pub(super) mod tests {
             let result = match conn
                 .send(&parts("GET", "/", &[]), None, b"", empty(), false)
                 .await
+                .map(|(response, _)| response)
             {
                 Ok(mut response) => collect(response.body_mut()).await.err(),
                 Err(failed) => {
@@ -1603,6 +1604,7 @@ pub(super) mod tests {
         let mut response = conn
             .send(&parts("POST", "/", &[]), None, b"", body, false)
             .await
+            .map(|(response, _)| response)
             .expect("a response");
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert!(
@@ -1621,6 +1623,7 @@ pub(super) mod tests {
         let failed = conn
             .send(&head, None, b"", streamed(&[b"abc"]), false)
             .await
+            .map(|(response, _)| response)
             .err()
             .expect("an error");
         assert!(

@@ -3,7 +3,6 @@
 //! target), and count and log the outcome.
 
 use std::{
-    convert::Infallible,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,6 +21,7 @@ use super::{
     ProxyBody, ProxyError, Shared, Snapshot,
     body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
     errors, exchange, forward,
+    h1::RawFields,
     listener::{Activity, ConnInfo},
     router::{Action, Route},
     server::{ClientBody, OnUpgrade, Verdict},
@@ -38,14 +38,16 @@ use crate::{
 };
 
 /// The service function of every connection: `verdict` is what the
-/// session found in an HTTP/1 head that must be refused.
+/// session found in an HTTP/1 head that must be refused. The response
+/// comes with the upstream's fields that stayed in its head, when they
+/// could (see [`RawFields`]).
 pub async fn handle(
     req: Request<ClientBody>,
     verdict: Verdict,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> (Response<ProxyBody>, Option<RawFields>) {
     let guard = activity.begin();
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
@@ -100,7 +102,7 @@ pub async fn handle(
     };
 
     let mut failure = None;
-    let (mut response, attempt) = match outcome {
+    let (mut response, mut attempt) = match outcome {
         Ok(done) => done,
         Err((error, attempt)) => {
             log_error(&error, &conn, route.as_deref());
@@ -172,10 +174,11 @@ pub async fn handle(
             .map(|a| a.request_bytes.clone())
             .unwrap_or_default(),
     });
-    Ok(response.map(|b| match done {
+    let response = response.map(|b| match done {
         Some(done) => Tracked::new(exchange::Counted::new(b, done), guard).boxed(),
         None => Tracked::new(b, guard).boxed(),
-    }))
+    });
+    (response, attempt.fields.take())
 }
 
 /// What a request's dispatch decided, and what it leaves for the end.
@@ -193,6 +196,8 @@ struct Attempt {
     upstream: Option<Arc<Upstream>>,
     target: Option<usize>,
     count: u32,
+    /// The response's fields that stayed in the upstream's head.
+    fields: Option<RawFields>,
 }
 
 impl Attempt {
@@ -444,20 +449,32 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
     } else {
         0
     };
-    let progress = Arc::new(BodyProgress::new());
-    let limited = Limited::new(body, limit).with_progress(progress.clone());
-    let limited: ProxyBody = match record {
-        Some(r) => r.tap(limited).boxed(),
-        None => limited.boxed(),
-    };
+    // A request with no body and nothing that watches it (agents count
+    // it, a record taps it) goes out with none, its wrappers unbuilt.
+    let bare = empty_body && agents.is_none() && record.is_none();
+    let progress = (!empty_body).then(|| Arc::new(BodyProgress::new()));
+    let limited = (!bare).then(|| {
+        let limited = Limited::new(body, limit);
+        let limited = match &progress {
+            Some(progress) => limited.with_progress(progress.clone()),
+            None => limited,
+        };
+        let limited: ProxyBody = match record {
+            Some(r) => r.tap(limited).boxed(),
+            None => limited.boxed(),
+        };
+        limited
+    });
+    let now = tokio::time::Instant::now();
     let give_up_at = {
-        let total = tokio::time::Instant::now() + deadline;
+        let total = now + deadline;
         hard.map_or(total, |hard| total.min(hard))
     };
     // Agents that inspect the body decide on what they buffered before
     // the upstream is asked anything.
-    let (mut body, stopped): (Option<ProxyBody>, _) = match agents {
-        Some(a) if !empty_body => {
+    let (mut body, stopped): (Option<ProxyBody>, _) = match (agents, limited) {
+        (_, None) => (None, None),
+        (Some(a), Some(limited)) if !empty_body => {
             let counted = exchange::count_request(limited, a);
             match exchange::request_body(a, &mut parts.headers, counted, give_up_at).await {
                 Ok(inspected) => inspected,
@@ -486,8 +503,8 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
                 }
             }
         }
-        Some(a) => (Some(exchange::count_request(limited, a)), None),
-        None => (Some(limited), None),
+        (Some(a), Some(limited)) => (Some(exchange::count_request(limited, a)), None),
+        (None, limited) => (limited, None),
     };
     // The forwarding fields come last, so that an agent's header changes
     // cannot undo them. When the authority is not text, neither is `Host`,
@@ -528,15 +545,18 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
                 .boxed(),
         };
         let in_flight = InFlight::new(upstream.clone(), index);
-        let attempt_started = tokio::time::Instant::now();
+        // The first attempt starts when the request did, unless agents
+        // took their time with its body first.
+        let attempt_started = if attempt.count == 1 && agents.is_none() {
+            now
+        } else {
+            tokio::time::Instant::now()
+        };
         // Whoever owes the next bytes has the read timeout to send them:
         // the client while its body is unfinished, the upstream after.
-        let owed = || {
-            if empty_body {
-                (false, attempt_started)
-            } else {
-                progress.owed()
-            }
+        let owed = || match &progress {
+            Some(progress) => progress.owed(),
+            None => (false, attempt_started),
         };
         let sent = wait_for_head(
             upstream
@@ -561,7 +581,7 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
                     attempt,
                 ));
             }
-            Waited::Done(Ok(mut response)) => {
+            Waited::Done(Ok((mut response, fields))) => {
                 let status = response.status();
                 let failed = upstream.config.passive_health.count_5xx
                     && matches!(
@@ -595,6 +615,7 @@ async fn proxy(mut parts: Parts, body: ClientBody, fwd: Forwarding<'_>) -> Outco
                         .boxed();
                     return Ok((Response::from_parts(head, empty), attempt));
                 }
+                attempt.fields = fields;
                 // Hop-by-hop fields are gone already: the client
                 // (`HttpClient::send`) drops them.
                 let response = response.map(|b| {

@@ -3,6 +3,7 @@
 //! parking of idle keep-alive connections.
 
 use std::{
+    convert::Infallible,
     net::SocketAddr,
     sync::{
         Arc,
@@ -25,9 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{
-    ListenerSpec, Shared,
-    h1::RawFields,
-    handler,
+    ListenerSpec, Shared, handler,
     server::{self, ClientBody, Ended, Prefixed, Settings, Verdict},
 };
 
@@ -435,12 +434,11 @@ async fn serve_h2<I>(
             async move {
                 // hyper writes the map: fields still in an upstream's head
                 // join it (the handler leaves none there for HTTP/2).
-                handled.await.map(|mut response| {
-                    if let Some(raw) = response.extensions_mut().remove::<RawFields>() {
-                        raw.append_to(response.headers_mut());
-                    }
-                    response
-                })
+                let (mut response, fields) = handled.await;
+                if let Some(fields) = fields {
+                    fields.append_to(response.headers_mut());
+                }
+                Ok::<_, Infallible>(response)
             }
         })
     };

@@ -143,7 +143,7 @@ impl Pool {
         forwarded: &Forwarded,
         mut body: ProxyBody,
         raw: bool,
-    ) -> Result<Response<Driven>, ClientError> {
+    ) -> Result<(Response<Driven>, Option<h1::RawFields>), ClientError> {
         let target = self.target_of(&parts.uri);
         if parts.headers.contains_key(UPGRADE) || parts.method == Method::CONNECT {
             let mut req = Request::from_parts(parts.clone(), body);
@@ -151,7 +151,8 @@ impl Pool {
             to_http1_form(&mut req);
             return self
                 .send_detached(req, &scheme_and_authority(&parts.uri))
-                .await;
+                .await
+                .map(|response| (response, None));
         }
         let host = (!parts.headers.contains_key(HOST))
             .then(|| host_of(&parts.uri))
@@ -170,15 +171,16 @@ impl Pool {
                 .send(parts, host.as_ref(), forwarded.lines(), body, raw)
                 .await
             {
-                Ok(response) => {
+                Ok((response, fields)) => {
                     let home = target.map(|t| (self.clone(), t));
-                    return Ok(response.map(|body| {
+                    let response = response.map(|body| {
                         let mut driven = Driven {
                             body: Inner::Own { body, home },
                         };
                         driven.release();
                         driven
-                    }));
+                    });
+                    return Ok((response, fields));
                 }
                 Err(failed) if reused && empty && !failed.sent => {
                     debug!(

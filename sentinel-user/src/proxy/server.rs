@@ -22,7 +22,6 @@
 
 use std::{
     cell::RefCell,
-    convert::Infallible,
     io,
     mem::MaybeUninit,
     pin::Pin,
@@ -188,7 +187,7 @@ where
             Next::Drop => return Ended::Closed,
             Next::Refuse(error) => {
                 let response = error.response();
-                let mut writer = conn.start_response(response, &Reply::refusal(), true);
+                let mut writer = conn.start_response(response, None, &Reply::refusal(), true);
                 let written = std::future::poll_fn(|cx| writer.poll_write(cx, &mut conn.io)).await;
                 if written.is_ok() {
                     conn.close(true).await;
@@ -475,11 +474,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
     }
 
-    /// Starts a response: its head into the head buffer, framed for the
+    /// Starts a response: its head into the head buffer (the upstream's
+    /// `fields` first, when they stayed in its head), framed for the
     /// request it answers. `close` when the connection closes after it.
     fn start_response(
         &mut self,
         response: Response<ProxyBody>,
+        fields: Option<RawFields>,
         reply: &Reply,
         close: bool,
     ) -> Writer {
@@ -506,9 +507,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        if let Some(raw) = parts.extensions.get::<RawFields>() {
-            raw.write(&mut out);
-            dated = raw.has_date;
+        if let Some(fields) = &fields {
+            fields.write(&mut out);
+            dated = fields.has_date;
         }
         for (name, value) in &parts.headers {
             if name == CONTENT_LENGTH && !bodiless {
@@ -879,7 +880,7 @@ impl Exchange {
     ) -> Poll<Finished>
     where
         I: AsyncRead + AsyncWrite + Unpin,
-        H: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+        H: Future<Output = (Response<ProxyBody>, Option<RawFields>)>,
         F: Future,
     {
         loop {
@@ -888,7 +889,7 @@ impl Exchange {
             }
             match &mut self.stage {
                 Stage::Handling => {
-                    if let Poll::Ready(Ok(response)) = handling.as_mut().poll(cx) {
+                    if let Poll::Ready((response, fields)) = handling.as_mut().poll(cx) {
                         self.upgraded = self.reply.upgrade
                             && response.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let unread =
@@ -897,8 +898,12 @@ impl Exchange {
                             || !self.reply.keep_alive
                             || unread
                             || says_close(response.headers());
-                        let writer =
-                            conn.start_response(response, &self.reply, close && !self.upgraded);
+                        let writer = conn.start_response(
+                            response,
+                            fields,
+                            &self.reply,
+                            close && !self.upgraded,
+                        );
                         self.close = close;
                         if self.upgraded {
                             // Whatever the client sends now is the tunnel's.
@@ -1525,7 +1530,7 @@ mod tests {
             out: Vec::new(),
             head_started: None,
         };
-        let mut writer = conn.start_response(response, reply, close);
+        let mut writer = conn.start_response(response, None, reply, close);
         std::future::poll_fn(|cx| writer.poll_write(cx, &mut conn.io))
             .await
             .expect("written");

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use super::{
     ProxyBody,
     forward::{self, Forwarded},
+    h1::RawFields,
     pool::{ClientError, Driven, Pool},
     tls,
 };
@@ -56,7 +57,9 @@ impl HttpClient {
     /// head; the body streams from the returned response.
     pub async fn request(&self, req: Request<ProxyBody>) -> Result<Response<Driven>, ClientError> {
         let (parts, body) = req.into_parts();
-        self.send(&parts, &Forwarded::none(), body, false).await
+        self.send(&parts, &Forwarded::none(), body, false)
+            .await
+            .map(|(response, _)| response)
     }
 
     /// [`request`](Self::request) with the head borrowed, so that a
@@ -70,7 +73,7 @@ impl HttpClient {
         forwarded: &Forwarded,
         body: ProxyBody,
         raw: bool,
-    ) -> Result<Response<Driven>, ClientError> {
+    ) -> Result<(Response<Driven>, Option<RawFields>), ClientError> {
         match self {
             HttpClient::Http1(pool) => pool.send(parts, forwarded, body, raw).await,
             HttpClient::Http2(client) => {
@@ -79,7 +82,7 @@ impl HttpClient {
                 match client.request(req).await {
                     Ok(mut response) => {
                         forward::strip_hop_by_hop(response.headers_mut(), None);
-                        Ok(response.map(Driven::detached))
+                        Ok((response.map(Driven::detached), None))
                     }
                     Err(source) => Err(ClientError::Pooled { source }),
                 }
