@@ -149,3 +149,55 @@ async fn chunked_bodies_head_and_close_leave_the_connection_in_order() {
         "the connection stayed open after Connection: close"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_refused_and_the_proxy_serves_on() {
+    if skip() {
+        return;
+    }
+    let (app, daemon) = app_behind("").await;
+    let addr = daemon.listener("http");
+    let cases: [(&str, &[u8]); 9] = [
+        ("binary junk", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"),
+        ("no version", b"GET /\r\nHost: test.local\r\n\r\n"),
+        ("a NUL in a field value", b"GET / HTTP/1.1\r\nHost: test.local\r\nX-A: a\x00b\r\n\r\n"),
+        ("a field without a colon", b"GET / HTTP/1.1\r\nHost test.local\r\n\r\n"),
+        ("a space before the colon", b"GET / HTTP/1.1\r\nHost : test.local\r\n\r\n"),
+        ("a length past u64", b"POST / HTTP/1.1\r\nHost: test.local\r\nContent-Length: 99999999999999999999\r\n\r\n"),
+        ("a negative length", b"POST / HTTP/1.1\r\nHost: test.local\r\nContent-Length: -1\r\n\r\n"),
+        ("a chunk size past u64", b"POST / HTTP/1.1\r\nHost: test.local\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffff\r\nx\r\n0\r\n\r\n"),
+        ("a request line of 100 KB", &[b'G'; 100 * 1024]),
+    ];
+    for (what, bytes) in cases {
+        let mut conn = Raw::connect(addr).await;
+        // The proxy may refuse before it has read all of it.
+        let _ = conn.send(bytes).await;
+        if let Some(reply) = conn.response(WAIT).await {
+            assert!(
+                matches!(reply.status, 400 | 413 | 431),
+                "{what}: answered {}",
+                reply.head
+            );
+        }
+        assert!(
+            conn.closed_within(Duration::from_secs(5)).await.is_some(),
+            "{what}: the connection stayed open"
+        );
+    }
+    // Only the chunk size past u64 has a head that may go on before its
+    // body fails; its request never arrives whole.
+    assert!(app.heads() <= 1, "a malformed request reached the upstream");
+    assert_eq!(app.complete(), 0, "a malformed body arrived whole");
+    let before = app.heads();
+    // Still serving, on a new connection and on a kept one.
+    let mut conn = Raw::connect(addr).await;
+    for path in ["/after-1", "/after-2"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: test.local\r\n\r\n");
+        conn.send(request.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        let reply = conn.response(WAIT).await.expect("a response");
+        assert_eq!(reply.status, 200, "{}", reply.head);
+    }
+    assert_eq!(app.heads(), before + 2);
+}

@@ -1505,6 +1505,74 @@ mod tests {
         assert!(head(b"HEAD / HTTP/1.1\r\n\r\n").reply.head);
     }
 
+    /// Mutated and random heads, in every split: refused or accepted,
+    /// never a panic, and a head it accepts leaves the buffer consistent.
+    #[test]
+    fn mangled_heads_are_refused_or_read_never_a_panic() {
+        let seeds: [&[u8]; 4] = [
+            b"GET /a?b=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: y\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+            b"GET http://h:1/ HTTP/1.0\r\nConnection: keep-alive, close\r\nExpect: 100-continue\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nUpgrade: x\r\nContent-Length: 1, 1\r\n\r\n",
+        ];
+        let special = [0u8, b'\r', b'\n', b':', b' ', b'\t', 0x7f, 0xff, b',', b'"'];
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut small = settings();
+        small.max_head = 96;
+        small.max_headers = 3;
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..20_000 {
+            let seed = seeds[round % seeds.len()];
+            let mut bytes = seed.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[at] = special[(next() as usize) % special.len()],
+                    1 => bytes[at] = next() as u8,
+                    _ => {
+                        bytes.insert(at, special[(next() as usize) % special.len()]);
+                    }
+                }
+            }
+            if round % 7 == 0 {
+                bytes = (0..(next() % 200) as usize).map(|_| next() as u8).collect();
+            }
+            let limits = if round % 2 == 0 { settings() } else { small };
+            let cut = if bytes.is_empty() {
+                0
+            } else {
+                (next() as usize) % bytes.len()
+            };
+            for part in [&bytes[..cut], &bytes[..]] {
+                let mut buf = BytesMut::from(part);
+                let before = buf.len();
+                match parse_head(&mut buf, &limits) {
+                    Ok(Some(head)) => {
+                        accepted += 1;
+                        assert!(buf.len() < before, "an accepted head took no bytes");
+                        // What the session goes on to do with it must not
+                        // panic either.
+                        let _ = head.request.uri().path();
+                        let _ = says_close(head.request.headers());
+                    }
+                    Ok(None) => {}
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        // Both ways were taken, many times.
+        assert!(
+            accepted > 1_000 && refused > 1_000,
+            "{accepted} accepted, {refused} refused"
+        );
+    }
+
     fn reply(version: Version, head: bool, keep_alive: bool) -> Reply {
         Reply {
             version,
