@@ -328,7 +328,7 @@ async fn start(
     config: &Config,
     admin_listener: tokio::net::UnixListener,
 ) -> anyhow::Result<()> {
-    let kernel = tokio::task::block_in_place(|| Kernel::open(&config.kernel))?;
+    let kernel = blocking(|| Kernel::open(&config.kernel))?;
     let kernel = Arc::new(Mutex::new(kernel));
     let metrics = Metrics::new();
     metrics.register_kernel(kernel.clone());
@@ -356,11 +356,9 @@ async fn start(
             features: vec![crate::admin::FEATURE_IMPORT_PACKED.to_owned()],
         }),
     });
-    tokio::task::block_in_place(|| apply_kernel_config(&state, &config.kernel))?;
-    let profile = tokio::task::block_in_place(|| {
-        ProfileRuntime::start(&config.profile, &state.metrics.profile)
-    })
-    .context("profile")?;
+    blocking(|| apply_kernel_config(&state, &config.kernel))?;
+    let profile = blocking(|| ProfileRuntime::start(&config.profile, &state.metrics.profile))
+        .context("profile")?;
     let deps = crate::proxy::Deps {
         metrics: state.metrics.proxy.clone(),
         agent_metrics: state.metrics.agents.clone(),
@@ -370,7 +368,7 @@ async fn start(
     };
     let mut proxy = Proxy::start(config, deps).await?;
     state.set_listeners(proxy.bound());
-    tokio::task::block_in_place(|| apply_steering(&state, config, &proxy))?;
+    blocking(|| apply_steering(&state, config, &proxy))?;
 
     let admin_path = config.admin.socket.clone();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -465,7 +463,7 @@ async fn reload(state: &State, proxy: &mut Proxy, path: &Path, running: &Config)
     if config.system.worker_threads != running.system.worker_threads {
         warn!("system.worker-threads takes effect at the next start");
     }
-    let applied = tokio::task::block_in_place(|| {
+    let applied = blocking(|| {
         apply_kernel_config(state, &config.kernel)?;
         apply_steering(state, &config, proxy)
     });
@@ -515,5 +513,16 @@ async fn reaper(state: Arc<State>, every: Duration, mut shutdown: watch::Receive
         if let Err(e) = reaped {
             warn!(error = %e, "reaper task failed");
         }
+    }
+}
+
+/// Runs blocking kernel work from the daemon's async code: with
+/// `block_in_place` on a multi-thread runtime, whose other workers serve
+/// requests meanwhile; in place on the current-thread runtime of
+/// `worker-threads 1`, whose one thread is the daemon's.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }

@@ -56,12 +56,15 @@ fn run_daemon(config: PathBuf) -> anyhow::Result<()> {
     } else {
         logs.init();
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = early
+    let threads = early
         .as_ref()
         .map(|c| c.system.worker_threads)
-        .filter(|n| *n > 0)
-    {
+        .filter(|n| *n > 0);
+    let mut runtime = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(threads) = threads.filter(|n| *n > 1) {
         runtime.worker_threads(threads);
     }
     let runtime = runtime.enable_all().thread_name("sentinel").build()?;

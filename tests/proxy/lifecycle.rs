@@ -101,6 +101,71 @@ async fn reload_switches_routes_and_listeners_without_dropping_requests() {
     assert_eq!(get(third, "/x").await.upstream(), "new");
 }
 
+/// With `worker-threads 1` the daemon runs on one thread (tokio's
+/// current-thread runtime, its kernel work done in place): it proxies,
+/// reloads and drains there as it does on several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_thread_proxies_reloads_and_drains() {
+    if skip() {
+        return;
+    }
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    let config = |route_to: &str| {
+        blocks(
+            &[listener("main", "")],
+            &[route("app", &format!("upstream \"{route_to}\""))],
+            &[
+                upstream("old", &targets(&[&old]), ""),
+                upstream("new", &targets(&[&new]), ""),
+            ],
+            "system { worker-threads 1; graceful-shutdown-timeout-secs 10; }\n",
+        )
+    };
+    let mut daemon = start(&config("old"));
+    let main = daemon.listener("main");
+    assert_eq!(get(main, "/x").await.upstream(), "old");
+
+    let original = fs::read_to_string(&daemon.config_path)
+        .unwrap_or_else(|e| panic!("cannot read the configuration: {e}"));
+    assert!(original.contains(&config("old")));
+    fs::write(
+        &daemon.config_path,
+        original.replace(&config("old"), &config("new")),
+    )
+    .unwrap_or_else(|e| panic!("cannot write the configuration: {e}"));
+    daemon.signal(libc::SIGHUP);
+    let mut switched = false;
+    for _ in 0..100 {
+        if get(main, "/x").await.upstream() == "new" {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        switched,
+        "the reload did not apply; daemon log:\n{}",
+        daemon.log()
+    );
+
+    let slow = tokio::spawn(async move { get(main, "/slow?sleep_ms=1000").await });
+    eventually(
+        &daemon,
+        Duration::from_secs(5),
+        "the slow request to arrive",
+        || new.in_flight() == 1,
+    )
+    .await;
+    daemon.signal(libc::SIGTERM);
+    let slow = slow
+        .await
+        .unwrap_or_else(|e| panic!("slow request task: {e}"));
+    assert_eq!((slow.status.as_u16(), slow.upstream()), (200, "new"));
+    let status = daemon.wait_exit(libc::SIGTERM);
+    assert_eq!(status.code(), Some(0), "the daemon exited with {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_then_exits() {
     if skip() {
