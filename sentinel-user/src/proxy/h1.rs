@@ -737,18 +737,21 @@ enum Field {
 }
 
 fn classify(name: &[u8]) -> Field {
+    // The length and the first letter leave at most one name to compare.
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-    match name.len() {
-        2 if is("te") => Field::Dropped,
-        4 if is("date") => Field::Date,
-        7 if is("trailer") || is("upgrade") => Field::Dropped,
-        10 if is("connection") => Field::Connection,
-        10 if is("keep-alive") => Field::Dropped,
-        12 if is("x-request-id") => Field::Dropped,
-        14 if is("content-length") => Field::ContentLength,
-        16 if is("proxy-connection") => Field::Dropped,
-        17 if is("transfer-encoding") => Field::TransferEncoding,
-        19 if is("proxy-authorization") => Field::Dropped,
+    let first = name.first().map_or(0, u8::to_ascii_lowercase);
+    match (name.len(), first) {
+        (2, b't') if is("te") => Field::Dropped,
+        (4, b'd') if is("date") => Field::Date,
+        (7, b't') if is("trailer") => Field::Dropped,
+        (7, b'u') if is("upgrade") => Field::Dropped,
+        (10, b'c') if is("connection") => Field::Connection,
+        (10, b'k') if is("keep-alive") => Field::Dropped,
+        (12, b'x') if is("x-request-id") => Field::Dropped,
+        (14, b'c') if is("content-length") => Field::ContentLength,
+        (16, b'p') if is("proxy-connection") => Field::Dropped,
+        (17, b't') if is("transfer-encoding") => Field::TransferEncoding,
+        (19, b'p') if is("proxy-authorization") => Field::Dropped,
         _ => Field::Other,
     }
 }
@@ -774,6 +777,13 @@ impl RawFields {
         for place in places {
             let value = &head[place.value.clone()];
             let keep = match classify(&head[place.name.clone()]) {
+                // The usual value, read as the lines below would.
+                Field::Connection if value.eq_ignore_ascii_case(b"keep-alive") => {
+                    if !saw_close {
+                        framed.keep_alive = true;
+                    }
+                    false
+                }
                 Field::Connection => {
                     // As the map's path reads it.
                     if saw_close || lists(value, "close") {
@@ -1291,6 +1301,59 @@ pub(super) mod tests {
                 ("x-two", b"spaced"),
             ]
         );
+    }
+
+    #[test]
+    fn the_raw_path_reads_framing_as_the_map_path_does() {
+        for (name, field) in [
+            ("TE", "dropped"),
+            ("dAtE", "date"),
+            ("Trailer", "dropped"),
+            ("UPGRADE", "dropped"),
+            ("Connection", "connection"),
+            ("Keep-Alive", "dropped"),
+            ("X-Request-ID", "dropped"),
+            ("content-LENGTH", "length"),
+            ("Proxy-Connection", "dropped"),
+            ("Transfer-Encoding", "te"),
+            ("Proxy-Authorization", "dropped"),
+            ("Data", "other"),
+            ("Connectiom", "other"),
+            ("Content-Type", "other"),
+            ("Tf", "other"),
+            ("", "other"),
+        ] {
+            let got = match classify(name.as_bytes()) {
+                Field::Connection => "connection",
+                Field::TransferEncoding => "te",
+                Field::ContentLength => "length",
+                Field::Dropped => "dropped",
+                Field::Date => "date",
+                Field::Other => "other",
+            };
+            assert_eq!(got, field, "{name:?}");
+        }
+        let heads: [&[u8]; 8] = [
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nConnection: keep-alive\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+        ];
+        for text in heads {
+            let (_, raw_decoder, raw_keep, fields) = raw(text, false);
+            let mut buf = BytesMut::from(text);
+            let Ok(Parsed::Head((_, decoder, keep_alive, _))) = parse_head(&mut buf, false, false)
+            else {
+                panic!("a head");
+            };
+            let text = String::from_utf8_lossy(text);
+            assert!(fields.is_some(), "{text}");
+            assert_eq!((raw_decoder, raw_keep), (decoder, keep_alive), "{text}");
+        }
     }
 
     #[test]
