@@ -26,7 +26,7 @@ use super::{
     body::{self, BodyError, BodyProgress, Limited, ReadTimeout, Tracked},
     errors, exchange, forward,
     h1::RawFields,
-    listener::{Activity, ConnInfo},
+    listener::{Activity, ConnInfo, RequestGuard},
     router::{Action, Route},
     server::{ClientBody, OnUpgrade, Verdict},
     upstream::{InFlight, Upstream},
@@ -41,17 +41,45 @@ use crate::{
     config::{AgentEvent, MAX_RETRIES, StaticResponse, UpstreamProtocol},
 };
 
+/// A request's answer: its response, the upstream's fields that stayed in
+/// its head (see [`RawFields`]), and the request's place in its
+/// connection's activity, which the writer holds until the response is
+/// written (an HTTP/1 session holds it beside the body, saving the body
+/// a box of its own).
+pub struct Answer {
+    pub response: Response<ProxyBody>,
+    pub fields: Option<RawFields>,
+    pub guard: Option<RequestGuard>,
+}
+
+impl Answer {
+    /// The response with all of it inside, for a writer that takes only a
+    /// response (hyper's HTTP/2 server).
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let Answer {
+            mut response,
+            fields,
+            guard,
+        } = self;
+        if let Some(fields) = fields {
+            fields.append_to(response.headers_mut());
+        }
+        match guard {
+            Some(guard) => response.map(|b| Tracked::new(b, guard).boxed()),
+            None => response,
+        }
+    }
+}
+
 /// The service function of every connection: `verdict` is what the
-/// session found in an HTTP/1 head that must be refused. The response
-/// comes with the upstream's fields that stayed in its head, when they
-/// could (see [`RawFields`]).
+/// session found in an HTTP/1 head that must be refused.
 pub async fn handle(
     req: Request<ClientBody>,
     verdict: Verdict,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     activity: Arc<Activity>,
-) -> (Response<ProxyBody>, Option<RawFields>) {
+) -> Answer {
     let guard = activity.begin();
     let started = Instant::now();
     let snapshot = shared.snapshot.load_full();
@@ -178,11 +206,20 @@ pub async fn handle(
             .map(|a| a.request_bytes.clone())
             .unwrap_or_default(),
     });
-    let response = response.map(|b| match done {
-        Some(done) => Tracked::new(exchange::Counted::new(b, done), guard).boxed(),
-        None => Tracked::new(b, guard).boxed(),
-    });
-    (response, attempt.fields.take())
+    let fields = attempt.fields.take();
+    match done {
+        Some(done) => Answer {
+            response: response
+                .map(|b| Tracked::new(exchange::Counted::new(b, done), guard).boxed()),
+            fields,
+            guard: None,
+        },
+        None => Answer {
+            response,
+            fields,
+            guard: Some(guard),
+        },
+    }
 }
 
 /// What a request's dispatch decided, and what it leaves for the end.

@@ -434,11 +434,7 @@ async fn serve_h2<I>(
             async move {
                 // hyper writes the map: fields still in an upstream's head
                 // join it (the handler leaves none there for HTTP/2).
-                let (mut response, fields) = handled.await;
-                if let Some(fields) = fields {
-                    fields.append_to(response.headers_mut());
-                }
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(handled.await.into_response())
             }
         })
     };

@@ -49,8 +49,8 @@ use super::{
     ProxyBody, ProxyError, Shared,
     body::BoxError,
     h1::{self, Chunk, Decoder, Framing, RawFields, Writer},
-    handler,
-    listener::{Activity, ConnInfo},
+    handler::{self, Answer},
+    listener::{Activity, ConnInfo, RequestGuard},
 };
 
 /// What a read asks room for.
@@ -245,6 +245,7 @@ where
             watching: false,
             close: verdict != Verdict::Clean,
             upgraded: false,
+            guard: None,
         };
         let finished = std::future::poll_fn(|cx| {
             exchange.poll(cx, &mut conn, handling.as_mut(), &mut wake, &mut drain)
@@ -867,6 +868,9 @@ struct Exchange {
     close: bool,
     /// The response is a 101 to an upgrade request.
     upgraded: bool,
+    /// The request's place in the connection's activity, until its
+    /// response is written.
+    guard: Option<RequestGuard>,
 }
 
 impl Exchange {
@@ -880,7 +884,7 @@ impl Exchange {
     ) -> Poll<Finished>
     where
         I: AsyncRead + AsyncWrite + Unpin,
-        H: Future<Output = (Response<ProxyBody>, Option<RawFields>)>,
+        H: Future<Output = Answer>,
         F: Future,
     {
         loop {
@@ -889,7 +893,15 @@ impl Exchange {
             }
             match &mut self.stage {
                 Stage::Handling => {
-                    if let Poll::Ready((response, fields)) = handling.as_mut().poll(cx) {
+                    if let Poll::Ready(answer) = handling.as_mut().poll(cx) {
+                        let Answer {
+                            response,
+                            fields,
+                            guard,
+                        } = answer;
+                        // Released when the exchange ends, its response
+                        // written (or given up).
+                        self.guard = guard;
                         self.upgraded = self.reply.upgrade
                             && response.status() == StatusCode::SWITCHING_PROTOCOLS;
                         let unread =
