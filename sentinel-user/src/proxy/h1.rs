@@ -266,9 +266,7 @@ fn encode_head(
     } else {
         match body.size_hint().exact().or(declared) {
             Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
+                put_length(out, n);
                 Framing::Length(n)
             }
             None => {
@@ -279,6 +277,13 @@ fn encode_head(
     };
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// Writes a `content-length: n` line.
+pub(super) fn put_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A message going out: its head in `out`, then its body's frames.

@@ -544,9 +544,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         } else {
             match body.size_hint().exact().or(declared) {
                 Some(n) => {
-                    out.extend_from_slice(b"content-length: ");
-                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                    out.extend_from_slice(b"\r\n");
+                    h1::put_length(&mut out, n);
                     Framing::Length(n)
                 }
                 None if reply.version == Version::HTTP_11 => {
