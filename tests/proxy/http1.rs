@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sentinel_tests::http::Raw;
 
-use super::{app_behind, skip};
+use super::{app_behind, proc_kib, skip};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -200,4 +200,40 @@ async fn malformed_input_is_refused_and_the_proxy_serves_on() {
         assert_eq!(reply.status, 200, "{}", reply.head);
     }
     assert_eq!(app.heads(), before + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_pipelined_bytes_is_read_only_so_far_and_the_answer_comes() {
+    if skip() {
+        return;
+    }
+    let (_app, daemon) = app_behind("").await;
+    let addr = daemon.listener("http");
+    let pid = daemon.pid().expect("the daemon's pid");
+    let before = proc_kib(pid, "VmHWM");
+    // A request that closes the connection, sent with 32 MiB of pipelined
+    // requests behind it while it is handled: the session reads ahead only
+    // so far (64 KiB), the rest waits in the kernel, and the answer comes.
+    let mut conn = Raw::connect(addr).await;
+    let mut bytes =
+        b"GET /first?sleep_ms=300 HTTP/1.1\r\nHost: test.local\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    let next = b"GET /next HTTP/1.1\r\nHost: test.local\r\n\r\n";
+    while bytes.len() < 32 * 1024 * 1024 {
+        bytes.extend_from_slice(next);
+    }
+    // The send blocks once the socket buffers are full, until the proxy
+    // closes; its result does not matter.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.send(&bytes)).await;
+    let reply = conn
+        .response(WAIT)
+        .await
+        .expect("the first request's answer");
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    assert_eq!(reply.header("connection"), Some("close"), "{}", reply.head);
+    let grown = proc_kib(pid, "VmHWM").saturating_sub(before);
+    assert!(
+        grown < 8 * 1024,
+        "the daemon's peak memory grew by {grown} KiB under 32 MiB of pipelined bytes"
+    );
 }

@@ -108,6 +108,16 @@ async fn app_behind(more: &str) -> (Upstream, Daemon) {
     (app, daemon)
 }
 
+/// A `/proc/<pid>/status` field in KiB (`VmHWM`: peak resident memory).
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    text.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {path}"))
+}
+
 /// Waits up to `limit` for `done` to hold (checking every 50 ms), failing
 /// the test with `what` and the daemon's log otherwise.
 async fn eventually(daemon: &Daemon, limit: Duration, what: &str, mut done: impl FnMut() -> bool) {

@@ -5,22 +5,12 @@ use std::time::Duration;
 
 use sentinel_tests::http::{Raw, Upstream, Zeros, empty, fetch_counting};
 
-use super::{app_behind, blocks, listener, route, skip, start, targets, upstream};
+use super::{app_behind, blocks, listener, proc_kib, route, skip, start, targets, upstream};
 
 const GIB: u64 = 1 << 30;
 /// The daemon's peak resident memory may not pass this while a gigabyte
 /// streams through.
 const MAX_RSS_KIB: u64 = 200 * 1024;
-
-/// A `/proc/<pid>/status` field in KiB (`VmHWM`: peak resident memory).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-    text.lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in {path}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gigabyte_bodies_stream_through_in_bounded_memory() {
