@@ -13,6 +13,17 @@ use super::{
     app_behind, blocks, eventually, listener, metric, route, skip, start, targets, upstream,
 };
 
+/// Replaces `from` (which the daemon's configuration file must hold) with
+/// `to` in that file, then asks the daemon to reload it.
+fn reload_with(daemon: &Daemon, from: &str, to: &str) {
+    let current = fs::read_to_string(&daemon.config_path)
+        .unwrap_or_else(|e| panic!("cannot read the configuration: {e}"));
+    assert!(current.contains(from), "the configuration has no {from:?}");
+    fs::write(&daemon.config_path, current.replace(from, to))
+        .unwrap_or_else(|e| panic!("cannot write the configuration: {e}"));
+    daemon.signal(libc::SIGHUP);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_switches_routes_and_listeners_without_dropping_requests() {
     if skip() {
@@ -48,17 +59,9 @@ async fn reload_switches_routes_and_listeners_without_dropping_requests() {
         || old.in_flight() == 1,
     )
     .await;
-    let original = fs::read_to_string(&daemon.config_path)
-        .unwrap_or_else(|e| panic!("cannot read the configuration: {e}"));
     let blocks_before = config("old", &[listener("main", ""), listener("second", "")]);
     let blocks_after = config("new", &[listener("main", ""), listener("third", "")]);
-    assert!(original.contains(&blocks_before));
-    fs::write(
-        &daemon.config_path,
-        original.replace(&blocks_before, &blocks_after),
-    )
-    .unwrap_or_else(|e| panic!("cannot write the configuration: {e}"));
-    daemon.signal(libc::SIGHUP);
+    reload_with(&daemon, &blocks_before, &blocks_after);
     eventually(&daemon, Duration::from_secs(10), "the new listener", || {
         daemon.listeners().iter().any(|(n, _)| n == "third")
     })
@@ -76,15 +79,8 @@ async fn reload_switches_routes_and_listeners_without_dropping_requests() {
     assert_eq!((slow.status.as_u16(), slow.upstream()), (200, "old"));
 
     // An invalid file: logged with its reason, nothing changes.
-    let current = fs::read_to_string(&daemon.config_path)
-        .unwrap_or_else(|e| panic!("cannot read the configuration: {e}"));
-    fs::write(
-        &daemon.config_path,
-        current.replace("upstream \"new\"\n", "upstream \"missing\"\n"),
-    )
-    .unwrap_or_else(|e| panic!("cannot write the configuration: {e}"));
+    reload_with(&daemon, "upstream \"new\"\n", "upstream \"missing\"\n");
     assert!(fs::read_to_string(&daemon.config_path).is_ok_and(|t| t.contains("\"missing\"")));
-    daemon.signal(libc::SIGHUP);
     eventually(
         &daemon,
         Duration::from_secs(10),
@@ -126,15 +122,7 @@ async fn one_worker_thread_proxies_reloads_and_drains() {
     let main = daemon.listener("main");
     assert_eq!(get(main, "/x").await.upstream(), "old");
 
-    let original = fs::read_to_string(&daemon.config_path)
-        .unwrap_or_else(|e| panic!("cannot read the configuration: {e}"));
-    assert!(original.contains(&config("old")));
-    fs::write(
-        &daemon.config_path,
-        original.replace(&config("old"), &config("new")),
-    )
-    .unwrap_or_else(|e| panic!("cannot write the configuration: {e}"));
-    daemon.signal(libc::SIGHUP);
+    reload_with(&daemon, &config("old"), &config("new"));
     let mut switched = false;
     for _ in 0..100 {
         if get(main, "/x").await.upstream() == "new" {
