@@ -139,7 +139,9 @@ where
     };
     let mut draining = shared.draining.clone();
     let mut peek = shared.draining.clone();
-    let done = *draining.borrow_and_update() || *peek.borrow_and_update();
+    let done = *draining.borrow_and_update();
+    // Seen: `has_changed` tells of what comes after this moment.
+    peek.mark_unchanged();
     let mut drain = Drain {
         done,
         registered: false,
